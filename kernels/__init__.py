@@ -1,0 +1,1 @@
+"""Fused SSM decode kernels behind one dispatch (installed as `l2m_jax.kernels`)."""

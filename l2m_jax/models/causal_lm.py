@@ -1,0 +1,130 @@
+"""ONE CausalLM: a Llama/Mistral trunk whose per-layer mixer is attention, Mamba-1 or Mamba2 by config."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..cache import DecodeState
+from ..config import ModelConfig
+from ..ops.rope import rope_inv_freq
+from .layers import MLP, Attention, Context, RMSNorm, linear
+from .mamba import MambaMixer
+from .mamba2 import Mamba2Mixer
+
+_MIXERS = {"attention": Attention, "mamba": MambaMixer, "mamba2": Mamba2Mixer}
+
+
+class Block(nnx.Module):
+    """h = x + mixer(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, mixer: str, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pdt)
+        self.mixer = _MIXERS[mixer](cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pdt)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, ctx: Context, cache):
+        h, cache = self.mixer(self.attn_norm(x), ctx, cache)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt,
+                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = nnx.List([Block(cfg, m, rngs) for m in cfg.layer_mixers])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pdt)
+        if not cfg.tie_embeddings:
+            self.lm_head = linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
+
+    def hidden(self, tokens, *, state: DecodeState | None = None, mask=None):
+        """tokens int32 [B, L] -> (final hidden [B, L, D] after the final norm, new state)."""
+        cfg = self.cfg
+        b, l = tokens.shape
+        has_mask = mask is not None
+        mask = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
+        if state is None:
+            positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+            new_lengths = None
+        else:
+            positions = state.lengths[:, None] + jnp.arange(l, dtype=jnp.int32)[None]
+            new_lengths = state.lengths + jnp.sum(mask, axis=1, dtype=jnp.int32)
+        inv_freq = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        ctx = Context(positions, mask, new_lengths, inv_freq, has_mask)
+        x = self.embed(tokens)
+        caches = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, ctx, None if state is None else state.layers[i])
+            caches.append(c)
+        x = self.final_norm(x)
+        return x, (None if state is None else DecodeState(tuple(caches), new_lengths))
+
+    def logits(self, x):
+        """x [..., D] -> fp32 logits [..., V]."""
+        w = self.embed.embedding[...].T if self.cfg.tie_embeddings else self.lm_head.kernel[...]
+        return jnp.einsum("...D,DV->...V", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, *, state=None, mask=None):
+        x, state = self.hidden(tokens, state=state, mask=mask)
+        return self.logits(x), state
+
+
+@functools.lru_cache(maxsize=64)
+def _graph(cfg: ModelConfig):
+    """(graphdef, abstract state) of the model for `cfg`, built once without allocating weights."""
+    model = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def abstract_params(cfg: ModelConfig):
+    """The parameter tree as jax.ShapeDtypeStruct leaves (restore targets, shardings, loaders)."""
+    return nnx.to_pure_dict(_graph(cfg)[1])
+
+
+def init_params(cfg: ModelConfig, key) -> dict:
+    """Random parameters: N(0, 0.02) for the trunk, MiL's (PyTorch-default) init for Mamba mixers."""
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    model = CausalLM(cfg, nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def bind(cfg: ModelConfig, params) -> CausalLM:
+    """A CausalLM module view over `params` (a pure dict); cheap, works under jit."""
+    graphdef, abstract = _graph(cfg)
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def check_tokens(cfg: ModelConfig, tokens) -> None:
+    """Raise on token ids outside [0, V) when the ids are concrete (not traced)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    t = np.asarray(tokens)
+    if t.ndim != 2:
+        raise ValueError(f"tokens must be int [B, L], got shape {t.shape}")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {t.dtype}")
+    if t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab); got min {t.min()}, "
+                         f"max {t.max()}: was the text encoded with another tokenizer?")
+
+
+def forward(cfg: ModelConfig, params, tokens, state: DecodeState | None = None, *, mask=None):
+    """Logits float32 [B, L, V] for tokens int32 [B, L] and the advanced state.
+
+    state=None: a plain full-sequence forward (training, scoring); returns (logits, None).
+    With a state (from `l2m_jax.cache.init_state`): tokens continue each row at `state.lengths`; prefill and
+    decode are this same call. mask bool [B, L] marks real tokens (right padding); pads leave the state alone.
+    """
+    check_tokens(cfg, tokens)
+    return bind(cfg, params)(jnp.asarray(tokens, jnp.int32), state=state, mask=mask)

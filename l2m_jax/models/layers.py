@@ -1,0 +1,82 @@
+"""The trunk's modules: RMSNorm, SwiGLU MLP, GQA attention with RoPE and a KV cache."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..cache import AttnCache
+from ..config import ModelConfig
+from ..ops.attention import attention_mask, gqa_attention
+from ..ops.norms import rms_norm
+from ..ops.rope import apply_rope
+
+_normal = nnx.initializers.normal(0.02)
+
+
+class Context(NamedTuple):
+    """Per-call facts every layer needs."""
+    positions: jax.Array        # int32 [B, L]
+    mask: jax.Array             # bool [B, L], True = real token
+    new_lengths: jax.Array | None  # int32 [B] after this call (None without a cache)
+    inv_freq: jax.Array         # [P/2]
+    has_mask: bool              # False: every token is real (lets SSM ops skip masking)
+
+
+def linear(cfg: ModelConfig, d_in: int, d_out: int, rngs, init=_normal) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=jnp.dtype(cfg.dtype),
+                      param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.scale[...], eps=self.eps)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.gate = linear(cfg, cfg.d_model, cfg.ffn_dim, rngs)
+        self.up = linear(cfg, cfg.d_model, cfg.ffn_dim, rngs)
+        self.down = linear(cfg, cfg.ffn_dim, cfg.d_model, rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.q = linear(cfg, cfg.d_model, cfg.q_dim, rngs)
+        self.k = linear(cfg, cfg.d_model, cfg.kv_dim, rngs)
+        self.v = linear(cfg, cfg.d_model, cfg.kv_dim, rngs)
+        self.o = linear(cfg, cfg.q_dim, cfg.d_model, rngs)
+
+    def __call__(self, x, ctx: Context, cache: AttnCache | None):
+        """x [B, L, D] -> ([B, L, D], new cache)."""
+        cfg = self.cfg
+        b, l, _ = x.shape
+        q = apply_rope(self.q(x).reshape(b, l, cfg.n_heads, cfg.head_dim), ctx.positions, ctx.inv_freq)
+        k = apply_rope(self.k(x).reshape(b, l, cfg.n_kv_heads, cfg.head_dim), ctx.positions, ctx.inv_freq)
+        v = self.v(x).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
+        if cache is None:
+            k_all, v_all, k_pos, k_valid = k, v, ctx.positions, ctx.mask
+        else:
+            rows = jnp.arange(b)[:, None]
+            # slot = position; a pad whose slot falls past the capacity is dropped, never clamped
+            k_all = cache.k.at[rows, ctx.positions].set(k.astype(cache.k.dtype), mode="drop")
+            v_all = cache.v.at[rows, ctx.positions].set(v.astype(cache.v.dtype), mode="drop")
+            cache = AttnCache(k_all, v_all)
+            s = k_all.shape[1]
+            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            k_valid = k_pos < ctx.new_lengths[:, None]
+        m = attention_mask(ctx.positions, k_pos, k_valid, sliding_window=cfg.sliding_window)
+        y = gqa_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), m)
+        return self.o(y.reshape(b, l, cfg.q_dim)), cache
