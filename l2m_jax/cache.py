@@ -24,6 +24,27 @@ class SSMCache(NamedTuple):
     ssm: jax.Array      # [B, H, P, N] (mamba2) or [B, C, N] (mamba), fp32
 
 
+class SpecSSMCache(NamedTuple):
+    """A Mamba layer of a speculative verifier: two SSM states and the inputs of the last call (MIL_SPEC §3).
+
+    The next call replays the first n_replay cached steps from `ssm_ckpt` (the accepted ones), stores the result
+    as the new checkpoint and runs its T new tokens; the conv state is rebuilt by pointer from the same window.
+    """
+    conv_ckpt: jax.Array  # [B, W-1, C]  conv inputs before the last call's first token
+    conv_in: jax.Array    # [B, T, C]    the last call's conv inputs
+    ssm_ckpt: jax.Array   # state before the last call's first token, fp32
+    ssm_run: jax.Array    # state after all of the last call's tokens, fp32
+    x: jax.Array          # [B, T, ...] cached replay inputs: x after conv (pre GQA repeat),
+    dt: jax.Array         # [B, T, H | C]  Δ before bias and softplus,
+    B: jax.Array          # [B, T, Gb, N]  B after conv
+
+
+class SpecState(NamedTuple):
+    layers: tuple         # AttnCache | SpecSSMCache per layer
+    lengths: jax.Array    # int32 [B] committed tokens (the next call's first token sits at this position)
+    n_replay: jax.Array   # int32 [B] accepted tokens of the last call, replayed by the next one
+
+
 class DecodeState(NamedTuple):
     layers: tuple       # one AttnCache | SSMCache per layer
     lengths: jax.Array  # int32 [B] tokens consumed per row
@@ -63,6 +84,30 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Decode
             conv = jnp.zeros((batch, cfg.ssm.d_conv - 1, ssm_conv_channels(cfg, mixer)), dtype)
             layers.append(SSMCache(conv, jnp.zeros(ssm_state_shape(cfg, mixer, batch), jnp.float32)))
     return DecodeState(tuple(layers), jnp.zeros((batch,), jnp.int32))
+
+
+def spec_state_from(cfg: ModelConfig, state: DecodeState, t: int) -> SpecState:
+    """Turn a prefilled DecodeState into a verifier state for calls of `t` tokens (nothing to replay yet)."""
+    s = cfg.ssm
+    layers = []
+    for mixer, c in zip(cfg.layer_mixers, state.layers):
+        if mixer == "attention":
+            layers.append(c)
+            continue
+        b = c.ssm.shape[0]
+        dt = c.conv.dtype
+        if mixer == "mamba2":
+            g = s.d_xb // s.head_dim
+            x = jnp.zeros((b, t, g, s.head_dim), dt)
+            dts = jnp.zeros((b, t, s.n_heads), dt)
+            bb = jnp.zeros((b, t, g, s.d_state), dt)
+        else:
+            x = jnp.zeros((b, t, s.d_inner), dt)
+            dts = jnp.zeros((b, t, s.d_inner), dt)
+            bb = jnp.zeros((b, t, s.d_xb // s.d_state, s.d_state), dt)
+        conv_in = jnp.zeros((b, t, c.conv.shape[-1]), dt)
+        layers.append(SpecSSMCache(c.conv, conv_in, c.ssm, c.ssm, x, dts, bb))
+    return SpecState(tuple(layers), state.lengths, jnp.zeros_like(state.lengths))
 
 
 def state_bytes_per_sequence(cfg: ModelConfig, context: int, dtype=None) -> dict[str, int]:

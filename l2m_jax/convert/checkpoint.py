@@ -112,6 +112,9 @@ def load_mil(path: str, *, dtype=None):
         raise CheckpointError(f"{path}: {MIL_CONFIG} disagrees with the checkpoint: " + "; ".join(problems[:6]))
     variant = "mamba2" if v2 else "mamba"
     sc = mc.get("ssm_cfg", {})
+    lacking = [k for k in ("d_inner", "d_xb") if k not in mc]
+    if lacking:
+        raise CheckpointError(f"{path}: {MIL_CONFIG} lacks {lacking}")
     d_inner, d_xb = int(mc["d_inner"]), int(mc["d_xb"])
     if variant == "mamba2":
         d_state = int(sc.get("d_state", base.head_dim))
@@ -123,9 +126,15 @@ def load_mil(path: str, *, dtype=None):
                         head_dim=base.head_dim, d_conv=int(sc.get("d_conv", 4)),
                         dt_rank=math.ceil(base.d_model / 16) if dt_rank == "auto" else int(dt_rank))
     mixers = tuple("attention" if i in attn else variant for i in range(n))
-    if dtype is None:
+    if dtype is None and "model.embed_tokens.weight" in tensors:
         dtype = str(tensors["model.embed_tokens.weight"].dtype)
-    cfg = base.replace(layer_mixers=mixers, ssm=ssm, dtype=str(jnp.dtype(dtype)), param_dtype=str(jnp.dtype(dtype)))
+    cfg = base.replace(layer_mixers=mixers, ssm=ssm)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=str(jnp.dtype(dtype)), param_dtype=str(jnp.dtype(dtype)))
+    try:
+        abstract_params(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {MIL_CONFIG} describes no buildable {variant} layer: {e}") from None
     return cfg, params_from_torch_state(cfg, tensors, source=path)
 
 
@@ -135,7 +144,7 @@ def load(path, *, dtype=None):
     path = os.fspath(path)
     if path == "smollm2":
         from ..assets import smollm2_hf_dir
-        path = smollm2_hf_dir()
+        path = os.fspath(smollm2_hf_dir())
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory; pass an HF model directory, a .gguf file, "
                               "an l2m_jax/MiL checkpoint directory, or the name 'smollm2'")
@@ -149,6 +158,9 @@ def load(path, *, dtype=None):
             return cfg, params_from_torch_state(cfg, tensors, source=path)
         raise CheckpointError(f"{path}: a file that is not .gguf; pass a directory or a .gguf file")
     if os.path.exists(os.path.join(path, L2M_CONFIG)):
+        if dtype is not None:
+            raise ValueError(f"{path}: an l2m checkpoint loads in the dtypes it was saved with; cast the params "
+                             "afterwards (jax.tree.map) instead of passing dtype=")
         return load_l2m(path)
     if os.path.exists(os.path.join(path, MIL_CONFIG)):
         return load_mil(path, dtype=dtype)

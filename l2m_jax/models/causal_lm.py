@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..cache import DecodeState
+from ..cache import DecodeState, SpecSSMCache, SpecState
 from ..config import ModelConfig
 from ..ops.rope import rope_inv_freq
 from .layers import MLP, Attention, Context, RMSNorm, linear
@@ -29,7 +29,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, ctx: Context, cache):
-        h, cache = self.mixer(self.attn_norm(x), ctx, cache)
+        mix = self.mixer.verify if isinstance(cache, SpecSSMCache) else self.mixer
+        h, cache = mix(self.attn_norm(x), ctx, cache)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -45,8 +46,13 @@ class CausalLM(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
 
-    def hidden(self, tokens, *, state: DecodeState | None = None, mask=None):
-        """tokens int32 [B, L] -> (final hidden [B, L, D] after the final norm, new state)."""
+    def hidden(self, tokens, *, state: DecodeState | SpecState | None = None, mask=None, backend: str = "xla",
+               remat: bool = False):
+        """tokens int32 [B, L] -> (final hidden [B, L, D] after the final norm, new state).
+
+        A SpecState runs the speculative verifier: every token is real (no mask), Mamba layers replay and
+        checkpoint; the returned lengths count all L tokens (the caller commits the accepted ones).
+        """
         cfg = self.cfg
         b, l = tokens.shape
         has_mask = mask is not None
@@ -58,22 +64,32 @@ class CausalLM(nnx.Module):
             positions = state.lengths[:, None] + jnp.arange(l, dtype=jnp.int32)[None]
             new_lengths = state.lengths + jnp.sum(mask, axis=1, dtype=jnp.int32)
         inv_freq = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        ctx = Context(positions, mask, new_lengths, inv_freq, has_mask)
+        spec = isinstance(state, SpecState)
+        if spec and has_mask:
+            raise ValueError("a verifier call (SpecState) takes no mask: every token of it is real")
+        ctx = Context(positions, mask, new_lengths, inv_freq, has_mask, state.n_replay if spec else None, backend)
         x = self.embed(tokens)
         caches = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, ctx, None if state is None else state.layers[i])
+            if remat and state is None:
+                x, c = jax.checkpoint(lambda h, layer=layer: layer(h, ctx, None))(x)
+            else:
+                x, c = layer(x, ctx, None if state is None else state.layers[i])
             caches.append(c)
         x = self.final_norm(x)
-        return x, (None if state is None else DecodeState(tuple(caches), new_lengths))
+        if state is None:
+            return x, None
+        if spec:
+            return x, SpecState(tuple(caches), new_lengths, state.n_replay)
+        return x, DecodeState(tuple(caches), new_lengths)
 
     def logits(self, x):
         """x [..., D] -> fp32 logits [..., V]."""
         w = self.embed.embedding[...].T if self.cfg.tie_embeddings else self.lm_head.kernel[...]
         return jnp.einsum("...D,DV->...V", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens, *, state=None, mask=None):
-        x, state = self.hidden(tokens, state=state, mask=mask)
+    def __call__(self, tokens, *, state=None, mask=None, backend: str = "xla", remat: bool = False):
+        x, state = self.hidden(tokens, state=state, mask=mask, backend=backend, remat=remat)
         return self.logits(x), state
 
 
@@ -119,12 +135,14 @@ def check_tokens(cfg: ModelConfig, tokens) -> None:
                          f"max {t.max()}: was the text encoded with another tokenizer?")
 
 
-def forward(cfg: ModelConfig, params, tokens, state: DecodeState | None = None, *, mask=None):
+def forward(cfg: ModelConfig, params, tokens, state: DecodeState | None = None, *, mask=None,
+            remat: bool = False):
     """Logits float32 [B, L, V] for tokens int32 [B, L] and the advanced state.
 
     state=None: a plain full-sequence forward (training, scoring); returns (logits, None).
     With a state (from `l2m_jax.cache.init_state`): tokens continue each row at `state.lengths`; prefill and
     decode are this same call. mask bool [B, L] marks real tokens (right padding); pads leave the state alone.
+    remat=True rematerialises each layer in the backward pass (memory for long training sequences).
     """
     check_tokens(cfg, tokens)
-    return bind(cfg, params)(jnp.asarray(tokens, jnp.int32), state=state, mask=mask)
+    return bind(cfg, params)(jnp.asarray(tokens, jnp.int32), state=state, mask=mask, remat=remat)

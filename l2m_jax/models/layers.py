@@ -23,6 +23,8 @@ class Context(NamedTuple):
     new_lengths: jax.Array | None  # int32 [B] after this call (None without a cache)
     inv_freq: jax.Array         # [P/2]
     has_mask: bool              # False: every token is real (lets SSM ops skip masking)
+    n_replay: jax.Array | None = None  # int32 [B]: verifier calls only (SpecState)
+    backend: str = "xla"        # kernel back-end of SSM decode steps and verification
 
 
 def linear(cfg: ModelConfig, d_in: int, d_out: int, rngs, init=_normal) -> nnx.Linear:

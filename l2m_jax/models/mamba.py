@@ -1,8 +1,7 @@
 """MiL's Mamba-1 mixer (MIL_SPEC §1.5), including its 16-wide chunk repeat of x and B.
 
 The repeat is done on d_state-wide chunks, so q-chunk j pairs with k-chunk j // r (r = d_inner / d_xb):
-released MambaInLlama v1 weights depend on it. B is never materialised repeated: channel c reads B group
-c // (d_inner / (d_xb / N)), which is exactly the repeated layout.
+released MambaInLlama v1 weights depend on it.
 """
 from __future__ import annotations
 
@@ -10,12 +9,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..cache import SSMCache
+from ..cache import SpecSSMCache, SSMCache
 from ..config import ModelConfig
 from ..ops import conv as conv_ops
 from ..ops import ssm as ssm_ops
 from .init import a_log_mamba1_init, dt_bias_init, uniform_fan_in
 from .layers import Context, linear
+from .mamba2 import replay_conv_window
 
 
 def repeat_chunks(x, d_state: int, r: int):
@@ -57,16 +57,20 @@ class MambaMixer(nnx.Module):
         r = s.d_inner // s.d_xb
         x = repeat_chunks(self.in_proj_x(u), s.d_state, r)                                  # [B, L, C]
         z = self.in_proj_z(u)
-        B = self.B_proj(u).reshape(b, l, s.d_xb // s.d_state, s.d_state)                    # [B, L, Gs, N]
+        B_g = self.B_proj(u).reshape(b, l, s.d_xb // s.d_state, s.d_state)         # channel c reads c // (C/Gb)
+        B = jnp.repeat(B_g, r, axis=2)                                                    # [B, L, C/N, N]
         C = self.C_proj(u).reshape(b, l, s.d_inner // s.d_state, s.d_state)
-        delta = jax.nn.softplus(self.dt_raw(u).astype(jnp.float32) + self.dt_proj["bias"][...])
+        dt_raw = self.dt_raw(u)
+        delta = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_proj["bias"][...])
         w, cb = self.conv["kernel"][...].astype(u.dtype), self.conv["bias"][...].astype(u.dtype)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))                                 # [C, N]
         mask = ctx.mask if ctx.has_mask else None
-        if cache is not None and l == 1:
+        if cache is not None and l == 1:  # a decode step: one kernel call on the raw inputs
+            from ..kernels.dispatch import ssm_update
+
             x1, conv_state = conv_ops.conv_step(x[:, 0], w, cb, cache.conv)
-            x1 = jax.nn.silu(x1)
-            y, h = ssm_ops.selective_step(cache.ssm, x1, delta[:, 0], A, B[:, 0], C[:, 0], D=self.D[...])
+            y, h = ssm_update(cache.ssm, jax.nn.silu(x1), dt_raw[:, 0], B_g[:, 0], C[:, 0], A=A, D=self.D[...],
+                              dt_bias=self.dt_proj["bias"][...], variant="mamba", backend=ctx.backend)
             y = y[:, None]
             if ctx.has_mask:
                 keep = ctx.mask[:, 0]
@@ -75,8 +79,31 @@ class MambaMixer(nnx.Module):
         else:
             x, conv_state = conv_ops.causal_conv1d(x, w, cb, state=None if cache is None else cache.conv, mask=mask)
             x = jax.nn.silu(x)
-            y, h = ssm_ops.selective_scan(x, delta, A, B, C, D=self.D[...],
+            y, h = ssm_ops.selective_scan(x, delta, A, B, C, D=self.D[...], chunk=min(64, l),
                                           h0=None if cache is None else cache.ssm, mask=mask)
         y = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
         out = self.out_proj(y.astype(u.dtype))
         return out, (None if cache is None else SSMCache(conv_state.astype(cache.conv.dtype), h))
+
+    def verify(self, u, ctx: Context, cache: SpecSSMCache):
+        """The verifier's MultiStep over T tokens (see Mamba2Mixer.verify)."""
+        from ..kernels.dispatch import ssm_verify
+
+        s = self.cfg.ssm
+        b, t, _ = u.shape
+        x_raw = repeat_chunks(self.in_proj_x(u), s.d_state, s.d_inner // s.d_xb)             # [B, T, C]
+        z = self.in_proj_z(u)
+        w, cb = self.conv["kernel"][...].astype(u.dtype), self.conv["bias"][...].astype(u.dtype)
+        conv_state = replay_conv_window(cache.conv_ckpt, cache.conv_in, ctx.n_replay)
+        x, _ = conv_ops.causal_conv1d(x_raw, w, cb, state=conv_state)
+        x = jax.nn.silu(x)
+        B = self.B_proj(u).reshape(b, t, s.d_xb // s.d_state, s.d_state)     # groups: channel c reads c // (C/Gb)
+        C = self.C_proj(u).reshape(b, t, s.d_inner // s.d_state, s.d_state)
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        y, h_ckpt, h_run, (xc, dtc, bc) = ssm_verify(
+            cache.ssm_ckpt, (cache.x, cache.dt, cache.B), ctx.n_replay, x, self.dt_raw(u), B, C,
+            A=A, D=self.D[...], dt_bias=self.dt_proj["bias"][...], variant="mamba", backend=ctx.backend)
+        y = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+        new = SpecSSMCache(conv_state, x_raw.astype(cache.conv_in.dtype), h_ckpt, h_run,
+                           xc.astype(cache.x.dtype), dtc.astype(cache.dt.dtype), bc.astype(cache.B.dtype))
+        return self.out_proj(y.astype(u.dtype)), new

@@ -1,0 +1,217 @@
+"""Decode speed on the GPU: tokens/s and HBM-roofline fraction, decode-state size, speculative decoding.
+
+    python -m experiments.bench_decode                 # 8B shapes (random bf16) + SmolLM2 (real weights if found)
+    python -m experiments.bench_decode --quick         # tiny shapes: a CPU smoke run of the same code
+
+(a) plain decoding at batch 1 and 32: all-attention vs 50% Mamba2 hybrid vs pure Mamba2 at Llama-3-8B shapes;
+    minimal bytes per step = weights + KV of the current context + SSM state read and written; fraction of a
+    4.19 TB/s roofline; decode-state bytes per sequence at 4k context and the largest batch that fits.
+(b) one speculative round (K drafts + one K+1-token verification, acceptance, bookkeeping) vs one plain step,
+    timed inside the jitted speculative loop; the speedup it gives at an acceptance rate α is
+    E[tokens per round] · t_step / t_round with E = (1 − α^(K+1)) / (1 − α).
+(c) real SmolLM2 end to end (plain vs speculative wall time, measured acceptance) when the weights are at hand.
+Times are medians of repeated runs after a warm-up, with block_until_ready.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2m_jax.cache import init_state, state_bytes_per_sequence
+from l2m_jax.config import ModelConfig, default_ssm_config
+from l2m_jax.convert.hybridize import attention_layers_for
+from l2m_jax.infer.speculative import _speculate
+from l2m_jax.models import bind, init_params
+from l2m_jax.ops.sampling import GREEDY
+
+HBM = 4.19e12  # B/s, measured copy bandwidth of the H200 (read + write)
+
+
+def median_time(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def models_8b(quick: bool):
+    base = ModelConfig.tiny(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
+                            ffn_dim=512, dtype="bfloat16", param_dtype="bfloat16") if quick \
+        else ModelConfig.llama3_8b()
+    n = base.n_layers
+    out = {"attention": (base, None)}
+    for name, frac in (("hybrid50-mamba2", 0.5), ("mamba2", 0.0)):
+        out[name] = (base, attention_layers_for(n, frac))
+    return out
+
+
+def build(base: ModelConfig, attn_layers, key):
+    """Random parameters, created on the device inside one jit (no host round trip)."""
+    cfg = base
+    if attn_layers is not None:
+        cfg = base.replace(layer_mixers=tuple("attention" if i in attn_layers else "mamba2"
+                                              for i in range(base.n_layers)),
+                           ssm=default_ssm_config(base, "mamba2"))
+    params = jax.jit(init_params, static_argnums=0)(cfg, key)
+    return cfg, params
+
+
+def random_state(cfg, batch, capacity, context, key):
+    """A decode state at `context` tokens filled with random values (never time on zeros)."""
+    st = init_state(cfg, batch, capacity)
+    layers = []
+    for i, c in enumerate(st.layers):
+        k = jax.random.fold_in(key, i)
+        layers.append(jax.tree.map(lambda a: (jax.random.normal(k, a.shape, jnp.float32) * 0.5).astype(a.dtype), c))
+    return st._replace(layers=tuple(layers), lengths=jnp.full((batch,), context, jnp.int32))
+
+
+def decode_loop(cfg, n_steps: int, backend: str):
+    def run(params, state, tok):
+        model = bind(cfg, params)
+
+        def body(_, c):
+            state, tok = c
+            logits, state = model(tok[:, None], state=state, backend=backend)
+            return state, jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, n_steps, body, (state, tok))
+    return jax.jit(run, donate_argnums=(1,))
+
+
+def min_bytes_per_step(cfg, params, batch, context) -> int:
+    """Weights once, KV of `context` tokens, SSM state read + written, conv state read + written."""
+    b = tree_bytes(params)
+    per = state_bytes_per_sequence(cfg, context)
+    return b + batch * (per["kv"] + 2 * per["ssm"] + 2 * per["conv"])
+
+
+def bench_plain(name, cfg, params, batch, context, n_steps, reps, backend, key):
+    capacity = context + n_steps * (reps + 2) + 16
+    state = random_state(cfg, batch, capacity, context, key)
+    tok = jax.random.randint(key, (batch,), 0, cfg.vocab_size, jnp.int32)
+    run = decode_loop(cfg, n_steps, backend)
+    holder = {"s": state}
+
+    def once():
+        holder["s"], t = run(params, holder["s"], tok)
+        return t
+    t = median_time(once, reps) / n_steps
+    mid_ctx = context + n_steps * (reps + 1) // 2
+    bytes_ = min_bytes_per_step(cfg, params, batch, mid_ctx)
+    return dict(model=name, batch=batch, context=context, backend=backend, ms_per_step=t * 1e3,
+                tokens_per_s=batch / t, gb_per_step=bytes_ / 1e9, roofline=bytes_ / t / HBM)
+
+
+def capacity_table(name, cfg, params, hbm_bytes: float):
+    per = state_bytes_per_sequence(cfg, 4096)
+    free = hbm_bytes - tree_bytes(params)
+    return dict(model=name, kv_mb=per["kv"] / 2**20, ssm_mb=per["ssm"] / 2**20, conv_mb=per["conv"] / 2**20,
+                total_mb=per["total"] / 2**20, max_batch_4k=int(free // per["total"]))
+
+
+def bench_spec_round(t_cfg, t_params, d_cfg, d_params, k, max_new, reps, backend, key):
+    """Wall time of the jitted speculative loop divided by its rounds (batch 1)."""
+    prompt = jax.random.randint(key, (1, 64), 0, t_cfg.vocab_size, jnp.int32)
+    lens = jnp.array([64], jnp.int32)
+    cap = 64 + max_new + k + 16
+
+    def once():
+        return _speculate(t_params, d_params, prompt, lens, key, t_cfg=t_cfg, d_cfg=d_cfg, k=k, sampling=GREEDY,
+                          max_new=max_new, eos_id=None, capacity=cap, backend=backend)
+    t = median_time(once, reps)
+    calls = int(once()[2])
+    return t / calls, calls
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def md_table(rows, cols):
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
+    ap.add_argument("--backends", default="xla", help="comma list of SSM kernel back-ends for decode steps")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--k", default="2,4,6")
+    ap.add_argument("--alphas", default="0.6,0.7,0.8,0.9", help="acceptance rates to evaluate the speedup at")
+    ap.add_argument("--smollm2", default=None, help="path of the SmolLM2 GGUF or model dir (real-weight section)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    key = jax.random.key(0)
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
+    hbm = (dev.memory_stats() or {}).get("bytes_limit", 141e9) if dev.platform == "gpu" else 141e9
+    backends = a.backends.split(",")
+    ks = [int(x) for x in a.k.split(",")]
+    alphas = [float(x) for x in a.alphas.split(",")]
+    results = {"plain": [], "capacity": [], "spec": []}
+
+    models = {}
+    for name, (base, attn) in models_8b(a.quick).items():
+        cfg, params = build(base, attn, jax.random.fold_in(key, len(models)))
+        models[name] = (cfg, params)
+        results["capacity"].append(capacity_table(name, cfg, params, hbm))
+        for batch in (1, 32):
+            for backend in backends if cfg.ssm_layers else ["xla"]:
+                r = bench_plain(name, cfg, params, batch, a.context, a.steps, a.reps, backend, key)
+                results["plain"].append(r)
+                print(r, flush=True)
+        if name != "hybrid50-mamba2":
+            del models[name], params
+
+    # (b) speculative rounds with the 8B-shape hybrid target and a SmolLM2-shape draft of the same vocab
+    t_cfg, t_params = models["hybrid50-mamba2"]
+    d_base = ModelConfig.smollm2_135m(vocab_size=t_cfg.vocab_size, dtype="bfloat16", param_dtype="bfloat16")
+    if a.quick:
+        d_base = ModelConfig.tiny(vocab_size=t_cfg.vocab_size, d_model=64, n_layers=2, dtype="bfloat16",
+                                  param_dtype="bfloat16")
+    d_cfg, d_params = build(d_base, None, jax.random.fold_in(key, 99))
+    step = next(r for r in results["plain"] if r["model"] == "hybrid50-mamba2" and r["batch"] == 1)
+    for backend in backends:
+        for k in ks:
+            t_round, calls = bench_spec_round(t_cfg, t_params, d_cfg, d_params, k, 8 * (k + 1), a.reps, backend, key)
+            for alpha in alphas:
+                e = expected_tokens(alpha, k)
+                r = dict(k=k, backend=backend, alpha=alpha, ms_round=t_round * 1e3,
+                         round_over_step=t_round / (step["ms_per_step"] / 1e3), tokens_per_round=e,
+                         speedup=e * (step["ms_per_step"] / 1e3) / t_round)
+                results["spec"].append(r)
+            print(results["spec"][-1], flush=True)
+
+    print("\n## (a) plain decoding (minimal bytes: weights + KV at context + SSM/conv state r/w)")
+    print(md_table(results["plain"], ["model", "batch", "backend", "ms_per_step", "tokens_per_s", "gb_per_step",
+                                      "roofline"]))
+    print("\n## decode state per sequence at 4k context (MiB) and the largest batch that fits")
+    print(md_table(results["capacity"], ["model", "kv_mb", "ssm_mb", "conv_mb", "total_mb", "max_batch_4k"]))
+    print("\n## (b) speculative round vs one plain step, 50% hybrid target, SmolLM2-shape draft, batch 1")
+    print(md_table(results["spec"], ["k", "backend", "alpha", "ms_round", "round_over_step", "tokens_per_round",
+                                     "speedup"]))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Training-step speed and memory on the GPU: MFU of a stage-1 distillation step and a full (SFT) step.
+
+    python -m experiments.bench_train                  # 1B-scale shapes + the Llama-3-8B stage-1 fit check
+    python -m experiments.bench_train --quick          # tiny shapes: a CPU smoke run of the same code
+
+Stage 1 (MIL_SPEC §2.2): frozen bf16 teacher + a 50% Mamba2 student that shares the teacher's frozen
+embeddings, MLPs, norms and attention layers; only the Mamba mixers train (fp32 masters, AdamW), loss
+α·CE + β·KL on the same tokens; every layer rematerialised. The full step trains every student parameter (SFT).
+Model FLOPs per step: forward = 2·(matmul params)·tokens + causal attention (2·L·H·P per token per attention
+layer) + SSD (H·(2QN + 2QP + 4NP) per token per Mamba2 layer); stage 1 = teacher fwd + student fwd + student
+input-gradients (≈ its fwd) + weight gradients of the trainable mixers; full = 3 × student fwd.
+MFU against the datasheet 989 TFLOP/s (dense bf16) and against the measured 812 TFLOP/s matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2m_jax.config import ModelConfig, default_ssm_config
+from l2m_jax.convert.hybridize import attention_layers_for
+from l2m_jax.models import bind, init_params
+from l2m_jax.train.losses import shift_for_next_token, sft_loss, stage1_loss
+from l2m_jax.train.optim import make_optimizer, merge, split_trainable, trainable_mask
+
+PEAK, MEASURED = 989.4e12, 812e12
+
+
+def shapes(name: str) -> ModelConfig:
+    kw = dict(dtype="bfloat16", param_dtype="bfloat16")
+    if name == "tiny":
+        return ModelConfig.tiny(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+                                ffn_dim=256, **kw)
+    if name == "1b":  # Llama-3.2-1B shapes
+        return ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                           ffn_dim=8192, rope_theta=500000.0, max_position_embeddings=8192, tie_embeddings=True,
+                           **kw)
+    if name == "8b":
+        return ModelConfig.llama3_8b()
+    raise ValueError(name)
+
+
+def student_cfg(t: ModelConfig) -> ModelConfig:
+    keep = attention_layers_for(t.n_layers, 0.5)
+    return t.replace(layer_mixers=tuple("attention" if i in keep else "mamba2" for i in range(t.n_layers)),
+                     ssm=default_ssm_config(t, "mamba2"))
+
+
+def matmul_params(cfg: ModelConfig, params) -> int:
+    """Parameters that take part in a matmul per token (everything but the embedding lookup and vectors)."""
+    n = sum(x.size for x in jax.tree.leaves(params["layers"]) if x.ndim == 2)
+    n += cfg.vocab_size * cfg.d_model  # lm_head (tied or not)
+    return int(n)
+
+
+def forward_flops(cfg: ModelConfig, params, tokens: int, seq: int) -> float:
+    f = 2.0 * matmul_params(cfg, params) * tokens
+    f += len(cfg.attn_layers) * 2.0 * seq * cfg.q_dim * tokens            # QK^T and PV, causal half
+    if cfg.ssm_layers:
+        s, q = cfg.ssm, min(cfg.ssm.chunk_size, seq)
+        f += len(cfg.ssm_layers) * s.n_heads * (2 * q * s.d_state + 2 * q * s.head_dim
+                                                 + 4 * s.d_state * s.head_dim) * tokens
+    return f
+
+
+def stage1_setup(t_cfg, s_cfg, key):
+    """Teacher params (bf16) and a student sharing every frozen leaf with it; trainable mixers in fp32."""
+    t_params = jax.jit(init_params, static_argnums=0)(t_cfg, key)
+    fresh = jax.jit(init_params, static_argnums=0)(s_cfg.replace(param_dtype="float32"), jax.random.fold_in(key, 1))
+    layers = {i: (dict(t_params["layers"][i], mixer=fresh["layers"][i]["mixer"]) if m != "attention"
+                  else t_params["layers"][i]) for i, m in enumerate(s_cfg.layer_mixers)}
+    del fresh
+    return t_params, dict(t_params, layers=layers)
+
+
+def time_steps(step, state, batch, reps):
+    state, m = step(state, batch)                     # compile + warm-up
+    jax.block_until_ready(m)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), m
+
+
+def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key):
+    t_params, s_params = stage1_setup(t_cfg, s_cfg, key)
+    mask = trainable_mask(s_params, s_cfg, "stage1")
+    train, frozen = split_trainable(s_params, mask)
+    opt = make_optimizer(lr=8e-5, betas=(0.9, 0.98), clip_norm=0.1, warmup_steps=10, total_steps=1000)
+    opt_state = opt.init(train)
+    tokens = jax.random.randint(key, (batch, seq), 0, t_cfg.vocab_size, jnp.int32)
+
+    def loss_fn(train, frozen, tokens):
+        teacher = jax.lax.stop_gradient(bind(t_cfg, t_params)(tokens, remat=True)[0])
+        student = bind(s_cfg, merge(train, frozen))(tokens, remat=True)[0]
+        targets, tmask = shift_for_next_token(tokens)
+        return stage1_loss(student, teacher, targets, tmask)
+
+    def step(state, tokens):
+        train, opt_state = state
+        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(train, frozen, tokens)
+        upd, opt_state = opt.update(g, opt_state, train)
+        return (jax.tree.map(lambda p, u: p + u, train, upd), opt_state), m["loss"]
+
+    t, loss = time_steps(jax.jit(step, donate_argnums=(0,)), (train, opt_state), tokens, reps)
+    n_train = sum(x.size for x in jax.tree.leaves(train) if x.ndim == 2)
+    n_tok = batch * seq
+    flops = (forward_flops(t_cfg, t_params, n_tok, seq) + 2 * forward_flops(s_cfg, s_params, n_tok, seq)
+             + 2.0 * n_train * n_tok)
+    return dict(step="stage1", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,
+                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss))
+
+
+def bench_full(s_cfg, batch, seq, reps, key):
+    cfg32 = s_cfg.replace(param_dtype="float32")
+    params = jax.jit(init_params, static_argnums=0)(cfg32, key)
+    opt = make_optimizer(lr=2e-5, total_steps=1000, warmup_steps=10)
+    opt_state = opt.init(params)
+    tokens = jax.random.randint(key, (batch, seq), 0, s_cfg.vocab_size, jnp.int32)
+    mask = jnp.ones((batch, seq), bool)
+
+    def step(state, tokens):
+        params, opt_state = state
+        (loss, _), g = jax.value_and_grad(
+            lambda p: sft_loss(bind(cfg32, p)(tokens, remat=True)[0], tokens, mask), has_aux=True)(params)
+        upd, opt_state = opt.update(g, opt_state, params)
+        return (jax.tree.map(lambda p, u: p + u, params, upd), opt_state), loss
+
+    t, loss = time_steps(jax.jit(step, donate_argnums=(0,)), (params, opt_state), tokens, reps)
+    n_tok = batch * seq
+    flops = 3 * forward_flops(s_cfg, params, n_tok, seq)
+    return dict(step="full (SFT)", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,
+                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss))
+
+
+def peak_gb():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 1e9
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--skip-8b", action="store_true")
+    a = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
+    key = jax.random.key(0)
+    t_cfg = shapes("tiny" if a.quick else "1b")
+    s_cfg = student_cfg(t_cfg)
+    batch, seq = (2, 64) if a.quick else (a.batch, a.seq)
+    rows = [bench_stage1(t_cfg, s_cfg, batch, seq, a.reps, key)]
+    print(rows[-1], f"peak {peak_gb():.1f} GB", flush=True)
+    rows.append(bench_full(s_cfg, batch, seq, a.reps, key))
+    print(rows[-1], f"peak {peak_gb():.1f} GB", flush=True)
+    print("\n| step | shapes | tokens/step | s/step | tokens/s | TFLOP/s | MFU (989) | MFU (812 measured) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['step']} | {'tiny' if a.quick else '1B (Llama-3.2-1B)'} 50% Mamba2 | {r['tokens']} | "
+              f"{r['s']:.3f} | {r['tok_per_s']:.0f} | {r['tflops']:.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} |")
+    if not a.quick and not a.skip_8b:
+        t8 = shapes("8b")
+        r = bench_stage1(t8, student_cfg(t8), 1, 2048, 2, key)
+        print(f"\nLlama-3-8B shapes stage-1 step (bf16 teacher + 50% Mamba2 student, MLPs frozen, remat, 1x2048): "
+              f"{r['s']:.2f} s/step, {r['tok_per_s']:.0f} tok/s, MFU {r['mfu']:.1%}, peak memory {peak_gb():.1f} GB "
+              f"of {(dev.memory_stats() or {}).get('bytes_limit', 0) / 1e9:.0f} GB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""One entry point per job, `ssm_update` and `ssm_verify`, dispatching to a backend:
+
+  "xla"     the pure-JAX reference (reference.py); runs anywhere, moves the state once per step.
+  "pallas"  jax.experimental.pallas kernels (pallas_ssm.py); on a GPU through Pallas' Triton lowering,
+            anywhere with interpret=True (slow; for tests).
+  "triton"  @triton.jit kernels called through jax-triton 0.3.1 (triton_ssm_update.py,
+            triton_ssm_verify.py); CUDA GPU only. triton and jax_triton are imported only here, on demand.
+
+A backend this machine cannot run raises BackendUnavailableError naming what it needs and what is
+available, unless fallback=True, which warns and runs "xla" instead. Inputs are validated (checks.py)
+before any backend sees them. All functions are traceable: call them under jax.jit.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from . import checks, pallas_ssm, reference
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "ssm_update", "ssm_verify"]
+
+BACKENDS = ("xla", "pallas", "triton")
+
+
+class BackendUnavailableError(ValueError):
+    """The requested kernel backend cannot run on this machine."""
+
+
+@functools.cache
+def _has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:  # no GPU backend in this jaxlib, or no device
+        return False
+
+
+@functools.cache
+def _triton_problem() -> str | None:
+    """Why backend="triton" cannot run here, or None when it can."""
+    if not _has_gpu():
+        return "no GPU is visible to JAX"
+    for module in ("triton", "jax_triton"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:  # jax_triton also raises ImportError without a GPU jaxlib
+            return f"`import {module}` failed ({e})"
+    return None
+
+
+def _problem(backend: str, interpret: bool) -> str | None:
+    if backend == "xla" or (backend == "pallas" and interpret):
+        return None
+    if backend == "pallas":
+        return None if _has_gpu() else "no GPU is visible to JAX (pass interpret=True to run the Pallas kernels on CPU)"
+    return _triton_problem()
+
+
+def available_backends(interpret: bool = False) -> tuple[str, ...]:
+    """The backends that can run here (with `interpret` for Pallas)."""
+    return tuple(b for b in BACKENDS if _problem(b, interpret) is None)
+
+
+_NEEDS = {
+    "pallas": "pallas needs a CUDA GPU (Pallas' Triton lowering) or interpret=True",
+    "triton": "triton needs a CUDA GPU and jax-triton 0.3.1 (pip install 'l2m_jax[gpu]')",
+}
+
+
+def _resolve(backend: str, interpret: bool, fallback: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if interpret and backend == "triton":
+        raise ValueError("interpret=True applies to backend='pallas' only; the triton backend has no interpreter")
+    problem = _problem(backend, interpret)
+    if problem is None:
+        return backend
+    message = (
+        f"backend={backend!r} is unavailable here: {_NEEDS[backend]}, and {problem}. "
+        f"Available: {available_backends(interpret)}."
+    )
+    if not fallback:
+        raise BackendUnavailableError(message + " Pass fallback=True to run backend='xla' instead.")
+    warnings.warn(message + " Falling back to backend='xla'.", RuntimeWarning, stacklevel=3)
+    return "xla"
+
+
+def _params(A, D, dt_bias):
+    # params are read in fp32 by every backend (the kernels load them as fp32 scalars and vectors)
+    return tuple(jnp.asarray(p).astype(jnp.float32) for p in (A, D, dt_bias))
+
+
+def ssm_update(
+    h: jax.Array,  # [B, H, P, N] (mamba2) | [B, C, N] (mamba), fp32
+    x: jax.Array,  # [B, Gx, P] | [B, C]
+    dt: jax.Array,  # [B, H] | [B, C], raw (before dt_bias and softplus)
+    B: jax.Array,  # [B, Gb, N]
+    C: jax.Array,  # [B, Gc, N]
+    *,
+    A: jax.Array,  # [H] | [C, N], negative
+    D: jax.Array,  # [H] | [C]
+    dt_bias: jax.Array,  # [H] | [C]
+    variant: str = "mamba2",
+    backend: str = "xla",
+    interpret: bool = False,
+    fallback: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """One SSM decode step (semantics in reference.py).
+
+    Returns:
+      y: [B, H, P] (mamba2) or [B, C] (mamba), in x's dtype.
+      h_new: the state after the step, shaped like h, fp32.
+    """
+    checks.check_variant(variant)
+    checks.check_step_inputs(h, x, dt, B, C, A, D, dt_bias, variant=variant, tokens=None)
+    backend = _resolve(backend, interpret, fallback)
+    A, D, dt_bias = _params(A, D, dt_bias)
+    h, x, dt, B, C = map(jnp.asarray, (h, x, dt, B, C))
+    if backend == "xla":
+        return reference.ssm_update_ref(h, x, dt, B, C, A=A, D=D, dt_bias=dt_bias, variant=variant)
+    if backend == "pallas":
+        fn = pallas_ssm.mamba2_update if variant == "mamba2" else pallas_ssm.mamba_update
+        return fn(h, x, dt, B, C, A=A, D=D, dt_bias=dt_bias, interpret=interpret)
+    from . import triton_ssm_update
+
+    fn = triton_ssm_update.mamba2_update if variant == "mamba2" else triton_ssm_update.mamba_update
+    return fn(h, x, dt, B, C, A=A, D=D, dt_bias=dt_bias)
+
+
+def ssm_verify(
+    h_ckpt: jax.Array,  # [B, H, P, N] | [B, C, N], fp32
+    cache: tuple[jax.Array, jax.Array, jax.Array],  # (x, dt, B) of the previous call, shaped like the new ones
+    n_replay: jax.Array,  # [B] int, 0 <= n_replay <= T
+    x: jax.Array,  # [B, T, Gx, P] | [B, T, C]
+    dt: jax.Array,  # [B, T, H] | [B, T, C], raw
+    B: jax.Array,  # [B, T, Gb, N]
+    C: jax.Array,  # [B, T, Gc, N]
+    *,
+    A: jax.Array,
+    D: jax.Array,
+    dt_bias: jax.Array,
+    variant: str = "mamba2",
+    backend: str = "xla",
+    interpret: bool = False,
+    fallback: bool = False,
+):
+    """The speculative verifier's MultiStep, fused: per row b, start from h_ckpt[b], replay the first
+    n_replay[b] cached steps without outputs (the accepted tokens of the previous call), keep that state as
+    the new checkpoint, then run the T new tokens emitting y.
+
+    Returns:
+      y: [B, T, H, P] (mamba2) or [B, T, C] (mamba), in x's dtype.
+      h_ckpt_new: state after the replay (the last verified token), fp32.
+      h_run_new: state after the T new tokens, fp32.
+      cache_new: (x, dt, B), to pass as `cache` to the next call.
+
+    n_replay is checked against [0, T] when concrete; under jit it is clamped to [0, T], so a kernel never
+    reads past the cache.
+    """
+    checks.check_variant(variant)
+    for name, a in (("x", x), ("h_ckpt", h_ckpt)):
+        if not hasattr(a, "ndim") or a.ndim < 2:
+            raise ValueError(f"{name} must be an array with batch and token axes, got {getattr(a, 'shape', a)!r}")
+    tokens = x.shape[1]
+    checks.check_step_inputs(h_ckpt, x, dt, B, C, A, D, dt_bias, variant=variant, tokens=tokens, state_name="h_ckpt")
+    checks.check_replay(cache, n_replay, x, dt, B)
+    backend = _resolve(backend, interpret, fallback)
+    A, D, dt_bias = _params(A, D, dt_bias)
+    n_replay = jnp.clip(jnp.asarray(n_replay).astype(jnp.int32), 0, tokens)
+    h_ckpt, x, dt, B, C = map(jnp.asarray, (h_ckpt, x, dt, B, C))
+    cache = tuple(map(jnp.asarray, cache))
+    if backend == "xla":
+        return reference.ssm_verify_ref(
+            h_ckpt, cache, n_replay, x, dt, B, C, A=A, D=D, dt_bias=dt_bias, variant=variant
+        )
+    if backend == "pallas":
+        fn = pallas_ssm.mamba2_verify if variant == "mamba2" else pallas_ssm.mamba_verify
+        outs = fn(h_ckpt, cache, n_replay, x, dt, B, C, A=A, D=D, dt_bias=dt_bias, interpret=interpret)
+    else:
+        from . import triton_ssm_verify
+
+        fn = triton_ssm_verify.mamba2_verify if variant == "mamba2" else triton_ssm_verify.mamba_verify
+        outs = fn(h_ckpt, cache, n_replay, x, dt, B, C, A=A, D=D, dt_bias=dt_bias)
+    return (*outs, (x, dt, B))

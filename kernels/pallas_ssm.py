@@ -1,0 +1,214 @@
+"""Pallas kernels for the SSM decode step and the fused multi-step verification.
+
+One kernel body (`_token_loops`) serves both jobs and both variants. Each program owns a tile of the state
+([bp, N] rows of one Mamba-2 head, or [bc, N] channels of Mamba-1), loads it once and keeps it in registers
+while it
+  (verify) replays the first n_replay[b] cached steps without outputs, stores the checkpoint,
+  then runs the T new tokens, writing y per token, and stores the final state;
+  (update) runs the single new token and stores the state.
+So the big state crosses HBM once in and once (update) or twice (verify) out.
+
+On GPU this lowers through Pallas' Triton backend (tiles must then be powers of two); on CPU it runs with
+interpret=True. Inputs are assumed validated by dispatch.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import tiling
+
+__all__ = ["mamba2_update", "mamba2_verify", "mamba_update", "mamba_verify"]
+
+_F32 = jnp.float32
+
+
+def _softplus(v):
+    # log1p(exp(-|v|)) never overflows; same function as jax.nn.softplus
+    return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
+
+
+def _compiler_params(tile_elements: int, interpret: bool):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=tiling.num_warps(tile_elements), num_stages=1)
+
+
+def _check_pow2(interpret: bool, **sizes: int) -> None:
+    if interpret:
+        return
+    for name, n in sizes.items():
+        if n & (n - 1):
+            raise ValueError(
+                f"backend='pallas' on GPU needs {name} to be a power of two (Triton tiles), got {name}={n}; "
+                "use backend='triton' or backend='xla' for this shape"
+            )
+
+
+def _token_loops(refs, length, replay, make_step):
+    """The kernel body shared by both variants: replay (verify only), checkpoint, new tokens, final state.
+
+    make_step(A_ref, D_ref, dt_bias_ref) -> (advance, output) with advance(h, x, dt, B) -> (h, x_fp32)
+    and output(h, x_fp32, C) -> y.
+    """
+    if replay:
+        n_ref, h_ref, cx_ref, cdt_ref, cb_ref, *refs = refs
+    else:
+        h_ref, *refs = refs
+    x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref, *state_outs = refs
+    advance, output = make_step(a_ref, d_ref, bias_ref)
+
+    def new_token(t, h):
+        h, xt = advance(h, x_ref[t], dt_ref[t], b_ref[t])
+        y_ref[t] = output(h, xt, c_ref[t]).astype(y_ref.dtype)
+        return h
+
+    h = h_ref[...]
+    if replay:
+        h = jax.lax.fori_loop(0, n_ref[0], lambda t, h: advance(h, cx_ref[t], cdt_ref[t], cb_ref[t])[0], h)
+        state_outs[0][...] = h
+    state_outs[-1][...] = jax.lax.fori_loop(0, length, new_token, h)
+
+
+def _mamba2_kernel(length: int, replay: bool):
+    def make_step(a_ref, d_ref, bias_ref):
+        a, d, bias = a_ref[0].astype(_F32), d_ref[0].astype(_F32), bias_ref[0].astype(_F32)
+
+        def advance(h, xt, dtt, bt):  # h [bp, N], xt [bp], dtt scalar, bt [N]
+            delta = _softplus(dtt.astype(_F32) + bias)
+            xt = xt.astype(_F32)
+            return jnp.exp(delta * a) * h + (delta * xt)[:, None] * bt.astype(_F32)[None, :], xt
+
+        def output(h, xt, ct):
+            return jnp.sum(h * ct.astype(_F32)[None, :], axis=1) + d * xt
+
+        return advance, output
+
+    return lambda *refs: _token_loops(refs, length, replay, make_step)
+
+
+# ----------------------------------------------------------------------------------------------- Mamba-2
+
+
+def _mamba2_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
+    """x [B, T, Gx, P], dt [B, T, H], B [B, T, Gb, N], C [B, T, Gc, N]; replay_args = (n, cx, cdt, cB) or None."""
+    batch, heads, hdim, dstate = h.shape
+    length = x.shape[1]
+    rx, rb, rc = heads // x.shape[2], heads // B.shape[2], heads // C.shape[2]
+    bp = tiling.mamba2_block_p(batch, heads, hdim, dstate)
+    _check_pow2(interpret, N=dstate, block_P=bp)
+
+    state = pl.BlockSpec((None, None, bp, dstate), lambda b, i, p: (b, i, p, 0))
+    x_spec = pl.BlockSpec((None, length, None, bp), lambda b, i, p: (b, 0, i // rx, p))
+    dt_spec = pl.BlockSpec((None, length, None), lambda b, i, p: (b, 0, i))
+    b_spec = pl.BlockSpec((None, length, None, dstate), lambda b, i, p: (b, 0, i // rb, 0))
+    c_spec = pl.BlockSpec((None, length, None, dstate), lambda b, i, p: (b, 0, i // rc, 0))
+    head = pl.BlockSpec((1,), lambda b, i, p: (i,))
+    y_spec = pl.BlockSpec((None, length, None, bp), lambda b, i, p: (b, 0, i, p))
+
+    in_specs = [state, x_spec, dt_spec, b_spec, c_spec, head, head, head]
+    args = [h, x, dt, B, C, A, D, dt_bias]
+    n_states = 1
+    if replay_args is not None:
+        n, cx, cdt, cb = replay_args
+        in_specs = [pl.BlockSpec((1,), lambda b, i, p: (b,)), state, x_spec, dt_spec, b_spec] + in_specs[1:]
+        args = [n, h, cx, cdt, cb] + args[1:]
+        n_states = 2
+    state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
+    outs = pl.pallas_call(
+        _mamba2_kernel(length, replay_args is not None),
+        out_shape=(jax.ShapeDtypeStruct((batch, length, heads, hdim), x.dtype),) + (state_shape,) * n_states,
+        grid=(batch, heads, hdim // bp),
+        in_specs=in_specs,
+        out_specs=(y_spec,) + (state,) * n_states,
+        interpret=interpret,
+        compiler_params=_compiler_params(bp * dstate, interpret),
+        name="mamba2_verify" if replay_args is not None else "mamba2_update",
+    )(*args)
+    return outs
+
+
+def mamba2_update(h, x, dt, B, C, *, A, D, dt_bias, interpret=False):
+    """One Mamba-2 step: h [B, H, P, N] fp32, x [B, Gx, P], dt [B, H], B [B, Gb, N], C [B, Gc, N]."""
+    y, h_new = _mamba2_call(h, x[:, None], dt[:, None], B[:, None], C[:, None], A, D, dt_bias, None, interpret)
+    return y[:, 0], h_new
+
+
+def mamba2_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, interpret=False):
+    """Fused Mamba-2 MultiStep; shapes as in reference.ssm_verify_ref. Returns (y, h_ckpt_new, h_run_new)."""
+    return _mamba2_call(h_ckpt, x, dt, B, C, A, D, dt_bias, (n_replay, *cache), interpret)
+
+
+# ----------------------------------------------------------------------------------------------- Mamba-1
+
+
+def _mamba_kernel(length: int, replay: bool):
+    def make_step(a_ref, d_ref, bias_ref):
+        a = a_ref[...].astype(_F32)  # [bc, N]
+        d, bias = d_ref[...].astype(_F32), bias_ref[...].astype(_F32)  # [bc]
+
+        def advance(h, xt, dtt, bt):  # h [bc, N], xt and dtt [bc], bt [N]
+            delta = _softplus(dtt.astype(_F32) + bias)
+            xt = xt.astype(_F32)
+            return jnp.exp(delta[:, None] * a) * h + (delta * xt)[:, None] * bt.astype(_F32)[None, :], xt
+
+        def output(h, xt, ct):
+            return jnp.sum(h * ct.astype(_F32)[None, :], axis=1) + d * xt
+
+        return advance, output
+
+    return lambda *refs: _token_loops(refs, length, replay, make_step)
+
+
+def _mamba_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
+    """x, dt [B, T, C]; B [B, T, Gb, N]; C [B, T, Gc, N]; replay_args = (n, cx, cdt, cB) or None."""
+    batch, channels, dstate = h.shape
+    length = x.shape[1]
+    per_b, per_c = channels // B.shape[2], channels // C.shape[2]
+    # a block must sit inside one B group and one C group: each program reads one row of each
+    bc = tiling.mamba_block_c(batch, channels, dstate, aligned_to=math.gcd(per_b, per_c))
+    _check_pow2(interpret, N=dstate, block_C=bc)
+
+    state = pl.BlockSpec((None, bc, dstate), lambda b, j: (b, j, 0))
+    chan = pl.BlockSpec((None, length, bc), lambda b, j: (b, 0, j))
+    b_spec = pl.BlockSpec((None, length, None, dstate), lambda b, j: (b, 0, (j * bc) // per_b, 0))
+    c_spec = pl.BlockSpec((None, length, None, dstate), lambda b, j: (b, 0, (j * bc) // per_c, 0))
+    a_spec = pl.BlockSpec((bc, dstate), lambda b, j: (j, 0))
+    vec = pl.BlockSpec((bc,), lambda b, j: (j,))
+
+    in_specs = [state, chan, chan, b_spec, c_spec, a_spec, vec, vec]
+    args = [h, x, dt, B, C, A, D, dt_bias]
+    n_states = 1
+    if replay_args is not None:
+        n, cx, cdt, cb = replay_args
+        in_specs = [pl.BlockSpec((1,), lambda b, j: (b,)), state, chan, chan, b_spec] + in_specs[1:]
+        args = [n, h, cx, cdt, cb] + args[1:]
+        n_states = 2
+    state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
+    return pl.pallas_call(
+        _mamba_kernel(length, replay_args is not None),
+        out_shape=(jax.ShapeDtypeStruct((batch, length, channels), x.dtype),) + (state_shape,) * n_states,
+        grid=(batch, channels // bc),
+        in_specs=in_specs,
+        out_specs=(chan,) + (state,) * n_states,
+        interpret=interpret,
+        compiler_params=_compiler_params(bc * dstate, interpret),
+        name="mamba_verify" if replay_args is not None else "mamba_update",
+    )(*args)
+
+
+def mamba_update(h, x, dt, B, C, *, A, D, dt_bias, interpret=False):
+    """One Mamba-1 step: h [B, C, N] fp32, x and dt [B, C], B [B, Gb, N], C [B, Gc, N]."""
+    y, h_new = _mamba_call(h, x[:, None], dt[:, None], B[:, None], C[:, None], A, D, dt_bias, None, interpret)
+    return y[:, 0], h_new
+
+
+def mamba_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, interpret=False):
+    """Fused Mamba-1 MultiStep; shapes as in reference.ssm_verify_ref. Returns (y, h_ckpt_new, h_run_new)."""
+    return _mamba_call(h_ckpt, x, dt, B, C, A, D, dt_bias, (n_replay, *cache), interpret)

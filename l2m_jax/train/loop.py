@@ -1,0 +1,437 @@
+"""The generic training loop: one jitted, donated step on a mesh; orbax checkpoints with resume; logging.
+
+    trainer = Trainer(loss_fn, params, mask, optimizer, mesh, ckpt_dir=..., log_dir=..., config=run_cfg)
+    history = trainer.fit(ArrayBatches({"tokens": x, "mask": m}, batch_size=8), num_steps=1000)
+
+`loss_fn(params, batch, rng) -> (loss, metrics)` sees the full parameter tree (trainable and frozen
+merged), a batch dict of arrays [B, ...] sharded over the mesh, and a per-step key. Gradients are taken
+only w.r.t. the trainable subtree (see `optim.split_trainable`). Large inputs that do not train (a
+teacher's parameters) belong in `params` with a False mask, e.g. params={"student": ..., "teacher": ...},
+so they enter the step as sharded arguments instead of being baked into the compiled program.
+
+A checkpoint at step k holds the state after k updates: trainable params, optimizer state, step and RNG
+(arrays) plus the data position, a config fingerprint and the parameter structure (JSON). Frozen params are
+not saved: they come from wherever the caller loaded them. Resuming restores the latest step into the
+current state's shapes, dtypes and shardings and continues bit-for-bit: the step key is
+fold_in(base key, step) and the data source restores its position.
+
+Metrics go to `log_dir/metrics.jsonl` (always) and to TensorBoard when a writer is importable
+(`tensorboardX`, else `flax.metrics.tensorboard`, which needs TensorFlow); without one TensorBoard is
+skipped. Multi-host: every process calls the same methods; only process 0 writes logs; each process's data
+source yields that process's rows of the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from l2m_jax import parallel
+from l2m_jax.train.optim import current_lr, merge, split_trainable
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+class NonFiniteError(FloatingPointError):
+    """A training metric became NaN or infinite."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint directory was written by a different configuration."""
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """An iterator of batches (dicts of arrays [B, ...]) whose position can be saved and restored."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def state(self) -> dict: ...            # JSON-serialisable position
+
+    def restore(self, state: dict) -> None: ...
+
+
+class ArrayBatches:
+    """In-memory `BatchSource` over a dict of equally long arrays [N, ...].
+
+    Each epoch yields N // batch_size batches (with shuffle, a fresh permutation per epoch from `seed` and
+    the epoch number; the N % batch_size rows left over differ from epoch to epoch). repeat=False stops
+    after one epoch.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0, repeat: bool = True):
+        if not arrays:
+            raise ValueError("ArrayBatches needs at least one array")
+        self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        sizes = {k: v.shape[0] if v.ndim else None for k, v in self._arrays.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            raise ValueError(f"ArrayBatches arrays must share their leading dimension N, got {sizes}")
+        self._n = next(iter(sizes.values()))
+        if not 0 < batch_size <= self._n:
+            raise ValueError(f"batch_size={batch_size} must be in [1, N={self._n}]")
+        self.batch_size, self.shuffle, self.seed, self.repeat = batch_size, shuffle, seed, repeat
+        self._epoch, self._index = 0, 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self._n)
+        return np.random.default_rng([self.seed, self._epoch]).permutation(self._n)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        per_epoch = self._n // self.batch_size
+        if self._index >= per_epoch:
+            if not self.repeat:
+                raise StopIteration
+            self._epoch, self._index = self._epoch + 1, 0
+        rows = self._order()[self._index * self.batch_size:(self._index + 1) * self.batch_size]
+        self._index += 1
+        return {k: v[rows] for k, v in self._arrays.items()}
+
+    def state(self) -> dict:
+        return {"epoch": self._epoch, "index": self._index}
+
+    def restore(self, state: dict) -> None:
+        self._epoch, self._index = int(state["epoch"]), int(state["index"])
+
+
+class TrainState(NamedTuple):
+    step: jax.Array          # [] int32: optimizer calls done
+    trainable: Any           # params tree, None where frozen (float32 master weights)
+    opt_state: Any
+    rng: jax.Array           # raw key data of the base key; step k uses fold_in(key, k)
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"config value {obj!r} of type {type(obj).__name__} is not JSON-serialisable; pass "
+                    "plain data (dataclasses, dicts, lists, numbers, strings) as the Trainer config")
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _open_tensorboard(log_dir: str) -> tuple[Callable[[str, float, int], Any], Callable[[], Any]] | None:
+    """(write_scalar, close) of a TensorBoard writer if one is importable, else None (it is optional)."""
+    try:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(log_dir)
+        return writer.add_scalar, writer.close
+    except ImportError:
+        pass
+    try:
+        from flax.metrics.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir)
+        return writer.scalar, writer.close
+    except ImportError:
+        log.debug("no TensorBoard writer importable (tensorboardX or TensorFlow); writing JSONL only")
+        return None
+
+
+def _config_diff(old: Any, new: Any) -> str:
+    """Which part of a run config changed, for the resume error."""
+    if old == new:
+        return "the parameter/optimizer structure"
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"config keys {keys}"
+    return "the config"
+
+
+def _batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Tokens in a batch, for tokens/s: the size of batch["tokens"], else of its first 2-D array."""
+    if "tokens" in batch:
+        return int(np.size(batch["tokens"]))
+    for v in batch.values():
+        if np.ndim(v) >= 2:
+            return int(np.shape(v)[0] * np.shape(v)[1])
+    return 0
+
+
+class Trainer:
+    """Trains the `mask`-selected part of `params` with `optimizer` on `mesh`. See the module docstring.
+
+    Args:
+      loss_fn: (params, batch, rng) -> (loss [], metrics dict of scalars); jit-compatible.
+      params: the full parameter tree (nested dicts of arrays).
+      mask: a tree of bools like params (`optim.trainable_mask`); True leaves train.
+      optimizer: an optax transformation, called once per step (`optim.make_optimizer`).
+      mesh: a ("data", "fsdp") mesh (`parallel.make_mesh`); default: all devices on "data".
+      ckpt_dir: orbax checkpoint directory (None: no checkpoints, no resume). Resumes from its latest step.
+      log_dir: directory for metrics.jsonl (and TensorBoard events).
+      config: JSON-able description of the run (model/stage/data settings); its fingerprint, with the
+        parameter structure, must match a checkpoint's to resume from it.
+      save_every: checkpoint every this many steps (and always at the end of `fit`).
+      max_to_keep: checkpoints kept on disk.
+      rng: seed or key; step k's key is fold_in(key, k).
+      rules, min_shard_size: passed to `parallel.param_shardings`.
+      progress: show a tqdm bar (loss, tokens/s, ETA).
+      async_checkpoints: write checkpoints in the background (the step loop continues).
+    """
+
+    def __init__(self, loss_fn: LossFn, params: Any, mask: Any, optimizer: optax.GradientTransformation,
+                 mesh: Mesh | None = None, *, ckpt_dir: str | os.PathLike | None = None,
+                 log_dir: str | os.PathLike | None = None, config: Any = None, save_every: int = 1000,
+                 max_to_keep: int = 3, rng: int | jax.Array = 0,
+                 rules=parallel.DEFAULT_RULES, min_shard_size: int = 2 ** 12, progress: bool = True,
+                 async_checkpoints: bool = True):
+        if save_every < 1:
+            raise ValueError(f"save_every={save_every} must be >= 1")
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
+        self._loss_fn, self._optimizer, self._progress = loss_fn, optimizer, progress
+        self.save_every = save_every
+        key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else jnp.asarray(rng)
+        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key)                     # a legacy uint32 PRNGKey
+        self._rng_impl = jax.random.key_impl(key)
+
+        trainable, frozen = split_trainable(params, mask)
+        self._check_trainable(trainable)
+        shard = lambda tree: parallel.param_shardings(tree, self.mesh, rules, min_size=min_shard_size)
+        train_sh, frozen_sh = shard(trainable), shard(frozen)
+        # fp32 master weights (a lossless upcast for bf16 checkpoints; the model casts to cfg.dtype), in
+        # fresh buffers: the step donates them, and the caller's arrays must survive that
+        trainable = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t),
+                            out_shardings=train_sh)(trainable)
+        opt_sh = shard(jax.eval_shape(optimizer.init, trainable))
+        rep = parallel.replicated(self.mesh)
+        self._frozen = parallel.shard_params(frozen, frozen_sh)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
+        self._state_sh = TrainState(rep, train_sh, opt_sh, rep)
+        self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), trainable, opt_state,
+                                jax.device_put(jax.random.key_data(key), rep))
+        self._step_fn = jax.jit(self._train_step, donate_argnums=(0,),
+                                in_shardings=(self._state_sh, frozen_sh, parallel.batch_sharding(self.mesh)),
+                                out_shardings=(self._state_sh, rep))
+        self._log_params(params, mask, train_sh, frozen_sh)
+
+        self._structure = [[parallel.path_str(p), list(x.shape), str(x.dtype)]
+                           for p, x in jax.tree_util.tree_flatten_with_path(self.state)[0]]
+        self._config = _jsonable(config)
+        self._fingerprint = _fingerprint([self._config, self._structure])
+        self._pending_data_state = None
+        self._step = 0
+        self.ckpt_dir = None if ckpt_dir is None else os.path.abspath(os.fspath(ckpt_dir))
+        self._mngr = None
+        if self.ckpt_dir is not None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                   enable_async_checkpointing=async_checkpoints)
+            self._mngr = ocp.CheckpointManager(self.ckpt_dir, options=options, item_names=("state", "meta"))
+            self._restore_latest()
+        self._jsonl = self._tb = None
+        if log_dir is not None and jax.process_index() == 0:
+            os.makedirs(log_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")
+            self._tb = _open_tensorboard(os.fspath(log_dir))
+
+    # ------------------------------------------------------------------ state views
+    @property
+    def step(self) -> int:
+        """Optimizer calls done (a host mirror of state.step, so reading it never waits on the device)."""
+        return self._step
+
+    @property
+    def trainable(self) -> Any:
+        return self.state.trainable
+
+    @property
+    def params(self) -> Any:
+        """The full parameter tree: current trainable (float32) leaves merged with the frozen ones."""
+        return merge(self.state.trainable, self._frozen)
+
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _check_trainable(trainable: Any) -> None:
+        leaves = jax.tree_util.tree_flatten_with_path(trainable)[0]
+        if not leaves:
+            raise ValueError("the trainable mask selects no parameters; nothing would train")
+        bad = [parallel.path_str(p) for p, x in leaves if not jnp.issubdtype(x.dtype, jnp.floating)]
+        if bad:
+            raise ValueError(f"non-float parameters cannot train: {bad}; set their mask entries to False")
+
+    def _log_params(self, params, mask, train_sh, frozen_sh) -> None:
+        shardings = merge(train_sh, frozen_sh)
+        n_train = n_total = 0
+        for (path, x), m, sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(mask),
+                                    jax.tree.leaves(shardings)):
+            n_total += x.size
+            n_train += x.size if m else 0
+            log.info("param %-48s %-16s %-9s %-24s %s", parallel.path_str(path), tuple(x.shape),
+                     "float32" if m else x.dtype, parallel.describe(sh), "train" if m else "frozen")
+        log.info("mesh %s; %d of %d parameters train (%.1f%%)", dict(self.mesh.shape), n_train, n_total,
+                 100.0 * n_train / max(n_total, 1))
+
+    # ------------------------------------------------------------------ the step
+    def _train_step(self, state: TrainState, frozen: Any, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=self._rng_impl), state.step)
+
+        def objective(trainable):
+            return self._loss_fn(merge(trainable, frozen), batch, key)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        updates, opt_state = self._optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        lr = current_lr(opt_state)
+        if lr is not None:
+            metrics["lr"] = lr
+        return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
+
+    def _put_batch(self, batch: Mapping[str, np.ndarray]) -> dict:
+        n = self.mesh.size // max(1, jax.process_count())
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            if v.ndim == 0 or v.shape[0] % n:
+                raise ValueError(f"batch[{k!r}] has shape {v.shape}; its leading (row) dim must be a multiple "
+                                 f"of the {n} local devices of the mesh {dict(self.mesh.shape)}")
+            out[k] = jax.make_array_from_process_local_data(parallel.batch_sharding(self.mesh), v)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _restore_latest(self) -> None:
+        step = self._mngr.latest_step()
+        if step is None:
+            return
+        meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("fingerprint") != self._fingerprint:
+            raise CheckpointMismatchError(
+                f"checkpoint directory {self.ckpt_dir} (step {step}) was written by a different run "
+                f"configuration (differs in {_config_diff(meta.get('config'), self._config)}); resume with "
+                "the same config, or use a new ckpt_dir")
+        leaves, treedef = jax.tree.flatten(self.state)
+        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                    for i, x in enumerate(leaves)}
+        restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        self.state = jax.tree.unflatten(treedef, [restored["state"][f"{i:05d}"] for i in range(len(leaves))])
+        self._pending_data_state = meta["data"]
+        self._step = step
+        log.info("resumed from %s at step %d", self.ckpt_dir, step)
+
+    def save(self, data: BatchSource | None = None) -> None:
+        """Checkpoint the current state (and `data`'s position) unless this step is already saved."""
+        if self._mngr is None:
+            raise ValueError("this Trainer has no ckpt_dir; pass ckpt_dir=... to save checkpoints")
+        step = self.step
+        if self._mngr.latest_step() == step:
+            return
+        leaves = jax.tree.leaves(self.state)
+        meta = {"step": step, "data": None if data is None else data.state(), "fingerprint": self._fingerprint,
+                "config": self._config, "structure": self._structure}
+        self._mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({f"{i:05d}": x for i, x in enumerate(leaves)}),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, data: BatchSource, num_steps: int) -> list[dict[str, float]]:
+        """Train until `num_steps` steps in total are done (a resumed run continues where it stopped).
+
+        A step is one optimizer call on one batch (one micro-batch when the optimizer accumulates).
+        Returns the host metrics of the steps run by this call: the loss_fn's metrics plus "loss",
+        "grad_norm" (of this batch's gradient, before clipping), "lr" (for `make_optimizer` optimizers),
+        "tokens_per_s" and "step" (steps done after it). Stops early, with a checkpoint, if `data` runs out.
+        """
+        if self._mngr is not None and not isinstance(data, BatchSource):
+            raise TypeError(f"data ({type(data).__name__}) must have state()/restore() (the BatchSource "
+                            "protocol) so its position can be checkpointed; see ArrayBatches")
+        if self._pending_data_state is not None:
+            data.restore(self._pending_data_state)
+            self._pending_data_state = None
+        history: list[dict[str, float]] = []
+        start = self.step
+        bar = tqdm(total=num_steps, initial=start, desc="train", disable=not self._progress, dynamic_ncols=True)
+        try:
+            t_last = time.perf_counter()
+            while self.step < num_steps:
+                try:
+                    batch = next(data)
+                except StopIteration:
+                    log.warning("data exhausted after step %d of %d", self.step, num_steps)
+                    break
+                step = self.step + 1
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    self.state, metrics = self._step_fn(self.state, self._frozen, self._put_batch(batch))
+                self._step = step
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                self._check_finite(step, metrics)
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = _batch_tokens(batch) / max(now - t_last, 1e-9)
+                t_last = now
+                metrics["step"] = step
+                history.append(metrics)
+                self._write_metrics(step, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if self._mngr is not None and step % self.save_every == 0:
+                    self.save(data)
+            if self._mngr is not None:
+                self.save(data)
+        finally:
+            bar.close()
+            if self._mngr is not None:
+                self._mngr.wait_until_finished()
+        return history
+
+    @staticmethod
+    def _check_finite(step: int, metrics: dict[str, float]) -> None:
+        for name in sorted(metrics, key=lambda k: (k != "loss", k)):      # name the loss first
+            value = metrics[name]
+            if not math.isfinite(value):
+                raise NonFiniteError(f"step {step}: metric {name!r} is {value}; training stopped (the last "
+                                     "checkpoint before this step is intact)")
+
+    def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(metrics) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for name, value in metrics.items():
+                if name != "step":
+                    self._tb[0](name, value, step)
+
+    def close(self) -> None:
+        """Wait for pending checkpoints and close files."""
+        if self._mngr is not None:
+            self._mngr.wait_until_finished()
+            self._mngr.close()
+            self._mngr = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb[1]()
+            self._tb = None
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
