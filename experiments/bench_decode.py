@@ -154,7 +154,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--k", default="2,4,6")
+    ap.add_argument("--spec", default="4:xla,4:triton,2:triton,6:triton",
+                    help="comma list of K:backend speculative settings to time")
     ap.add_argument("--alphas", default="0.6,0.7,0.8,0.9", help="acceptance rates to evaluate the speedup at")
     ap.add_argument("--smollm2", default=None, help="path of the SmolLM2 GGUF or model dir (real-weight section)")
     ap.add_argument("--json", default=None)
@@ -164,7 +165,7 @@ def main(argv=None):
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
     hbm = (dev.memory_stats() or {}).get("bytes_limit", 141e9) if dev.platform == "gpu" else 141e9
     backends = a.backends.split(",")
-    ks = [int(x) for x in a.k.split(",")]
+    spec = [(int(x.split(":")[0]), x.split(":")[1]) for x in a.spec.split(",")]
     alphas = [float(x) for x in a.alphas.split(",")]
     results = {"plain": [], "capacity": [], "spec": []}
 
@@ -189,16 +190,14 @@ def main(argv=None):
                                   param_dtype="bfloat16")
     d_cfg, d_params = build(d_base, None, jax.random.fold_in(key, 99))
     step = next(r for r in results["plain"] if r["model"] == "hybrid50-mamba2" and r["batch"] == 1)
-    for backend in backends:
-        for k in ks:
-            t_round, calls = bench_spec_round(t_cfg, t_params, d_cfg, d_params, k, 8 * (k + 1), a.reps, backend, key)
-            for alpha in alphas:
-                e = expected_tokens(alpha, k)
-                r = dict(k=k, backend=backend, alpha=alpha, ms_round=t_round * 1e3,
-                         round_over_step=t_round / (step["ms_per_step"] / 1e3), tokens_per_round=e,
-                         speedup=e * (step["ms_per_step"] / 1e3) / t_round)
-                results["spec"].append(r)
-            print(results["spec"][-1], flush=True)
+    for k, backend in spec:
+        t_round, calls = bench_spec_round(t_cfg, t_params, d_cfg, d_params, k, 8 * (k + 1), a.reps, backend, key)
+        for alpha in alphas:
+            e = expected_tokens(alpha, k)
+            results["spec"].append(dict(k=k, backend=backend, alpha=alpha, ms_round=t_round * 1e3,
+                                        round_over_step=t_round / (step["ms_per_step"] / 1e3),
+                                        tokens_per_round=e, speedup=e * (step["ms_per_step"] / 1e3) / t_round))
+        print(results["spec"][-1], flush=True)
 
     print("\n## (a) plain decoding (minimal bytes: weights + KV at context + SSM/conv state r/w)")
     print(md_table(results["plain"], ["model", "batch", "backend", "ms_per_step", "tokens_per_s", "gb_per_step",

@@ -151,6 +151,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--only-8b", action="store_true", help="just the Llama-3-8B stage-1 fit check")
     a = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
@@ -158,10 +159,11 @@ def main(argv=None):
     t_cfg = shapes("tiny" if a.quick else "1b")
     s_cfg = student_cfg(t_cfg)
     batch, seq = (2, 64) if a.quick else (a.batch, a.seq)
-    rows = [bench_stage1(t_cfg, s_cfg, batch, seq, a.reps, key)]
-    print(rows[-1], f"peak {peak_gb():.1f} GB", flush=True)
-    rows.append(bench_full(s_cfg, batch, seq, a.reps, key))
-    print(rows[-1], f"peak {peak_gb():.1f} GB", flush=True)
+    rows = [] if a.only_8b else [bench_stage1(t_cfg, s_cfg, batch, seq, a.reps, key)]
+    if rows:
+        print(rows[-1], f"peak {peak_gb():.1f} GB", flush=True)
+        rows.append(bench_full(s_cfg, batch, seq, a.reps, key))
+        print(rows[-1], f"peak {peak_gb():.1f} GB", flush=True)
     print("\n| step | shapes | tokens/step | s/step | tokens/s | TFLOP/s | MFU (989) | MFU (812 measured) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -89,6 +89,12 @@ def _resolve(backend: str, interpret: bool, fallback: bool) -> str:
     return "xla"
 
 
+def resolve_backend(backend: str, *, fallback: bool = False) -> str:
+    """The backend that will run: `backend` if it can run here, "xla" (with a warning) if not and `fallback`,
+    else a BackendUnavailableError naming what is missing and what is available."""
+    return _resolve(backend, False, fallback)
+
+
 def _params(A, D, dt_bias):
     # params are read in fp32 by every backend (the kernels load them as fp32 scalars and vectors)
     return tuple(jnp.asarray(p).astype(jnp.float32) for p in (A, D, dt_bias))

@@ -40,7 +40,7 @@ def cache_dir() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -51,7 +51,7 @@ def _sha256(path: Path) -> str:
 @functools.lru_cache(maxsize=8)
 def _verified(path: str, size: int, mtime_ns: int) -> str:
     # keyed on size and mtime so that each file version is hashed once per process
-    got = _sha256(Path(path))
+    got = sha256_of(Path(path))
     if got != SMOLLM2_SHA256:
         raise AssetError(f"{path} has sha256 {got}, expected {SMOLLM2_SHA256} (SmolLM2-135M-Instruct.Q4_1.gguf "
                          f"from {SMOLLM2_REQUIREMENT}); delete the file, or point L2M_SMOLLM2_GGUF at a good copy")

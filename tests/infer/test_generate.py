@@ -84,3 +84,15 @@ def test_bad_inputs(models):
         l2m_jax.generate(cfg, params, [[1]], 0)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         l2m_jax.generate(cfg, params, [[1] * 10], cfg.max_position_embeddings)
+
+
+def test_unavailable_backend_is_named_and_falls_back_only_when_asked(models):
+    from l2m_jax.kernels.dispatch import available_backends
+    if "triton" in available_backends():
+        pytest.skip("triton runs here")
+    cfg, params = models["hybrid50-mamba2"]
+    with pytest.raises(ValueError, match="backend='triton' is unavailable here"):
+        l2m_jax.generate(cfg, params, [[1, 2]], 3, backend="triton")
+    with pytest.warns(RuntimeWarning, match="Falling back to backend='xla'"):
+        out = l2m_jax.generate(cfg, params, [[1, 2]], 3, backend="triton", fallback=True)
+    assert out == l2m_jax.generate(cfg, params, [[1, 2]], 3)
