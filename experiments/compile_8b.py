@@ -43,10 +43,14 @@ def abstract_student(t_cfg, s_cfg):
     return t_abs, dict(t_abs, layers=layers)
 
 
-def build_step(t_cfg, s_cfg, t_params_tree, frozen_tree, opt):
+def build_step(t_cfg, s_cfg, opt, mesh):
+    rows = batch_sharding(mesh)  # keep [B, L, V] logits split by rows: they are the largest activations
+
     def loss_fn(train, frozen, teacher, tokens):
         t_logits = jax.lax.stop_gradient(bind(t_cfg, teacher)(tokens, remat=True)[0])
         s_logits = bind(s_cfg, merge(train, frozen))(tokens, remat=True)[0]
+        t_logits = jax.lax.with_sharding_constraint(t_logits, rows)
+        s_logits = jax.lax.with_sharding_constraint(s_logits, rows)
         targets, mask = shift_for_next_token(tokens)
         return stage1_loss(s_logits, t_logits, targets, mask)
 
@@ -71,7 +75,7 @@ def compile_once(t_cfg, s_cfg, mesh, batch, seq):
     args = (with_sharding(train, sh(train)), with_sharding(opt_abs, sh(opt_abs)),
             with_sharding(frozen, sh(frozen)), with_sharding(t_abs, sh(t_abs)),
             jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding(mesh)))
-    step = build_step(t_cfg, s_cfg, t_abs, frozen, opt)
+    step = build_step(t_cfg, s_cfg, opt, mesh)
     t0 = time.time()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
     m = compiled.memory_analysis()

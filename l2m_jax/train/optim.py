@@ -33,6 +33,8 @@ def make_schedule(*, lr: float, warmup_steps: int, total_steps: int) -> optax.Sc
         raise ValueError(f"total_steps={total_steps} must be positive")
     if not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}]")
+    if warmup_steps == total_steps:  # nothing left to decay: optax's cosine needs at least one decay step
+        return optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
     return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
                                               decay_steps=total_steps, end_value=0.0)
 

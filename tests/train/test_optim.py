@@ -143,3 +143,9 @@ def test_split_and_merge_round_trip():
         assert x is y
     with pytest.raises(ValueError, match="structure"):
         optim.split_trainable(params, {"a": True})
+
+
+def test_schedule_with_warmup_as_long_as_training():
+    from l2m_jax.train.optim import make_schedule
+    sched = make_schedule(lr=1.0, warmup_steps=4, total_steps=4)
+    assert [float(sched(i)) for i in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]

@@ -1,0 +1,166 @@
+"""Run reports: loss-curve plots (PNG, matplotlib's Agg canvas) and a markdown summary with the evaluation table.
+
+    history = read_metrics("run/stages/sft-mamba50/logs/metrics.jsonl")
+    plot_stage("sft-mamba50", history, "run/plots/sft-mamba50.png")
+    write_report("run", title=..., rows=[ReportRow(...), ...], plots=[...], notes=[...])
+
+Plots are drawn on `matplotlib.figure.Figure` with an Agg canvas, never through pyplot, so no global backend
+is touched and nothing needs a display.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+# metrics drawn when present, in this order: the losses and, for DPO, what the loss is made of
+CURVES = ("loss", "ce", "kl", "reward_margin", "reward_accuracy")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The per-step metrics of a Trainer's `metrics.jsonl`, one dict per step in step order.
+
+    A step logged twice (a run killed after logging but before its checkpoint, then resumed) keeps its last
+    record. A missing file gives an empty list; an unreadable line raises naming the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    by_step: dict[int, dict[str, float]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n} is not JSON ({e})") from e
+        if "step" in record:
+            by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def _figure(n_panels: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * n_panels, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, n_panels, squeeze=False)[0]
+
+
+def plot_stage(name: str, history: Sequence[dict[str, float]], path: str | os.PathLike) -> list[str]:
+    """One PNG with a panel per metric of `CURVES` present in `history` (raw and smoothed); returns them."""
+    keys = [k for k in CURVES if any(k in h for h in history)]
+    if not keys:
+        raise ValueError(f"{name}: no metrics among {CURVES} to plot (is the metrics file empty?)")
+    fig, axes = _figure(len(keys))
+    for ax, key in zip(axes, keys):
+        pts = [(h["step"], h[key]) for h in history if key in h and math.isfinite(h[key])]
+        steps, vals = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(steps, vals, color="tab:blue", alpha=0.35, linewidth=1, label="per step")
+        ax.plot(steps, _smooth(vals), color="tab:blue", linewidth=2, label="smoothed")
+        ax.set_title(f"{name}: {key}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize="small")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return keys
+
+
+def plot_overview(histories: dict[str, Sequence[dict[str, float]]], path: str | os.PathLike) -> None:
+    """Every stage's loss on one axis of cumulative steps, stages in order (their scales differ: log y)."""
+    fig, (ax,) = _figure(1)
+    fig.set_size_inches(9, 3.6)
+    offset = 0
+    for name, history in histories.items():
+        pts = [(h["step"], h["loss"]) for h in history if "loss" in h and math.isfinite(h["loss"])]
+        if not pts:
+            continue
+        steps = [offset + s for s, _ in pts]
+        ax.plot(steps, _smooth([v for _, v in pts]), linewidth=2, label=name)
+        offset = steps[-1]
+        ax.axvline(offset, color="grey", linewidth=0.5)
+    if all(h.get("loss", 1.0) > 0 for hs in histories.values() for h in hs):
+        ax.set_yscale("log")
+    ax.set_xlabel("step (all stages)")
+    ax.set_ylabel("loss (smoothed)")
+    ax.set_title("training loss per stage")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportRow:
+    """One model in the evaluation table."""
+    name: str
+    kind: str                   # "teacher", "init", "stage1", "sft", "dpo"
+    attn_layers: int
+    n_layers: int
+    steps: int | None           # optimizer updates of the stage (None for teacher / init)
+    final_loss: float | None    # mean loss of the stage's last few steps
+    perplexity: float
+    agreement: float | None     # top-1 agreement with the teacher (None for the teacher itself)
+    eval_tokens: int
+    wall_s: float | None = None
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_table(rows: Iterable[ReportRow]) -> str:
+    """The evaluation table in GitHub markdown."""
+    lines = ["| model | stage | attention layers | steps | final loss | held-out ppl | top-1 agreement | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        agreement = "–" if r.agreement is None else f"{100 * r.agreement:.1f}%"
+        lines.append(f"| {r.name} | {r.kind} | {r.attn_layers}/{r.n_layers} | {_fmt(r.steps, 'd')} | "
+                     f"{_fmt(r.final_loss, '.4f')} | {r.perplexity:.3f} | {agreement} | {_fmt(r.wall_s, '.0f')} |")
+    return "\n".join(lines)
+
+
+def final_loss(history: Sequence[dict[str, float]], last: int = 5) -> float | None:
+    """Mean loss over the last `last` steps (the per-step loss is noisy), or None without steps."""
+    values = [h["loss"] for h in history[-last:] if "loss" in h]
+    return sum(values) / len(values) if values else None
+
+
+def write_report(out_dir: str | os.PathLike, *, title: str, rows: Sequence[ReportRow],
+                 plots: Sequence[tuple[str, str]], notes: Sequence[str] = (), name: str = "report.md") -> Path:
+    """Write `out_dir/name`: the title, notes (bullets), the table, then each (caption, PNG path) plot.
+
+    PNG paths are written relative to `out_dir`, so the folder can be moved or browsed as a whole.
+    """
+    out_dir = Path(out_dir)
+    parts = [f"# {title}", ""]
+    if notes:
+        parts += [f"- {n}" for n in notes] + [""]
+    parts += ["## Evaluation", "",
+              "Perplexity on held-out text that no stage trains on; top-1 agreement is the fraction of its positions "
+              "where the model's most likely next token equals the teacher's.", "", markdown_table(rows), ""]
+    if plots:
+        parts += ["## Loss curves", ""]
+        for caption, png in plots:
+            rel = os.path.relpath(png, out_dir)
+            parts += [f"### {caption}", "", f"![{caption}]({rel})", ""]
+    path = out_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,320 @@
+"""MiL's training schedule (MIL_SPEC §2.1-§2.5) as small functions over the generic `Trainer`.
+
+    plan = schedule(cfg.n_layers, stage1=(0.75, 0.5), sft=(0.5,), dpo=True)
+    s_cfg, s_params = hybridize(t_cfg, t_params, plan[0].attn_layers, mixer="mamba2", key=key)
+    r = distill_stage((s_cfg, s_params), (t_cfg, t_params), rows, settings)        # stage 1, round 1
+    s_cfg, s_params = hybridize(r.cfg, r.params, plan[1].attn_layers, ...)          # 25% -> 50% Mamba
+    ...
+    r = sft_stage((r.cfg, r.params), sft_rows, settings)                             # stage 2
+    r = dpo_stage((r.cfg, r.params), (t_cfg, t_params), pairs, settings)             # stage 3
+
+Stage 1 (layerwise distillation): α·CE on the pseudo-label targets + β·KL(p_teacher ‖ p_student) on the same
+sequences; only the Mamba mixers train (`trainable_mask(…, "stage1")`); the teacher's parameters ride along as a
+frozen part of the Trainer's params, so its logits come from inside the jitted step. Progressive rounds and the
+further SFT rounds (25%, 12.5%, 0% attention) are `hybridize` of the previous round's model: layers already
+Mamba keep their trained weights, newly converted ones start from the current (fine-tuned) attention weights.
+Stage 2 (SFT): next-token CE on the response tokens, every parameter trains. Stage 3 (DPO): sigmoid DPO on
+summed response log-probs against a frozen reference (the teacher by default, or the SFT student).
+
+Batch schemas (numpy arrays with N rows of L tokens, right-padded):
+  distill / SFT  {"tokens": int [N, L], "loss_mask": bool [N, L]}   (what `data.packing` makes)
+  DPO            {"chosen_tokens", "rejected_tokens": int [N, L], "chosen_mask", "rejected_mask": bool [N, L]}
+                 (`preference_arrays` builds them from `data.preference.encode_preference` outputs)
+Masks mark target tokens (aligned with the tokens; the losses shift). Each stage is resumable: give it a
+ckpt_dir and call it again after an interruption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ..config import ModelConfig
+from ..convert.hybridize import attention_layers_for, stepwise_order
+from ..data.chat import DataError
+from ..data.packing import BatchIterator
+from ..models import forward
+from . import losses
+from .loop import Trainer
+from .optim import StagePreset, trainable_mask
+
+Model = tuple[ModelConfig, Any]     # (cfg, params)
+KINDS = ("stage1", "sft", "dpo")
+DISTILL_KEYS = ("tokens", "loss_mask")
+DPO_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
+
+
+class StageError(ValueError):
+    """A stage that cannot run with the inputs given (models, data or settings)."""
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclasses.dataclass(frozen=True)
+class PlannedStage:
+    name: str                       # e.g. "stage1-mamba25", "sft-mamba50", "dpo-mamba50"
+    kind: str                       # "stage1" | "sft" | "dpo"
+    attn_layers: tuple[int, ...]    # attention layers of the student trained in this stage
+
+
+def _mamba_pct(n_layers: int, attn: Sequence[int], fraction: float | None) -> str:
+    share = 1.0 - fraction if fraction is not None else 1.0 - len(attn) / n_layers
+    return f"mamba{100 * share:g}"
+
+
+def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Sequence[float] = (0.5,),
+             dpo: bool = True, stepwise: bool = False) -> list[PlannedStage]:
+    """The stages of a MiL run: progressive stage-1 rounds, SFT rounds, then DPO.
+
+    stage1: attention fractions of the distillation rounds, each from the previous round's model (MiL: 0.75
+      then 0.5, i.e. first 25% then 50% Mamba; layer sets from `attention_layers_for`). stepwise=True instead
+      converts one layer per round in MiL's stepwise order until the last fraction's layer set is reached.
+    sft: attention fractions of the SFT rounds; the first is stage 2 proper (normally the last stage-1
+      fraction), later ones (0.25, 0.125, 0.0) convert more layers of the previous SFT model (MIL_SPEC §8.8).
+    dpo: align the last model.
+    Every round keeps a subset of the previous round's attention layers (a Mamba layer never turns back).
+    """
+    for name, fracs in (("stage1", stage1), ("sft", sft)):
+        bad = [f for f in fracs if not 0.0 <= float(f) <= 1.0]
+        if bad:
+            raise StageError(f"{name} attention fractions {bad} must lie in [0, 1]")
+    rounds: list[tuple[str, tuple[int, ...], float | None]] = []
+    if stepwise and stage1:
+        target = set(attention_layers_for(n_layers, float(stage1[-1])))
+        order = [i for i in stepwise_order(n_layers) if i not in target]
+        for s in range(1, len(order) + 1):
+            attn = tuple(i for i in range(n_layers) if i not in order[:s])
+            rounds.append((f"stage1-step{s:02d}", attn, None))
+    else:
+        rounds += [("stage1", tuple(attention_layers_for(n_layers, float(f))), float(f)) for f in stage1]
+    rounds += [("sft", tuple(attention_layers_for(n_layers, float(f))), float(f)) for f in sft]
+    plan, prev = [], tuple(range(n_layers))
+    for kind, attn, frac in rounds:
+        if not set(attn) <= set(prev):
+            raise StageError(f"{kind} round with attention fraction {frac} keeps attention layers "
+                             f"{sorted(set(attn) - set(prev))} that an earlier round already made Mamba; list "
+                             "the fractions in decreasing order")
+        name = kind if kind.startswith("stage1-step") else f"{kind}-{_mamba_pct(n_layers, attn, frac)}"
+        if any(p.name == name for p in plan):
+            raise StageError(f"two {kind} rounds at the same attention fraction ({name}); each round after the "
+                             "first must convert more layers")
+        if kind == "stage1" and attn == prev:
+            raise StageError(f"stage-1 round {name} converts no layer (its layer set equals the previous one)")
+        plan.append(PlannedStage(name, "stage1" if kind.startswith("stage1") else kind, attn))
+        prev = attn
+    if dpo:
+        if not plan:
+            raise StageError("DPO needs a hybrid student: enable stage 1 or SFT rounds")
+        plan.append(PlannedStage(f"dpo-{_mamba_pct(n_layers, prev, None)}", "dpo", prev))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """How long and how a stage trains; the optimizer and loss weights come from `preset`.
+
+    steps counts optimizer updates; each takes preset.accum_steps micro-batches of batch_size rows (global,
+    split over the mesh's devices).
+    """
+    steps: int
+    batch_size: int
+    preset: StagePreset
+    seed: int = 0
+    save_every: int = 1000
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class StageResult:
+    cfg: ModelConfig
+    params: Any                     # the trained model, each leaf in its input dtype
+    history: list[dict[str, float]]  # metrics of the steps this call ran (empty if it resumed at the end)
+    start_step: int                 # micro-steps already done when this call began (> 0: resumed)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check_data(data: Mapping[str, np.ndarray], keys: Sequence[str], *, stage: str, cfg: ModelConfig,
+                settings: StageSettings, mesh: Mesh | None) -> dict[str, np.ndarray]:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise StageError(f"{stage}: the data lacks {missing}; it needs arrays {list(keys)} (see l2m_jax.train.stages)")
+    arrays = {k: np.asarray(data[k]) for k in keys}
+    shapes = {k: v.shape for k, v in arrays.items()}
+    if len({s for s in shapes.values()}) != 1 or len(next(iter(shapes.values()))) != 2:
+        raise StageError(f"{stage}: data arrays must all be [N, L], got {shapes}")
+    n, length = next(iter(shapes.values()))
+    if n == 0:
+        raise StageError(f"{stage}: the dataset is empty (0 rows); check the data sources and length limits")
+    if settings.steps < 1 or settings.batch_size < 1:
+        raise StageError(f"{stage}: steps={settings.steps} and batch_size={settings.batch_size} must be positive")
+    if settings.batch_size > n:
+        raise StageError(f"{stage}: batch_size={settings.batch_size} exceeds the {n} rows of data; lower the "
+                         "batch size or add data")
+    n_dev = (mesh.size if mesh is not None else jax.device_count()) // max(1, jax.process_count())
+    if settings.batch_size % n_dev:
+        raise StageError(f"{stage}: batch_size={settings.batch_size} is not a multiple of the {n_dev} devices "
+                         "the batch is split over")
+    for k, v in arrays.items():
+        if k.endswith("tokens"):
+            if not np.issubdtype(v.dtype, np.integer):
+                raise StageError(f"{stage}: {k} must hold integer token ids, got {v.dtype}")
+            if v.min() < 0 or v.max() >= cfg.vocab_size:
+                raise StageError(f"{stage}: {k} has ids in [{v.min()}, {v.max()}] but the model's vocabulary has "
+                                 f"{cfg.vocab_size}; were the data tokenized with the teacher's tokenizer?")
+        elif not arrays[k][:, 1:].any():
+            raise StageError(f"{stage}: {k} selects no target token in any row; nothing would be learned")
+    if cfg.attn_layers and length > cfg.max_position_embeddings:
+        raise StageError(f"{stage}: rows of {length} tokens exceed the model's {cfg.max_position_embeddings} "
+                         "positions; use a shorter seq_len")
+    return arrays
+
+
+def _check_pair(student: ModelConfig, other: ModelConfig, what: str) -> None:
+    if student.vocab_size != other.vocab_size:
+        raise StageError(f"the student's vocabulary ({student.vocab_size}) differs from the {what}'s "
+                         f"({other.vocab_size}): they must share one tokenizer")
+
+
+def _all(tree: Any, value: bool) -> Any:
+    return jax.tree.map(lambda _: value, tree)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _run(name: str, loss_fn: Callable, params: dict, mask: dict, data: dict[str, np.ndarray],
+         settings: StageSettings, *, mesh: Mesh | None, ckpt_dir, log_dir, config: Any) -> tuple[Any, list, int]:
+    """Train with a Trainer; returns (full trained params, history, start micro-step)."""
+    accum = settings.preset.accum_steps
+    run_config = {"stage": name, "config": config, "steps": settings.steps, "batch_size": settings.batch_size,
+                  "seed": settings.seed, "preset": dataclasses.asdict(settings.preset),
+                  "rows": int(next(iter(data.values())).shape[0]), "seq_len": int(next(iter(data.values())).shape[1])}
+    batches = BatchIterator(data, settings.batch_size, seed=settings.seed, shuffle=True)
+    with Trainer(loss_fn, params, mask, settings.preset.make_optimizer(settings.steps), mesh,
+                 ckpt_dir=None if ckpt_dir is None else os.fspath(ckpt_dir),
+                 log_dir=None if log_dir is None else os.fspath(log_dir), config=run_config,
+                 save_every=settings.save_every, rng=settings.seed, progress=settings.progress) as trainer:
+        start = trainer.step
+        history = trainer.fit(batches, settings.steps * accum)
+        return trainer.params, history, start
+
+
+def _like(new: Any, old: Any) -> Any:
+    """`new` with every leaf cast back to the dtype of the matching leaf of `old` (fp32 masters -> cfg dtype)."""
+    return jax.tree.map(lambda a, b: a.astype(b.dtype), new, old)
+
+
+def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha: float, beta: float,
+                    kl_reduction: str = "token_mean", temperature: float = 1.0) -> Callable:
+    """Stage-1 loss over params {"student", "teacher"} and a distill batch (see `losses.stage1_loss`)."""
+    def loss_fn(params, batch, rng):
+        tokens = batch["tokens"]                                                    # [B, L]
+        t_logits, _ = forward(teacher_cfg, params["teacher"], tokens)               # [B, L, V]
+        s_logits, _ = forward(student_cfg, params["student"], tokens)               # [B, L, V]
+        targets, target_mask = losses.shift_for_next_token(tokens, batch["loss_mask"])
+        return losses.stage1_loss(s_logits, jax.lax.stop_gradient(t_logits), targets, target_mask, alpha=alpha,
+                                  beta=beta, kl_reduction=kl_reduction, temperature=temperature)
+    return loss_fn
+
+
+def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
+                  kl_reduction: str = "token_mean", temperature: float = 1.0, mesh: Mesh | None = None,
+                  ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
+    """Stage 1 (one progressive round): train the student's Mamba mixers on α·CE + β·KL against the teacher.
+
+    α, β are settings.preset.ce_weight / kl_weight. kl_reduction "token_mean" (default) averages the KL over
+    the target positions; "mil" is the original's unmasked sum over positions divided by the batch size.
+    """
+    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
+    _check_pair(s_cfg, t_cfg, "teacher")
+    alpha, beta = settings.preset.ce_weight, settings.preset.kl_weight
+    if alpha is None or beta is None:
+        raise StageError("stage 1 needs loss weights: set ce_weight (α) and kl_weight (β) in its StagePreset")
+    if kl_reduction not in losses.KL_REDUCTIONS:
+        raise StageError(f"kl_reduction={kl_reduction!r}; choose one of {losses.KL_REDUCTIONS}")
+    arrays = _check_data(data, DISTILL_KEYS, stage="stage 1", cfg=s_cfg, settings=settings, mesh=mesh)
+    params = {"student": s_params, "teacher": t_params}
+    mask = {"student": trainable_mask(s_params, s_cfg, "stage1"), "teacher": _all(t_params, False)}
+    loss_fn = distill_loss_fn(s_cfg, t_cfg, alpha=alpha, beta=beta, kl_reduction=kl_reduction,
+                              temperature=temperature)
+    trained, history, start = _run("stage1", loss_fn, params, mask, arrays, settings, mesh=mesh,
+                                   ckpt_dir=ckpt_dir, log_dir=log_dir,
+                                   config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
+                                           "kl_reduction": kl_reduction, "temperature": temperature,
+                                           "extra": config})
+    return StageResult(s_cfg, _like(trained["student"], s_params), history, start)
+
+
+def sft_loss_fn(cfg: ModelConfig) -> Callable:
+    def loss_fn(params, batch, rng):
+        logits, _ = forward(cfg, params, batch["tokens"])                           # [B, L, V]
+        return losses.sft_loss(logits, batch["tokens"], batch["loss_mask"])
+    return loss_fn
+
+
+def sft_stage(student: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
+              mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
+    """Stage 2 (or a further SFT round): next-token CE on the response tokens; every parameter trains."""
+    cfg, params = student
+    arrays = _check_data(data, DISTILL_KEYS, stage="SFT", cfg=cfg, settings=settings, mesh=mesh)
+    trained, history, start = _run("sft", sft_loss_fn(cfg), params, trainable_mask(params, cfg, "sft"), arrays,
+                                   settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
+                                   config={"student": cfg.to_dict(), "extra": config})
+    return StageResult(cfg, _like(trained, params), history, start)
+
+
+def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float) -> Callable:
+    """Sigmoid DPO over params {"policy", "reference"}; chosen and rejected rows share one forward."""
+    def loss_fn(params, batch, rng):
+        b = batch["chosen_tokens"].shape[0]
+        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)    # [2B, L]
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)          # [2B, L]
+        p_logits, _ = forward(policy_cfg, params["policy"], tokens)                             # [2B, L, V]
+        r_logits, _ = forward(ref_cfg, params["reference"], tokens)
+        p = losses.sequence_logprobs(p_logits, tokens, mask)                                    # [2B]
+        r = jax.lax.stop_gradient(losses.sequence_logprobs(r_logits, tokens, mask))
+        return losses.dpo_loss(p[:b], p[b:], r[:b], r[b:], beta=beta)
+    return loss_fn
+
+
+def dpo_stage(policy: Model, reference: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
+              mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
+    """Stage 3: DPO of the policy against a frozen reference (the teacher, or a copy of the SFT student).
+
+    β is settings.preset.dpo_beta. The reference's parameters are a frozen part of the Trainer's params.
+    """
+    (p_cfg, p_params), (r_cfg, r_params) = policy, reference
+    _check_pair(p_cfg, r_cfg, "reference")
+    if settings.preset.dpo_beta is None:
+        raise StageError("DPO needs dpo_beta in its StagePreset")
+    arrays = _check_data(data, DPO_KEYS, stage="DPO", cfg=p_cfg, settings=settings, mesh=mesh)
+    params = {"policy": p_params, "reference": r_params}
+    mask = {"policy": trainable_mask(p_params, p_cfg, "dpo"), "reference": _all(r_params, False)}
+    trained, history, start = _run("dpo", dpo_loss_fn(p_cfg, r_cfg, beta=settings.preset.dpo_beta), params,
+                                   mask, arrays, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
+                                   config={"policy": p_cfg.to_dict(), "reference": r_cfg.to_dict(),
+                                           "extra": config})
+    return StageResult(p_cfg, _like(trained["policy"], p_params), history, start)
+
+
+# ------------------------------------------------------------------------------------------------ DPO data
+def preference_arrays(encoded: Sequence[Mapping[str, Any]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Pad `encode_preference` outputs into the DPO batch schema: four arrays [N, seq_len]."""
+    if len(encoded) == 0:
+        raise DataError("preference_arrays: no preference pairs")
+    out = {"chosen_tokens": np.full((len(encoded), seq_len), pad_id, np.int32),
+           "rejected_tokens": np.full((len(encoded), seq_len), pad_id, np.int32),
+           "chosen_mask": np.zeros((len(encoded), seq_len), bool),
+           "rejected_mask": np.zeros((len(encoded), seq_len), bool)}
+    for i, e in enumerate(encoded):
+        for side in ("chosen", "rejected"):
+            ids, mask = np.asarray(e[f"{side}_ids"]), np.asarray(e[f"{side}_mask"])
+            if ids.size > seq_len:
+                raise DataError(f"preference pair {i}: the {side} sequence has {ids.size} tokens, more than "
+                                f"seq_len={seq_len}; encode with max_len <= seq_len")
+            out[f"{side}_tokens"][i, :ids.size] = ids
+            out[f"{side}_mask"][i, :ids.size] = mask
+    return out
