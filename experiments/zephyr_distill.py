@@ -16,7 +16,6 @@ the unfinished one from its last checkpoint; a different config for the same `ou
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -457,28 +456,15 @@ def heldout_ids(c: DictConfig, tok):
 
 def evaluate(cfg, params, ids, window: int, teacher_top1=None) -> tuple[dict, Any]:   # ids int32 [T]
     """Held-out perplexity and top-1 agreement with the teacher's predictions on the same windows."""
-    import numpy as np
-
+    from l2m_jax.eval.agreement import top1_agreement, top1_predictions
     from l2m_jax.eval.perplexity import perplexity
 
     window = min(window, ids.size, cfg.max_position_embeddings)
     n, ppl = perplexity(cfg, params, ids, window=window)
     rows = ids.size // window
-    top1 = np.asarray(_top1_fn()(cfg, params, ids[:rows * window].reshape(rows, window)))    # [N, W]
-    agreement = None if teacher_top1 is None else float(np.mean(top1 == teacher_top1))
+    top1 = top1_predictions(cfg, params, ids[:rows * window].reshape(rows, window))    # [N, W]
+    agreement = None if teacher_top1 is None else top1_agreement(top1, teacher_top1)
     return {"perplexity": ppl, "tokens": n, "agreement": agreement}, top1
-
-
-@functools.lru_cache(maxsize=1)
-def _top1_fn():
-    """jit of (cfg, params, tokens int32 [N, W]) -> the most likely next token int32 [N, W]."""
-    import jax
-    import jax.numpy as jnp
-
-    from l2m_jax import forward
-
-    return jax.jit(lambda cfg, params, tokens: jnp.argmax(forward(cfg, params, tokens)[0], axis=-1),
-                   static_argnums=0)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -488,13 +474,8 @@ def stage_settings(c: DictConfig, kind: str, rows: int):
 
     s = c[kind]
     steps = s.steps or max(1, rows // (s.batch_size * s.accum_steps))
-    warmup = s.warmup_steps
-    if warmup is not None and warmup >= steps:
-        # the cosine part needs at least one step after the warm-up
-        say(f"{kind}: warmup_steps={warmup} >= steps={steps}; warming up over {steps - 1} steps")
-        warmup = steps - 1
     preset = StagePreset(lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay,
-                         clip_norm=s.clip_norm, warmup_steps=warmup, warmup_ratio=s.warmup_ratio,
+                         clip_norm=s.clip_norm, warmup_steps=s.warmup_steps, warmup_ratio=s.warmup_ratio,
                          accum_steps=s.accum_steps,
                          ce_weight=s.alpha if kind == "stage1" else None,
                          kl_weight=s.beta if kind == "stage1" else None,
