@@ -222,11 +222,13 @@ def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha
 
 def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
                   kl_reduction: str = "token_mean", temperature: float = 1.0, mesh: Mesh | None = None,
-                  ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
+                  ckpt_dir=None, log_dir=None, config: Any = None, trains: str = "stage1") -> StageResult:
     """Stage 1 (one progressive round): train the student's Mamba mixers on α·CE + β·KL against the teacher.
 
     α, β are settings.preset.ce_weight / kl_weight. kl_reduction "token_mean" (default) averages the KL over
     the target positions; "mil" is the original's unmasked sum over positions divided by the batch size.
+    trains="kd" trains every student parameter instead (MiL's later end-to-end KD; also how a draft model
+    for speculative decoding is distilled).
     """
     (s_cfg, s_params), (t_cfg, t_params) = student, teacher
     _check_pair(s_cfg, t_cfg, "teacher")
@@ -237,14 +239,16 @@ def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray]
         raise StageError(f"kl_reduction={kl_reduction!r}; choose one of {losses.KL_REDUCTIONS}")
     arrays = _check_data(data, DISTILL_KEYS, stage="stage 1", cfg=s_cfg, settings=settings, mesh=mesh)
     params = {"student": s_params, "teacher": t_params}
-    mask = {"student": trainable_mask(s_params, s_cfg, "stage1"), "teacher": _all(t_params, False)}
+    if trains not in ("stage1", "kd"):
+        raise StageError(f"trains={trains!r}; choose 'stage1' (Mamba mixers only) or 'kd' (everything)")
+    mask = {"student": trainable_mask(s_params, s_cfg, trains), "teacher": _all(t_params, False)}
     loss_fn = distill_loss_fn(s_cfg, t_cfg, alpha=alpha, beta=beta, kl_reduction=kl_reduction,
                               temperature=temperature)
     trained, history, start = _run("stage1", loss_fn, params, mask, arrays, settings, mesh=mesh,
                                    ckpt_dir=ckpt_dir, log_dir=log_dir,
                                    config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
                                            "kl_reduction": kl_reduction, "temperature": temperature,
-                                           "extra": config})
+                                           "trains": trains, "extra": config})
     return StageResult(s_cfg, _like(trained["student"], s_params), history, start)
 
 

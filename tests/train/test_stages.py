@@ -133,3 +133,18 @@ def test_stage_input_errors(setup):
         sft_stage((s_cfg, s_params), bad, settings("sft"))
     with pytest.raises(StageError, match="lacks"):
         dpo_stage((s_cfg, s_params), teacher, rows, settings("dpo"))
+
+
+def test_kd_distills_a_shrunk_draft_with_every_parameter_training(setup):
+    from l2m_jax.infer.speculative import shrink
+
+    _, teacher, rows, _ = setup
+    d_cfg, d_params = shrink(*teacher, [0, 3])
+    r = distill_stage((d_cfg, d_params), teacher, rows, settings("stage1", kl_weight=1.0), trains="kd")
+    assert all(np.isfinite(h["loss"]) for h in r.history)
+    moved = jax.tree.map(changed, r.params, d_params)
+    assert all(jax.tree.leaves(moved))                    # embeddings, MLPs, norms, attention: everything trains
+    with pytest.raises(ValueError, match="cfg has none"):  # stage 1 needs Mamba mixers to train
+        distill_stage((d_cfg, d_params), teacher, rows, settings("stage1"))
+    with pytest.raises(StageError, match="trains='all'"):
+        distill_stage((d_cfg, d_params), teacher, rows, settings("stage1"), trains="all")
