@@ -23,8 +23,9 @@ import numpy as np
 from l2m_jax.config import ModelConfig, default_ssm_config
 from l2m_jax.convert.hybridize import attention_layers_for
 from l2m_jax.models import bind, init_params
-from l2m_jax.train.losses import shift_for_next_token, sft_loss, stage1_loss
+from l2m_jax.train.losses import sft_loss
 from l2m_jax.train.optim import make_optimizer, merge, split_trainable, trainable_mask
+from l2m_jax.train.stages import distill_loss_fn
 
 PEAK, MEASURED = 989.4e12, 812e12
 
@@ -96,11 +97,10 @@ def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key):
     opt_state = opt.init(train)
     tokens = jax.random.randint(key, (batch, seq), 0, t_cfg.vocab_size, jnp.int32)
 
+    stage1 = distill_loss_fn(s_cfg, t_cfg, alpha=1.0, beta=0.1, remat=True)
+
     def loss_fn(train, frozen, tokens):
-        teacher = jax.lax.stop_gradient(bind(t_cfg, t_params)(tokens, remat=True)[0])
-        student = bind(s_cfg, merge(train, frozen))(tokens, remat=True)[0]
-        targets, tmask = shift_for_next_token(tokens)
-        return stage1_loss(student, teacher, targets, tmask)
+        return stage1({"student": merge(train, frozen), "teacher": t_params}, {"tokens": tokens}, None)
 
     def step(state, tokens):
         train, opt_state = state

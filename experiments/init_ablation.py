@@ -23,9 +23,8 @@ from l2m_jax.convert.hybridize import attention_layers_for, hybridize
 from l2m_jax.data.chat import render_chat
 from l2m_jax.data.chatterbot import chatterbot_rows
 from l2m_jax.eval.perplexity import perplexity
-from l2m_jax.models import bind
-from l2m_jax.train.losses import shift_for_next_token, stage1_loss
 from l2m_jax.train.optim import make_optimizer, merge, split_trainable, trainable_mask
+from l2m_jax.train.stages import distill_loss_fn
 
 
 def training_rows(tokenizer, seq: int) -> np.ndarray:
@@ -44,11 +43,10 @@ def distil(t_cfg, t_params, s_cfg, s_params, rows, *, steps, batch, lr, seed):
                          total_steps=steps)
     opt_state = opt.init(train)
 
+    stage1 = distill_loss_fn(s_cfg, t_cfg, alpha=1.0, beta=0.1)
+
     def loss_fn(train, tokens):
-        teacher = jax.lax.stop_gradient(bind(t_cfg, t_params)(tokens)[0])
-        student = bind(s_cfg, merge(train, frozen))(tokens)[0]
-        targets, tmask = shift_for_next_token(tokens)
-        return stage1_loss(student, teacher, targets, tmask)
+        return stage1({"student": merge(train, frozen), "teacher": t_params}, {"tokens": tokens}, None)
 
     @jax.jit
     def step(train, opt_state, tokens):

@@ -21,9 +21,13 @@ L2M_PARAMS = "params.safetensors"
 MIL_CONFIG = "mamba_config.json"
 
 
+def _key(path) -> str:
+    """A tree path as a flat tensor name: ("layers", 0, "mixer") -> "layers.0.mixer"."""
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
 def _flat(params) -> dict[str, jax.Array]:
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {".".join(str(getattr(k, "key", k)) for k in path): v for path, v in leaves}
+    return {_key(path): v for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 # ------------------------------------------------------------------------------------------------ l2m
@@ -48,7 +52,7 @@ def load_l2m(path: str):
     if problems:
         raise CheckpointError(f"{path}: parameters disagree with {L2M_CONFIG}: " + "; ".join(problems[:8]))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    values = [jnp.asarray(tensors[".".join(str(getattr(k, "key", k)) for k in p)], v.dtype) for p, v in leaves]
+    values = [jnp.asarray(tensors[_key(p)], v.dtype) for p, v in leaves]
     return cfg, jax.tree_util.tree_unflatten(treedef, values)
 
 

@@ -208,13 +208,16 @@ def _like(new: Any, old: Any) -> Any:
 
 
 def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha: float, beta: float,
-                    kl_reduction: str = "token_mean", temperature: float = 1.0) -> Callable:
-    """Stage-1 loss over params {"student", "teacher"} and a distill batch (see `losses.stage1_loss`)."""
+                    kl_reduction: str = "token_mean", temperature: float = 1.0, remat: bool = False) -> Callable:
+    """Stage-1 loss over params {"student", "teacher"} and a distill batch (see `losses.stage1_loss`).
+
+    A batch without "loss_mask" makes every token a target; remat rematerialises both models' layers.
+    """
     def loss_fn(params, batch, rng):
         tokens = batch["tokens"]                                                    # [B, L]
-        t_logits, _ = forward(teacher_cfg, params["teacher"], tokens)               # [B, L, V]
-        s_logits, _ = forward(student_cfg, params["student"], tokens)               # [B, L, V]
-        targets, target_mask = losses.shift_for_next_token(tokens, batch["loss_mask"])
+        t_logits, _ = forward(teacher_cfg, params["teacher"], tokens, remat=remat)  # [B, L, V]
+        s_logits, _ = forward(student_cfg, params["student"], tokens, remat=remat)  # [B, L, V]
+        targets, target_mask = losses.shift_for_next_token(tokens, batch.get("loss_mask"))
         return losses.stage1_loss(s_logits, jax.lax.stop_gradient(t_logits), targets, target_mask, alpha=alpha,
                                   beta=beta, kl_reduction=kl_reduction, temperature=temperature)
     return loss_fn
