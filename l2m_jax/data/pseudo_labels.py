@@ -91,11 +91,14 @@ def _default_generate():
 def generate_pseudo_labels(cfg, params, tokenizer, prompts: Sequence[str | list[dict[str, str]]],
                            out_dir: str | os.PathLike, *, max_new_tokens: int, batch_size: int,
                            sampling=None, seed: int = 0, eos_id: int | None = None, shard_size: int = 10_000,
-                           generate_fn: Callable | None = None, progress: bool = True) -> dict[str, int]:
+                           generate_fn: Callable | None = None, progress: bool = True,
+                           prompt_bucket: int = 16) -> dict[str, int]:
     """Answer `prompts` (user strings or message lists) with the model; resumable (module docstring).
 
     `generate_fn(cfg, params, prompt_ids, max_new_tokens, sampling=, eos_id=, key=)` -> new token lists;
     default `l2m_jax.generate`. `eos_id` defaults to the chat template's end-of-turn token.
+    `prompt_bucket` goes to the default `l2m_jax.generate` (batches whose longest prompts round up to the same
+    multiple of it share one compiled program); a custom `generate_fn` does not receive it.
     Returns {"total", "skipped" (already on disk), "generated"}.
     """
     import jax
@@ -106,6 +109,7 @@ def generate_pseudo_labels(cfg, params, tokenizer, prompts: Sequence[str | list[
                         "must be positive")
     if len(prompts) == 0:
         raise DataError("generate_pseudo_labels: no prompts")
+    extra = {"prompt_bucket": int(prompt_bucket)} if generate_fn is None else {}
     generate_fn = generate_fn or _default_generate()
     eos = end_of_turn_id(tokenizer) if eos_id is None else int(eos_id)
     messages = [_prompt_messages(p, i) for i, p in enumerate(prompts)]
@@ -137,7 +141,7 @@ def generate_pseudo_labels(cfg, params, tokenizer, prompts: Sequence[str | list[
             batch = todo[b: b + batch_size]
             ids = [prompt_ids[i] for i in batch]
             outs = generate_fn(cfg, params, ids, max_new_tokens, sampling=sampling, eos_id=eos,
-                               key=jax.random.fold_in(base_key, batch[0]))
+                               key=jax.random.fold_in(base_key, batch[0]), **extra)
             if len(outs) != len(batch):
                 raise DataError(f"generate_fn returned {len(outs)} sequences for {len(batch)} prompts")
             lines: dict[int, list[str]] = {}

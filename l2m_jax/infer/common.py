@@ -15,6 +15,8 @@ def pad_prompts(cfg: ModelConfig, prompts, *, bucket: int = 16) -> tuple[np.ndar
 
     Lp is rounded up to `bucket` so that nearby prompt lengths share one compiled program.
     """
+    if int(bucket) < 1:
+        raise ValueError(f"bucket={bucket} must be >= 1 (the padded prompt length is a multiple of it)")
     if isinstance(prompts, np.ndarray) or not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists (one list per prompt)")
     rows = []

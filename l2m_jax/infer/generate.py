@@ -51,18 +51,20 @@ def _generate(params, tokens, lens, key, *, cfg: ModelConfig, sampling: Sampling
 
 def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, sampling: Sampling | None = None,
              eos_id: int | None = None, key=None, *, backend: str = "xla",
-             fallback: bool = False) -> list[list[int]]:
+             fallback: bool = False, prompt_bucket: int = 16) -> list[list[int]]:
     """New tokens for each prompt (a list of token-id lists), greedy by default.
 
     Without `eos_id` exactly `max_new_tokens` tokens come back per prompt; with it, a row stops after its first
     EOS (kept). Prompts of different lengths are batched exactly: pads are masked out of every state.
     backend: the SSM decode-step kernels ("xla" | "pallas" | "triton"); one this machine cannot run raises,
     unless fallback=True, which runs "xla" with a warning.
+    prompt_bucket: the padded prompt length is a multiple of it, so calls whose longest prompts fall in one
+    bucket reuse one compiled program (a larger bucket: fewer compilations, more padded prefill).
     """
     backend = resolve_backend(backend, fallback=fallback)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    tokens, lens = pad_prompts(cfg, prompts)
+    tokens, lens = pad_prompts(cfg, prompts, bucket=prompt_bucket)
     check_context(cfg, int(lens.max()) + max_new_tokens)
     capacity = _round_up(tokens.shape[1] + max_new_tokens, 16)
     key = jax.random.key(0) if key is None else key

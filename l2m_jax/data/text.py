@@ -1,0 +1,389 @@
+"""Plain-text sources for word-level KL distillation: documents -> token ids -> full packed rows -> mixtures.
+
+A *text spec* names where documents come from:
+
+  a .txt file        one document; a long file is split into documents of at most `MAX_DOC_CHARS`
+                     characters at blank-line (paragraph) boundaries, in order, so tokenising stays fast
+  a folder           every *.txt file below it (recursively, sorted by path), each read as above
+  a datasets source  a local .json / .jsonl / .parquet file or a folder of them, or a hub dataset written
+                     "hf:NAME" or "hf:NAME:SPLIT" (default split "train"); each row's string column `field`
+                     (default "text") is one document
+
+Files are read as UTF-8 (a leading byte-order mark is dropped, CRLF becomes LF). Every document is tokenised
+without special tokens and followed by the EOS id, and *every* token — the EOS included — is a target: this
+is distillation on raw text, there is no prompt to mask.
+
+`text_rows` packs the token stream into rows of exactly `seq_len` real tokens (no padding anywhere: the
+incomplete last row is dropped); `segment_ids` number the documents within each row and the EOS token marks
+where one ends. `mix_rows` mixes the rows of several sources by weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from l2m_jax.data.chat import DataError
+from l2m_jax.data.packing import PackStats, pack_sequences
+
+__all__ = ["MAX_DOC_CHARS", "read_documents", "split_paragraphs", "tokenize_documents", "text_rows", "mix_rows"]
+
+MAX_DOC_CHARS = 20_000          # documents cut from a long .txt file are at most this long (when possible)
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+_TOKENIZE_BATCH = 64            # documents per tokenizer call
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _read_txt(path: Path) -> str:
+    """The text of a UTF-8 file, CRLF normalised; DataError for bad encodings and empty files."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"text file {str(path)!r} is not UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                        "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.strip():
+        raise DataError(f"text file {str(path)!r} is empty (or only whitespace); remove it or give it text")
+    return text
+
+
+def _split_long(piece: str, max_chars: int, seps: tuple[str, ...]) -> list[str]:
+    """Cut `piece` into parts of at most `max_chars` at the separator pattern `seps[0]`.
+
+    Parts are greedy runs of whole units (the text between separators); a part still longer than
+    `max_chars` (a single long unit) is cut at the next, finer separator, and without one hard. The
+    separators at the cuts are dropped; everything else is kept, in order.
+    """
+    if len(piece) <= max_chars:
+        return [piece]
+    if not seps:
+        return [piece[i:i + max_chars] for i in range(0, len(piece), max_chars)]
+    sep, finer = seps[0], seps[1:]
+    spans, pos = [], 0
+    for m in re.finditer(sep, piece):
+        spans.append((pos, m.start()))
+        pos = m.end()
+    spans.append((pos, len(piece)))
+    spans = [(a, b) for a, b in spans if b > a]
+    if len(spans) <= 1:
+        return _split_long(piece, max_chars, finer)
+    parts = []
+    start, end = spans[0]
+    for a, b in spans[1:]:
+        if b - start > max_chars:
+            parts.append(piece[start:end])
+            start = a
+        end = b
+    parts.append(piece[start:end])
+    return [q for p in parts for q in _split_long(p, max_chars, finer)]
+
+
+def split_paragraphs(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """`text` as consecutive documents of at most `max_chars` characters, cut at blank lines where possible.
+
+    A paragraph longer than `max_chars` is cut at line breaks, a line at spaces. The documents, in order,
+    hold all of the text: only the whitespace at each cut (and around the whole) is left out.
+    """
+    if max_chars <= 0:
+        raise DataError(f"max_chars={max_chars} must be positive")
+    text = text.strip()
+    if not text:
+        return []
+    parts = _split_long(text, max_chars, (r"\n[ \t]*\n\s*", r"\n\s*", r"\s+"))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _txt_documents(path: Path, max_chars: int) -> list[str]:
+    return split_paragraphs(_read_txt(path), max_chars)
+
+
+def _is_data_file(p: Path) -> bool:
+    return p.is_file() and p.suffix in _DATA_SUFFIXES
+
+
+def _dataset_documents(name: str, split: str | None, field: str, limit: int | None, label: str) -> list[str]:
+    from l2m_jax.data.sources import DatasetSpec, _load_dataset
+
+    spec = DatasetSpec(name, split or "train")
+    ds = _load_dataset(spec, None)
+    if field not in ds.column_names:
+        raise DataError(f"{label}: no column {field!r}; its columns are {ds.column_names}; pass field= one of "
+                        "them")
+    docs = []
+    for i, row in enumerate(ds.select_columns([field])):
+        value = row[field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{label} row {i}: column {field!r} must hold strings, got {type(value).__name__}; "
+                            "pass field= a text column")
+        value = value.replace("\r\n", "\n")
+        if value.strip():
+            docs.append(value)
+            if limit is not None and len(docs) >= limit:
+                break
+    return docs
+
+
+def read_documents(spec: "str | os.PathLike[str]", *, field: str = "text", limit: int | None = None,
+                   max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """The documents of one text spec (see the module docstring), at most the first `limit` of them.
+
+    Raises DataError, naming the input, for: a path that does not exist; a folder without .txt (or data)
+    files; an empty or whitespace-only .txt file; a .txt file that is not UTF-8; a dataset without `field`;
+    and a source whose documents are all empty.
+    """
+    if limit is not None and int(limit) <= 0:
+        raise DataError(f"limit={limit} must be positive (or None for every document)")
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        raise DataError(f"text spec must be a non-empty path or 'hf:NAME[:SPLIT]', got {spec!r}")
+    if spec.startswith("hf:"):
+        name, _, split = spec[3:].partition(":")
+        if not name:
+            raise DataError(f"text spec {spec!r}: write a hub dataset as 'hf:NAME' or 'hf:NAME:SPLIT'")
+        docs = _dataset_documents(name, split or None, field, limit, f"dataset {spec!r}")
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise DataError(f"text source {spec!r} does not exist; give a .txt file, a folder of .txt files, a "
+                            ".json/.jsonl/.parquet file (or folder) or 'hf:NAME[:SPLIT]'")
+        if path.is_file() and path.suffix in _DATA_SUFFIXES:
+            docs = _dataset_documents(spec, None, field, limit, f"dataset {spec!r}")
+        elif path.is_file():
+            docs = _txt_documents(path, max_chars)
+        else:
+            txts = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            data = sorted(p for p in path.rglob("*") if _is_data_file(p))
+            if txts and data:
+                raise DataError(f"text folder {spec!r} holds both .txt files and data files "
+                                f"({data[0].name}, ...); point at a folder of one kind")
+            if data:
+                docs = _dataset_documents(spec, None, field, limit, f"dataset folder {spec!r}")
+            elif not txts:
+                raise DataError(f"text folder {spec!r} has no .txt files (searched recursively); put the text "
+                                "in .txt files or point at a file")
+            else:
+                docs = []
+                for p in txts:
+                    docs.extend(_txt_documents(p, max_chars))
+                    if limit is not None and len(docs) >= limit:
+                        break
+    if not docs:
+        raise DataError(f"text source {spec!r}: every document is empty; check field={field!r} and the files")
+    return docs[:limit] if limit is not None else docs
+
+
+# --------------------------------------------------------------------------------------------- tokenising
+def tokenize_documents(tokenizer, docs: Sequence[str], *, eos_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids int32 [L], mask bool [L]) per document: its tokens (no special tokens added) then `eos_id`.
+
+    Every position is a target, the EOS too, so that packed documents stay separated and the model learns
+    where text ends. The tokenizer is called on batches of documents.
+    """
+    if isinstance(docs, str):
+        raise DataError("tokenize_documents: docs must be a list of strings, not one string")
+    if isinstance(eos_id, bool) or not isinstance(eos_id, (int, np.integer)) or eos_id < 0:
+        raise DataError(f"tokenize_documents: eos_id={eos_id!r} must be a non-negative token id")
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if size is not None and eos_id >= size:
+        raise DataError(f"tokenize_documents: eos_id={eos_id} is outside the tokenizer's vocabulary of {size}")
+    docs = list(docs)
+    for i, d in enumerate(docs):
+        if not isinstance(d, str):
+            raise DataError(f"tokenize_documents: document {i} is a {type(d).__name__}, not a string")
+    out = []
+    eos = np.asarray([eos_id], np.int32)
+    for b in range(0, len(docs), _TOKENIZE_BATCH):
+        batch = docs[b:b + _TOKENIZE_BATCH]
+        # verbose=False: documents are longer than the model's context on purpose, packing cuts them
+        enc = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in enc:
+            ids = np.concatenate([np.asarray(ids, np.int32).reshape(-1), eos])
+            out.append((ids, np.ones(ids.size, bool)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def text_rows(tokenizer, specs: "str | os.PathLike[str] | Iterable[str | os.PathLike[str]]", seq_len: int, *,
+              eos_id: int, pad_id: int, max_tokens: int | None = None, seed: int | None = 0,
+              field: str = "text") -> tuple[dict[str, np.ndarray], PackStats]:
+    """Rows of exactly `seq_len` real tokens from the documents of every spec.
+
+    All documents (each followed by EOS) are put in one order — shuffled with `seed`, or as read when
+    seed=None — concatenated and, when `max_tokens` is given, cut after the first `max_tokens` tokens; the
+    stream is then packed into rows with `pack_sequences(drop_last=True)`, so the incomplete last row is
+    dropped (counted in `PackStats.dropped_tokens`) and no row has a pad position. Returns the
+    `pack_sequences` arrays — tokens int32, loss_mask bool (all true), segment_ids int32 (documents within a
+    row, from 1), attention_mask bool (all true), each [N, seq_len] — and its PackStats.
+    """
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    specs = list(specs)
+    if not specs:
+        raise DataError("text_rows: no text specs given")
+    if int(seq_len) <= 0:
+        raise DataError(f"text_rows: seq_len={seq_len} must be positive")
+    if max_tokens is not None and int(max_tokens) < seq_len:
+        raise DataError(f"text_rows: max_tokens={max_tokens} is less than one row of seq_len={seq_len}; raise "
+                        "max_tokens or lower seq_len")
+    examples = []
+    for spec in specs:
+        examples.extend(tokenize_documents(tokenizer, read_documents(spec, field=field), eos_id=eos_id))
+    if seed is not None:
+        order = np.random.default_rng(seed).permutation(len(examples))
+        examples = [examples[i] for i in order]
+    total = sum(ids.size for ids, _ in examples)
+    names = ", ".join(repr(os.fspath(s)) for s in specs)
+    if total < seq_len:
+        raise DataError(f"text_rows: {names} give {total} tokens, less than one row of seq_len={seq_len}; "
+                        "add text or lower seq_len")
+    if max_tokens is not None and total > max_tokens:
+        kept, n = [], 0
+        for ids, mask in examples:
+            take = min(ids.size, int(max_tokens) - n)
+            kept.append((ids[:take], mask[:take]))
+            n += take
+            if n >= max_tokens:
+                break
+        examples = kept
+    arrays, stats = pack_sequences(examples, seq_len, pad_id, drop_last=True)
+    if not (arrays["attention_mask"].all() and arrays["loss_mask"].all() and stats.pad_tokens == 0):
+        raise AssertionError("text_rows: a packed row has a pad position")
+    if max_tokens is not None and total > max_tokens:   # what the cut left out counts as dropped
+        stats = dataclasses.replace(stats, dropped_tokens=total - stats.tokens)
+    return arrays, stats
+
+
+# ------------------------------------------------------------------------------------------------- mixing
+def _shares(rows: int, probs: dict[str, float]) -> dict[str, int]:
+    """Integer shares summing to `rows`, proportional to `probs` (largest remainder, ties by name order)."""
+    exact = {k: rows * p for k, p in probs.items()}
+    counts = {k: int(math.floor(v + 1e-9)) for k, v in exact.items()}
+    left = rows - sum(counts.values())
+    by_remainder = sorted(probs, key=lambda k: (-(exact[k] - counts[k]), list(probs).index(k)))
+    for k in by_remainder[:left]:
+        counts[k] += 1
+    return counts
+
+
+def mix_rows(sources: Mapping[str, Mapping[str, np.ndarray]], weights: Mapping[str, float], *,
+             rows: int | None = None, seed: int = 0, keys: Sequence[str] = ("tokens", "loss_mask")
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Mix the row arrays of several sources by weight, shuffled together.
+
+    Every source is a dict of arrays [N_i, L] (the same L for all) holding at least `keys`. Source i gets a
+    share p_i = w_i / sum(w) of the output rows (integer counts by largest remainder, so they sum to `rows`).
+    `rows` defaults to the most rows for which no source needs to be repeated: floor(min_i N_i / p_i) over
+    the sources with w_i > 0 (the scarcest source, relative to its weight, is used whole).
+
+    A source's rows are drawn without replacement; when its share exceeds N_i it is taken in whole passes of
+    a fresh permutation plus a partial one (each row used ⌊share/N_i⌋ or ⌈share/N_i⌉ times), and the rows
+    beyond the first N_i count as `repeats`. A zero-weight source is left out (and not checked). The same
+    inputs and seed give the same output; sources are drawn in sorted name order.
+
+    Returns ({key: array [rows, L]}, info) where info = {"rows", "seq_len", "names", "row_source" (int32 [rows],
+    index into names per output row), "sources": {name: {"weight", "share" (p_i), "rows", "available",
+    "repeats", "tokens"}}}; "tokens" counts attention_mask true positions when the source has that array,
+    rows x L otherwise (repeats included).
+    """
+    if not isinstance(sources, Mapping) or not sources:
+        raise DataError("mix_rows: sources must be a non-empty mapping of name -> row arrays")
+    if not isinstance(weights, Mapping):
+        raise DataError(f"mix_rows: weights must be a mapping of source name -> weight, got {type(weights).__name__}")
+    unknown = sorted(set(weights) - set(sources))
+    missing = sorted(set(sources) - set(weights))
+    if unknown:
+        raise DataError(f"mix_rows: weights {dict(weights)} name unknown sources {unknown}; the sources are "
+                        f"{sorted(sources)}")
+    if missing:
+        raise DataError(f"mix_rows: sources {missing} have no weight in {dict(weights)}; give every source a "
+                        "weight (0 leaves it out)")
+    w: dict[str, float] = {}
+    for name in sorted(sources):
+        value = weights[name]
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"mix_rows: weight {value!r} of source {name!r} is not a number; weights "
+                            f"{dict(weights)} must be finite numbers >= 0") from None
+        if not math.isfinite(value) or value < 0:
+            raise DataError(f"mix_rows: weight {weights[name]!r} of source {name!r} is negative or not finite; "
+                            f"weights {dict(weights)} must be finite numbers >= 0, at least one positive")
+        w[name] = value
+    total_w = sum(w.values())
+    if total_w <= 0:
+        raise DataError(f"mix_rows: all weights are zero ({dict(weights)}); give at least one source a positive "
+                        "weight")
+    used = [k for k in w if w[k] > 0]
+    keys = tuple(keys)
+    if not keys:
+        raise DataError("mix_rows: keys is empty; name the arrays to mix, e.g. ('tokens', 'loss_mask')")
+    seq_len = None
+    avail: dict[str, int] = {}
+    for name in used:
+        src = sources[name]
+        absent = [k for k in keys if k not in src]
+        if absent:
+            raise DataError(f"mix_rows: source {name!r} has no arrays {absent}; it has {sorted(src)}; pass keys= "
+                            "arrays that every source has")
+        shapes = {k: np.shape(src[k]) for k in keys}
+        for k, shape in shapes.items():
+            if len(shape) != 2:
+                raise DataError(f"mix_rows: source {name!r} array {k!r} has shape {shape}, not [rows, seq_len]")
+        if len({s for s in shapes.values()}) != 1:
+            raise DataError(f"mix_rows: source {name!r} arrays disagree in shape: {shapes}")
+        n, length = next(iter(shapes.values()))
+        if seq_len is None:
+            seq_len, first = length, name
+        elif length != seq_len:
+            raise DataError(f"mix_rows: source {name!r} has rows of {length} tokens but {first!r} has {seq_len}; "
+                            "pack every source with the same seq_len")
+        if n == 0:
+            raise DataError(f"mix_rows: source {name!r} has no rows but weight {w[name]}; give it rows or weight 0")
+        avail[name] = n
+    probs = {k: w[k] / total_w for k in used}
+    if rows is None:
+        rows = min(int(math.floor(avail[k] / probs[k] + 1e-9)) for k in used)
+        while rows > 0 and any(c > avail[k] for k, c in _shares(rows, probs).items()):
+            rows -= 1   # guard against float rounding
+    elif isinstance(rows, bool) or int(rows) != rows or rows <= 0:
+        raise DataError(f"mix_rows: rows={rows!r} must be a positive integer (or None)")
+    rows = int(rows)
+    if rows <= 0:
+        raise DataError(f"mix_rows: the weights {dict(weights)} and row counts {avail} give no rows; pass rows=")
+    counts = _shares(rows, probs)
+    rng = np.random.default_rng(seed)
+    picks, owner = [], []
+    names = sorted(sources)
+    info_sources: dict[str, dict[str, Any]] = {}
+    for name in names:
+        c = counts.get(name, 0)
+        n = avail.get(name, 0)
+        if c:
+            passes = [rng.permutation(n) for _ in range(c // n)]
+            if c % n:
+                passes.append(rng.permutation(n)[: c % n])
+            idx = np.concatenate(passes)
+            picks.append((name, idx))
+            owner.append(np.full(c, names.index(name), np.int32))
+            src = sources[name]
+            tokens = int(np.asarray(src["attention_mask"])[idx].sum()) if "attention_mask" in src else c * seq_len
+        else:
+            tokens = 0
+        if name not in avail:   # zero weight: left out, only counted
+            n = len(next(iter(sources[name].values()), ()))
+        info_sources[name] = {"weight": w[name], "share": probs.get(name, 0.0), "rows": c, "available": n,
+                              "repeats": max(0, c - n), "tokens": tokens}
+    perm = rng.permutation(rows)
+    out = {k: np.concatenate([np.asarray(sources[name][k])[idx] for name, idx in picks])[perm] for k in keys}
+    info = {"rows": rows, "seq_len": seq_len, "names": names, "row_source": np.concatenate(owner)[perm],
+            "sources": info_sources}
+    return out, info
