@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from flax import nnx
 from ..config import ConfigError, ModelConfig, default_ssm_config
 from ..models.mamba import MambaMixer
 from ..models.mamba2 import Mamba2Mixer
+from ..models import apply_mixer, mixer_io
 
 _MIXER_MODULES = {"mamba": MambaMixer, "mamba2": Mamba2Mixer}
 
@@ -95,31 +97,144 @@ def attention_to_mixer(mixer: str, attn: dict, fresh: dict, cfg: ModelConfig) ->
     return out
 
 
-def hybridize(cfg: ModelConfig, params, attn_layers, mixer: str = "mamba2", key=None, *, init: str = "attention"):
+INITS = ("mil", "conv", "norm", "calibrated", "random")
+_NEEDS_DATA = ("norm", "calibrated")
+
+
+def identity_conv(mixer_params: dict) -> dict:
+    """The depthwise conv started as the identity (tap W-1 = 1, the rest and the bias 0), so q, k and v reach
+    the scan as the attention layer computed them instead of mixed with their three predecessors."""
+    w = mixer_params["conv"]["kernel"]                                                  # [W, C]
+    kernel = jnp.zeros_like(w).at[-1].set(1)
+    return dict(mixer_params, conv={"kernel": kernel, "bias": jnp.zeros_like(mixer_params["conv"]["bias"])})
+
+
+def _scaled_output(mixer: str, mixer_params: dict, factor) -> dict:
+    """The mixer with its output multiplied by `factor`: Mamba2 through its gated-norm weight, Mamba-1 (which
+    has no norm) through out_proj. Both are linear in the output, so the output RMS scales by exactly factor."""
+    if mixer == "mamba2":
+        scale = mixer_params["norm"]["scale"]
+        return dict(mixer_params, norm={"scale": (scale * factor).astype(scale.dtype)})
+    w = mixer_params["out_proj"]["kernel"]
+    return dict(mixer_params, out_proj={"kernel": (w * factor).astype(w.dtype)})
+
+
+def _check_calibration(cfg: ModelConfig, tokens, mask):
+    import numpy as np
+
+    if tokens is None:
+        raise ValueError("calibration needs token ids int [B, L] (a few rows of the distillation data); pass "
+                         "calibration=..., or use init='mil' / 'conv', which need no data")
+    t = np.asarray(tokens)
+    if t.ndim == 1:
+        t = t[None]
+    if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer) or t.size == 0:
+        raise ValueError(f"calibration tokens must be int [B, L], got {t.dtype} {t.shape}")
+    if t.shape[1] < cfg.ssm.d_conv:
+        raise ValueError(f"calibration rows of {t.shape[1]} tokens are shorter than the conv width "
+                         f"{cfg.ssm.d_conv}; give at least {cfg.ssm.d_conv} (a few hundred is better)")
+    if mask is not None and np.asarray(mask).shape != t.shape:
+        raise ValueError(f"calibration mask {np.asarray(mask).shape} must match the tokens {t.shape}")
+    return t.astype(np.int32)
+
+
+def _masked_ms(x, mask):          # x [B, L, D] -> mean square over the real positions and channels
+    x = x.astype(jnp.float32)
+    if mask is None:
+        return jnp.mean(x * x)
+    m = mask.astype(jnp.float32)[..., None]
+    return jnp.sum(x * x * m) / (jnp.maximum(jnp.sum(m), 1.0) * x.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("ref_cfg", "cfg", "layers"))
+def _output_ms(ref_params, params, tokens, mask, *, ref_cfg, cfg, layers):
+    inputs, outputs = mixer_io(ref_cfg, ref_params, tokens, layers, mask=mask)
+    return {i: (_masked_ms(outputs[i], mask), _masked_ms(apply_mixer(cfg, params, i, inputs[i], mask=mask), mask))
+            for i in layers}
+
+
+def output_rms_ratios(reference, student, layers, tokens, *, mask=None) -> dict[int, float]:
+    """RMS of each layer's mixer output over the RMS of the reference's mixer output it replaces.
+
+    reference, student: (cfg, params); both mixers see the reference's normalised hidden states at that
+    layer (tokens int [B, L], mask bool [B, L] marking real tokens, None: all). Ratio 1: same output scale.
+    """
+    (r_cfg, r_params), (s_cfg, s_params) = reference, student
+    layers = tuple(sorted(int(i) for i in layers))
+    if not s_cfg.ssm_layers:
+        raise ValueError("output_rms_ratios: the student has no Mamba layer; hybridize it first")
+    not_ssm = [i for i in layers if s_cfg.layer_mixers[i] == "attention"]
+    if not layers or not_ssm:
+        raise ValueError(f"layers {list(layers)} must be Mamba layers of the student; attention: {not_ssm}")
+    tokens = _check_calibration(s_cfg, tokens, mask)
+    ms = _output_ms(r_params, s_params, jnp.asarray(tokens), None if mask is None else jnp.asarray(mask, bool),
+                    ref_cfg=r_cfg, cfg=s_cfg, layers=layers)
+    return {i: float(jnp.sqrt(m / jnp.maximum(r, 1e-30))) for i, (r, m) in ms.items()}
+
+
+def calibrate_output_scale(reference, student, layers, tokens, *, mask=None):
+    """Scale each of `layers`' mixer outputs so its RMS equals that of the reference layer's output on the
+    calibration tokens (MiL's gated norm hands unit-RMS activations to o_proj, which was trained on the far
+    smaller softmax averages of values). Returns (params, {layer: factor applied})."""
+    s_cfg, s_params = student
+    ratios = output_rms_ratios(reference, student, layers, tokens, mask=mask)
+    layer_params = dict(s_params["layers"])
+    factors = {}
+    for i, r in ratios.items():
+        factors[i] = 1.0 / r if r > 0 else 1.0
+        layer_params[i] = dict(layer_params[i], mixer=_scaled_output(s_cfg.layer_mixers[i],
+                                                                     layer_params[i]["mixer"], factors[i]))
+    return dict(s_params, layers=layer_params), factors
+
+
+def hybridize(cfg: ModelConfig, params, attn_layers, mixer: str = "mamba2", key=None, *, init: str = "mil",
+              calibration=None, calibration_mask=None):
     """Replace every attention layer not in `attn_layers` by a `mixer` layer; returns (student_cfg, params).
 
-    Embeddings, norms, MLPs and the kept attention layers are shared with `params` (not copied). A converted
-    layer's mixer starts from its own (possibly fine-tuned) q/k/v/o when init="attention", or entirely fresh
-    when init="random" (the ablation). Layers that are already Mamba are kept as they are, so a hybrid can be
-    re-hybridized to a lower attention fraction.
+    Embeddings, norms, MLPs and the kept attention layers are shared with `params` (not copied). Layers that
+    are already Mamba are kept as they are, so a hybrid can be re-hybridized to a lower attention fraction.
+    A newly converted layer's mixer starts, by `init`:
+      "mil"         MiL's mapping from its own (possibly fine-tuned) attention: x <- V, B <- K, C <- Q,
+                    out_proj <- O; the rest as a fresh mixer (reproduces the original; needs no data)
+      "conv"        "mil" with the depthwise conv started as the identity (needs no data)
+      "norm"        "mil" with each layer's output scaled to the RMS of the attention output it replaces,
+                    measured on `calibration` tokens int [B, L] (`calibrate_output_scale`)
+      "calibrated"  both: identity conv, then the output scale calibrated (what the recipe uses)
+      "random"      an entirely fresh mixer (the ablation)
+    The calibration inputs are this model's own hidden states (`params`), through the converted layers'
+    attention; calibration_mask bool [B, L] marks real tokens.
     """
-    if init not in ("attention", "random"):
-        raise ValueError(f"init={init!r}; choose 'attention' or 'random'")
+    if init not in INITS:
+        raise ValueError(f"init={init!r}; choose one of {INITS}")
     keep = _check_layers(cfg, attn_layers, mixer)
     ssm = _ssm_for(cfg, mixer)
     mixers = tuple("attention" if i in keep else (m if m != "attention" else mixer)
                    for i, m in enumerate(cfg.layer_mixers))
     new_cfg = cfg.replace(layer_mixers=mixers, ssm=ssm if any(m != "attention" for m in mixers) else None)
+    converted = [i for i, (old, new) in enumerate(zip(cfg.layer_mixers, mixers)) if old != new]
+    if init in _NEEDS_DATA:
+        if not converted:
+            raise ValueError(f"init={init!r} calibrates newly converted Mamba layers, but attn_layers keeps every "
+                             f"attention layer of this {cfg.n_layers}-layer model; convert at least one")
+        _check_calibration(new_cfg, calibration, calibration_mask)
     key = jax.random.key(0) if key is None else key
     layers = dict(params["layers"])
-    for i, (old, new) in enumerate(zip(cfg.layer_mixers, mixers)):
-        if old == new:
-            continue
+    for i in converted:
+        new = mixers[i]
         module = _MIXER_MODULES[new](new_cfg, nnx.Rngs(params=jax.random.fold_in(key, i)))
         fresh = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-        mixer_params = fresh if init == "random" else attention_to_mixer(new, layers[i]["mixer"], fresh, new_cfg)
+        if init == "random":
+            mixer_params = fresh
+        else:
+            mixer_params = attention_to_mixer(new, layers[i]["mixer"], fresh, new_cfg)
+            if init in ("conv", "calibrated"):
+                mixer_params = identity_conv(mixer_params)
         layers[i] = dict(layers[i], mixer=mixer_params)
-    return new_cfg, dict(params, layers=layers)
+    student = dict(params, layers=layers)
+    if init in _NEEDS_DATA:
+        student, _ = calibrate_output_scale((cfg, params), (new_cfg, student), converted, calibration,
+                                            mask=calibration_mask)
+    return new_cfg, student
 
 
 # ------------------------------------------------------------------------------------------------ command

@@ -29,10 +29,15 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, ctx: Context, cache):
+        return self.forward_io(x, ctx, cache)[:2]
+
+    def forward_io(self, x, ctx: Context, cache):
+        """(block output, new cache, the mixer's normalised input u, the mixer's output h)."""
         mix = self.mixer.verify if isinstance(cache, SpecSSMCache) else self.mixer
-        h, cache = mix(self.attn_norm(x), ctx, cache)
+        u = self.attn_norm(x)
+        h, cache = mix(u, ctx, cache)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return x + self.mlp(self.mlp_norm(x)), cache, u, h
 
 
 class CausalLM(nnx.Module):
@@ -46,13 +51,7 @@ class CausalLM(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
 
-    def hidden(self, tokens, *, state: DecodeState | SpecState | None = None, mask=None, backend: str = "xla",
-               remat: bool = False):
-        """tokens int32 [B, L] -> (final hidden [B, L, D] after the final norm, new state).
-
-        A SpecState runs the speculative verifier: every token is real (no mask), Mamba layers replay and
-        checkpoint; the returned lengths count all L tokens (the caller commits the accepted ones).
-        """
+    def _context(self, tokens, state, mask, backend: str) -> Context:
         cfg = self.cfg
         b, l = tokens.shape
         has_mask = mask is not None
@@ -67,7 +66,16 @@ class CausalLM(nnx.Module):
         spec = isinstance(state, SpecState)
         if spec and has_mask:
             raise ValueError("a verifier call (SpecState) takes no mask: every token of it is real")
-        ctx = Context(positions, mask, new_lengths, inv_freq, has_mask, state.n_replay if spec else None, backend)
+        return Context(positions, mask, new_lengths, inv_freq, has_mask, state.n_replay if spec else None, backend)
+
+    def hidden(self, tokens, *, state: DecodeState | SpecState | None = None, mask=None, backend: str = "xla",
+               remat: bool = False):
+        """tokens int32 [B, L] -> (final hidden [B, L, D] after the final norm, new state).
+
+        A SpecState runs the speculative verifier: every token is real (no mask), Mamba layers replay and
+        checkpoint; the returned lengths count all L tokens (the caller commits the accepted ones).
+        """
+        ctx = self._context(tokens, state, mask, backend)
         x = self.embed(tokens)
         caches = []
         for i, layer in enumerate(self.layers):
@@ -79,9 +87,30 @@ class CausalLM(nnx.Module):
         x = self.final_norm(x)
         if state is None:
             return x, None
-        if spec:
-            return x, SpecState(tuple(caches), new_lengths, state.n_replay)
-        return x, DecodeState(tuple(caches), new_lengths)
+        if isinstance(state, SpecState):
+            return x, SpecState(tuple(caches), ctx.new_lengths, state.n_replay)
+        return x, DecodeState(tuple(caches), ctx.new_lengths)
+
+    def mixer_io(self, tokens, layers, *, mask=None):
+        """The inputs and outputs of the mixers of `layers` in one full-sequence forward.
+
+        tokens int32 [B, L] -> ({i: normalised block input [B, L, D]}, {i: mixer output [B, L, D]}): what a
+        layer's mixer sees (after its pre-norm) and what it adds to the residual stream. Stops after the last
+        layer asked for.
+        """
+        layers = sorted({int(i) for i in layers})
+        ctx = self._context(tokens, None, mask, "xla")
+        x = self.embed(tokens)
+        inputs, outputs = {}, {}
+        for i in range(layers[-1] + 1 if layers else 0):
+            x, _, u, h = self.layers[i].forward_io(x, ctx, None)
+            if i in layers:
+                inputs[i], outputs[i] = u, h
+        return inputs, outputs
+
+    def apply_mixer(self, i: int, u, *, mask=None):
+        """Layer i's mixer on its normalised input u [B, L, D] -> [B, L, D] (a full sequence, no cache)."""
+        return self.layers[i].mixer(u, self._context(u[..., 0], None, mask, "xla"), None)[0]
 
     def logits(self, x):
         """x [..., D] -> fp32 logits [..., V]."""
@@ -146,3 +175,14 @@ def forward(cfg: ModelConfig, params, tokens, state: DecodeState | None = None, 
     """
     check_tokens(cfg, tokens)
     return bind(cfg, params)(jnp.asarray(tokens, jnp.int32), state=state, mask=mask, remat=remat)
+
+
+def mixer_io(cfg: ModelConfig, params, tokens, layers, *, mask=None):
+    """({i: normalised input [B, L, D]}, {i: mixer output [B, L, D]}) of `layers` for tokens int32 [B, L]."""
+    check_tokens(cfg, tokens)
+    return bind(cfg, params).mixer_io(jnp.asarray(tokens, jnp.int32), layers, mask=mask)
+
+
+def apply_mixer(cfg: ModelConfig, params, i: int, u, *, mask=None):
+    """Layer i's mixer alone on its normalised input u [B, L, D] -> [B, L, D]."""
+    return bind(cfg, params).apply_mixer(i, u, mask=mask)

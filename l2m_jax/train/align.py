@@ -1,0 +1,94 @@
+"""Stage 0, layer-wise alignment: each converted mixer regresses the attention output it replaces.
+
+Not in MiL; the hidden-state alignment of MOHAWK and the attention transfer of LoLCATs / RADLADS. One forward
+of the reference model (the teacher, whose attention layers the student's Mamba layers replace) gives, for every
+converted layer i, the normalised hidden state u_i [B, L, D] its attention saw and the output a_i [B, L, D] it
+added to the residual stream. The student's mixer i then runs on u_i — the teacher's activations, so no
+gradient flows through the trunk and all layers train at once, independently — and the loss is
+
+    (1 / |layers|) Σ_i  mean_{t, d} (mixer_i(u_i) − a_i)² / var(a_i)
+
+over the real positions t (and channels d), var(a_i) being the variance of a_i over the same positions and
+channels. Dividing by it makes every layer's term 1 for a mixer that outputs the constant mean, whatever the
+layer's output scale. Only the Mamba mixers train (`trainable_mask(…, "stage1")`).
+
+    r = align_stage((s_cfg, s_params), (t_cfg, t_params), rows, settings)      # then distill_stage(...)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ..config import ModelConfig
+from ..models import apply_mixer, mixer_io
+from .optim import trainable_mask
+from .stages import (DISTILL_KEYS, Model, StageError, StageResult, StageSettings, _all, _check_data, _check_pair,
+                     _like, _run)
+
+
+def aligned_layers(student: ModelConfig, reference: ModelConfig) -> tuple[int, ...]:
+    """The layers stage 0 trains: Mamba in the student, attention in the reference."""
+    if not student.ssm_layers:
+        raise StageError("stage 0 aligns Mamba layers with the attention layers they replace, but the student "
+                         "has no Mamba layer; hybridize it first")
+    layers = tuple(i for i in student.ssm_layers if reference.layer_mixers[i] == "attention")
+    if not layers:
+        raise StageError(f"stage 0: none of the student's Mamba layers {list(student.ssm_layers)} is an attention "
+                         "layer of the reference model; align against the model they were converted from")
+    return layers
+
+
+def normalised_mse(pred: jax.Array, target: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """mean((pred − target)²) / var(target) over the real positions (mask [B, L]) and channels; fp32 []."""
+    p, t = pred.astype(jnp.float32), target.astype(jnp.float32)            # [B, L, D]
+    m = jnp.ones(t.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(m), 1.0) * t.shape[-1]
+    mean = jnp.sum(t * m[..., None]) / count
+    var = jnp.sum(jnp.square(t - mean) * m[..., None]) / count
+    mse = jnp.sum(jnp.square(p - t) * m[..., None]) / count
+    return mse / jnp.maximum(jax.lax.stop_gradient(var), 1e-12)
+
+
+def align_loss_fn(student_cfg: ModelConfig, reference_cfg: ModelConfig, layers: Sequence[int]) -> Callable:
+    """Stage-0 loss over params {"student", "teacher"} and a distill batch; metrics per layer too."""
+    layers = tuple(sorted(int(i) for i in layers))
+
+    def loss_fn(params, batch, rng):
+        tokens = batch["tokens"]                                                      # [B, L]
+        mask = batch.get("loss_mask")
+        inputs, outputs = jax.lax.stop_gradient(mixer_io(reference_cfg, params["teacher"], tokens, layers))
+        terms = jnp.stack([normalised_mse(apply_mixer(student_cfg, params["student"], i, inputs[i]), outputs[i],
+                                          mask) for i in layers])                  # [n_layers]
+        loss = jnp.mean(terms)
+        metrics = {"loss": loss, "nmse_max": jnp.max(terms), "nmse_min": jnp.min(terms),
+                   "tokens": jnp.float32(tokens.size) if mask is None else jnp.sum(mask.astype(jnp.float32))}
+        metrics.update({f"nmse_layer{i:02d}": t for i, t in zip(layers, terms)})
+        return loss, metrics
+    return loss_fn
+
+
+def align_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
+                mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
+    """Stage 0: train the student's Mamba mixers to reproduce the teacher's attention outputs layer by layer.
+
+    data: the stage-1 schema {"tokens", "loss_mask"} (the mask marks the positions scored). Resumable like
+    every stage. Returns the student with aligned mixers; everything else is untouched.
+    """
+    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
+    _check_pair(s_cfg, t_cfg, "teacher")
+    if s_cfg.n_layers != t_cfg.n_layers or s_cfg.d_model != t_cfg.d_model:
+        raise StageError(f"stage 0: the student ({s_cfg.n_layers} layers, d_model {s_cfg.d_model}) was not made "
+                         f"from this teacher ({t_cfg.n_layers} layers, d_model {t_cfg.d_model})")
+    layers = aligned_layers(s_cfg, t_cfg)
+    arrays = _check_data(data, DISTILL_KEYS, stage="stage 0", cfg=s_cfg, settings=settings, mesh=mesh)
+    params = {"student": s_params, "teacher": t_params}
+    mask = {"student": trainable_mask(s_params, s_cfg, "stage1"), "teacher": _all(t_params, False)}
+    trained, history, start = _run("stage0", align_loss_fn(s_cfg, t_cfg, layers), params, mask, arrays, settings,
+                                   mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
+                                   config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
+                                           "layers": list(layers), "extra": config})
+    return StageResult(s_cfg, _like(trained["student"], s_params), history, start)

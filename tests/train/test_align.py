@@ -1,0 +1,152 @@
+"""Stage 0 (layer-wise alignment): its loss against an independent NumPy computation, training, errors."""
+import jax
+import numpy as np
+import pytest
+
+import l2m_jax
+from l2m_jax.config import ModelConfig
+from l2m_jax.convert.hybridize import hybridize
+from l2m_jax.train.align import align_loss_fn, align_stage, aligned_layers
+from l2m_jax.train.optim import StagePreset
+from l2m_jax.train.stages import StageError, StageSettings
+
+TEACHER = ModelConfig.tiny(n_heads=8, n_kv_heads=4, head_dim=8)
+KEEP = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def models():
+    t = (TEACHER, l2m_jax.init_params(TEACHER, 0))
+    calib = np.random.default_rng(1).integers(0, TEACHER.vocab_size, (2, 16))
+    s = hybridize(*t, KEEP, "mamba2", jax.random.key(3), init="calibrated", calibration=calib)
+    return t, s
+
+
+# ------------------------------------------------------------------------------------------------ NumPy
+def _np(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _rms(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _rope(x, theta):                       # x [L, H, P], rotate-half
+    l, _, p = x.shape
+    inv = 1.0 / theta ** (np.arange(0, p, 2) / p)
+    ang = np.arange(l)[:, None] * inv[None]                                  # [L, P/2]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    x1, x2 = x[..., :p // 2], x[..., p // 2:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def _attention(cfg, a, u):                 # u [L, D] -> [L, D]
+    l = u.shape[0]
+    q = _rope((u @ a["q"]["kernel"]).reshape(l, cfg.n_heads, cfg.head_dim), cfg.rope_theta)
+    k = _rope((u @ a["k"]["kernel"]).reshape(l, cfg.n_kv_heads, cfg.head_dim), cfg.rope_theta)
+    v = (u @ a["v"]["kernel"]).reshape(l, cfg.n_kv_heads, cfg.head_dim)
+    r = cfg.n_heads // cfg.n_kv_heads
+    out = np.zeros((l, cfg.n_heads, cfg.head_dim))
+    for h in range(cfg.n_heads):
+        s = q[:, h] @ k[:, h // r].T / np.sqrt(cfg.head_dim)
+        s = np.where(np.tril(np.ones((l, l), bool)), s, -np.inf)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        out[:, h] = (w / w.sum(-1, keepdims=True)) @ v[:, h // r]
+    return out.reshape(l, -1) @ a["o"]["kernel"]
+
+
+def _silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def _mamba2(cfg, m, u):                    # u [L, D] -> [L, D], the recurrence one step at a time
+    s = cfg.ssm
+    l = u.shape[0]
+    zxbcdt = u @ m["in_proj"]["kernel"]
+    z, xbc, dt = zxbcdt[:, :s.d_inner], zxbcdt[:, s.d_inner:s.d_inner + s.conv_dim_mamba2], zxbcdt[:, -s.n_heads:]
+    w = m["conv"]["kernel"]                                                    # [W, C]
+    pad = np.concatenate([np.zeros((s.d_conv - 1, xbc.shape[1])), xbc])
+    xbc = _silu(np.stack([m["conv"]["bias"] + np.sum(w * pad[t:t + s.d_conv], 0) for t in range(l)]))
+    g, r = s.d_xb // s.head_dim, s.n_heads // (s.d_xb // s.head_dim)
+    x = xbc[:, :s.d_xb].reshape(l, g, s.head_dim)
+    B = xbc[:, s.d_xb:2 * s.d_xb].reshape(l, g, s.d_state)
+    C = xbc[:, 2 * s.d_xb:].reshape(l, s.n_heads, s.d_state)
+    delta = np.log1p(np.exp(dt + m["dt_bias"]))                               # [L, H]
+    A = -np.exp(m["A_log"])
+    y = np.zeros((l, s.n_heads, s.head_dim))
+    for h in range(s.n_heads):
+        state = np.zeros((s.head_dim, s.d_state))
+        for t in range(l):
+            state = np.exp(delta[t, h] * A[h]) * state + delta[t, h] * np.outer(x[t, h // r], B[t, h // r])
+            y[t, h] = state @ C[t, h] + m["D"][h] * x[t, h // r]
+    gated = (y.reshape(l, -1) * _silu(z)).reshape(l, s.n_heads, s.head_dim)
+    normed = gated / np.sqrt(np.mean(gated ** 2, -1, keepdims=True) + s.norm_eps)
+    return (normed.reshape(l, -1) * m["norm"]["scale"]) @ m["out_proj"]["kernel"]
+
+
+def _stage0_loss_np(t_cfg, t_params, s_cfg, s_params, tokens, mask):
+    tp, sp = _np(t_params), _np(s_params)
+    layers = [i for i, k in enumerate(s_cfg.layer_mixers) if k != "attention"]
+    terms = {i: [] for i in layers}
+    for row, m in zip(tokens, mask):
+        x = tp["embed"]["embedding"][row]
+        for i in range(t_cfg.n_layers):
+            lp = tp["layers"][i]
+            u = _rms(x, lp["attn_norm"]["scale"], t_cfg.rms_eps)
+            a = _attention(t_cfg, lp["mixer"], u)
+            if i in layers:
+                terms[i].append((_mamba2(s_cfg, sp["layers"][i]["mixer"], u)[m], a[m]))
+            x = x + a
+            v = _rms(x, lp["mlp_norm"]["scale"], t_cfg.rms_eps)
+            x = x + (_silu(v @ lp["mlp"]["gate"]["kernel"]) * (v @ lp["mlp"]["up"]["kernel"])) @ lp["mlp"]["down"]["kernel"]
+    nmse = []
+    for i in layers:
+        pred = np.concatenate([p for p, _ in terms[i]])
+        target = np.concatenate([t for _, t in terms[i]])
+        nmse.append(np.mean((pred - target) ** 2) / np.var(target))
+    return float(np.mean(nmse)), nmse
+
+
+def test_stage0_loss_equals_numpy(models):
+    (t_cfg, t_params), (s_cfg, s_params) = models
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, t_cfg.vocab_size, (2, 12)).astype(np.int32)
+    mask = np.ones(tokens.shape, bool)
+    mask[1, 9:] = False
+    loss, metrics = align_loss_fn(s_cfg, t_cfg, aligned_layers(s_cfg, t_cfg))(
+        {"student": s_params, "teacher": t_params}, {"tokens": tokens, "loss_mask": mask}, None)
+    want, per_layer = _stage0_loss_np(t_cfg, t_params, s_cfg, s_params, tokens, mask)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+    np.testing.assert_allclose([float(metrics["nmse_layer00"]), float(metrics["nmse_layer02"])], per_layer,
+                               rtol=1e-4)
+    assert float(metrics["tokens"]) == mask.sum()
+
+
+def test_stage0_trains_only_mixers_and_lowers_the_loss(models, tmp_path):
+    t, s = models
+    rng = np.random.default_rng(3)
+    data = {"tokens": rng.integers(0, TEACHER.vocab_size, (8, 16)).astype(np.int32),
+            "loss_mask": np.ones((8, 16), bool)}
+    settings = StageSettings(steps=12, batch_size=4, preset=StagePreset(lr=3e-3, warmup_steps=1), progress=False)
+    r = align_stage(s, t, data, settings, log_dir=tmp_path / "logs")
+    assert r.history[-1]["loss"] < r.history[0]["loss"]
+    before, after = s[1], r.params
+    for i in range(TEACHER.n_layers):
+        for name in ("attn_norm", "mlp_norm", "mlp"):
+            for a, b in zip(jax.tree.leaves(before["layers"][i][name]), jax.tree.leaves(after["layers"][i][name])):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    changed = [not np.array_equal(np.asarray(before["layers"][0]["mixer"]["in_proj"]["kernel"]),
+                                  np.asarray(after["layers"][0]["mixer"]["in_proj"]["kernel"]))]
+    assert all(changed)
+    np.testing.assert_array_equal(np.asarray(before["layers"][1]["mixer"]["q"]["kernel"]),
+                                  np.asarray(after["layers"][1]["mixer"]["q"]["kernel"]))
+
+
+def test_stage0_bad_inputs(models):
+    t, s = models
+    settings = StageSettings(steps=1, batch_size=1, preset=StagePreset(lr=1e-3, warmup_steps=0), progress=False)
+    data = {"tokens": np.zeros((2, 8), np.int32), "loss_mask": np.ones((2, 8), bool)}
+    with pytest.raises(StageError, match="has no Mamba layer"):
+        align_stage(t, t, data, settings)
+    with pytest.raises(StageError, match="none of the student's Mamba layers"):
+        align_stage(s, s, data, settings)
