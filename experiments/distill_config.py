@@ -5,127 +5,31 @@ onto the defaults below, then `key=value` overrides; an unknown key or a badly t
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from l2m_jax.recipe.config import RecipeConfig, UsageError, check_config  # noqa: F401
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-SPECIAL_SOURCES = {"prompts": ("chatterbot",), "sft": ("chatterbot", "pseudo_labels"), "preferences": ("synthetic",)}
 NOT_COMPARED = ("out", "progress", "verbose")      # may differ between a run and its resumption
 
 
 # ------------------------------------------------------------------------------------------------ config
-@dataclasses.dataclass
-class MeshConfig:
-    data: Optional[int] = None           # null: every local device not used by fsdp
-    fsdp: int = 1
+Config = RecipeConfig     # the structured config's schema (l2m_jax.recipe.config)
+GPU_PRESET, CPU_PRESET = "smollm2-gpu", "smollm2"
 
 
-@dataclasses.dataclass
-class PseudoLabelConfig:
-    max_new_tokens: int = 64
-    batch_size: int = 64
-    temperature: float = 0.0             # 0: greedy
-    top_p: float = 1.0
+def choose_preset() -> tuple[str, str]:
+    """(preset, why): the one-GPU preset where JAX sees a GPU, else the 2-core CPU preset."""
+    import jax
 
-
-@dataclasses.dataclass
-class DataConfig:
-    prompts: List[str] = field(default_factory=lambda: ["chatterbot"])   # or l2m_jax.data.sources specs
-    max_prompts: Optional[int] = 192     # the first N seed prompts (null: all)
-    max_prompt_len: Optional[int] = None  # longer prompts are dropped (null: seq_len - max_new_tokens)
-    sft: List[str] = field(default_factory=lambda: ["chatterbot", "pseudo_labels"])
-    max_sft_rows: Optional[int] = None   # per dataset source
-    preferences: List[str] = field(default_factory=lambda: ["synthetic"])
-    max_preference_rows: Optional[int] = None
-    synthetic_mode: str = "mixed"        # how synthetic rejections are made (l2m_jax.data.preference)
-    seq_len: int = 128
-    truncate: bool = False               # cut over-long examples instead of dropping them
-    packing: bool = False                # SFT: concatenate conversations into seq_len blocks (MiL/TRL packing)
-
-
-@dataclasses.dataclass
-class StageConfig:
-    steps: Optional[int] = 24            # optimizer updates (null: one epoch of the stage's data)
-    batch_size: int = 2                  # rows per micro-batch, over all devices
-    accum_steps: int = 1
-    lr: float = 1e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_norm: Optional[float] = 1.0
-    warmup_steps: Optional[int] = None   # exactly one of warmup_steps / warmup_ratio
-    warmup_ratio: Optional[float] = 0.1
-
-
-@dataclasses.dataclass
-class Stage1Config(StageConfig):
-    attn_fractions: List[float] = field(default_factory=lambda: [0.75, 0.5])   # [] skips stage 1
-    stepwise: bool = False               # one layer per round (MiL's stepwise order) instead
-    steps: Optional[int] = 64            # per round
-    lr: float = 1e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    clip_norm: Optional[float] = 0.1
-    warmup_steps: Optional[int] = 4
-    warmup_ratio: Optional[float] = None
-    alpha: float = 1.0                   # CE weight
-    beta: float = 1.0                    # KL weight
-    kl_reduction: str = "token_mean"     # or "mil": summed over positions and vocab / batch size, unmasked
-    temperature: float = 1.0
-
-
-@dataclasses.dataclass
-class SftConfig(StageConfig):
-    attn_fractions: List[float] = field(default_factory=lambda: [0.5])   # append 0.25, 0.125, 0.0 for more rounds
-    steps: Optional[int] = 32
-    lr: float = 5e-5
-
-
-@dataclasses.dataclass
-class DpoConfig(StageConfig):
-    enabled: bool = True
-    steps: Optional[int] = 16
-    lr: float = 5e-6
-    beta: float = 0.1
-    reference: str = "teacher"           # or "sft": a frozen copy of the student entering DPO
-    max_len: Optional[int] = None        # null: data.seq_len
-    max_prompt_len: Optional[int] = None  # null: max_len // 2 (longer prompts are cut from the left)
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    tokens: int = 1024                   # held-out tokens scored
-    window: int = 256
-
-
-@dataclasses.dataclass
-class Config:
-    preset: str = "smollm2"
-    teacher: str = "smollm2"             # l2m_jax.load path or name; "tiny-random" for tests and debugging
-    tokenizer: Optional[str] = None      # null: the teacher's
-    dtype: Optional[str] = None          # load the teacher in this dtype (bfloat16 on GPUs)
-    mixer: str = "mamba2"                # "mamba2" or "mamba" (MiL's Mamba-1)
-    out: str = "runs/${preset}"
-    seed: int = 0
-    progress: bool = True
-    verbose: bool = False                # log every parameter's shape and sharding
-    save_every: int = 200
-    keep_checkpoints: bool = False       # keep a finished stage's optimizer checkpoint
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    sft: SftConfig = field(default_factory=SftConfig)
-    dpo: DpoConfig = field(default_factory=DpoConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-class UsageError(ValueError):
-    """A command line or configuration that cannot run."""
+    devices = jax.devices()
+    if devices[0].platform == "gpu":
+        return GPU_PRESET, f"JAX sees {len(devices)} GPU(s) ({devices[0].device_kind})"
+    return CPU_PRESET, f"JAX sees no GPU (platform {devices[0].platform}); the CPU-sized preset"
 
 
 def _config_error(source: str, e: OmegaConfBaseException) -> UsageError:
@@ -153,8 +57,11 @@ def _preset_path(name: str) -> Path:
     return path
 
 
-def load_config(argv: list[str]) -> DictConfig:
-    """Defaults <- the preset's YAML <- `key=value` overrides; raises UsageError naming the bad input."""
+def load_config(argv: list[str]) -> tuple[DictConfig, str]:
+    """(config, how the preset was chosen): defaults <- the preset's YAML <- `key=value` overrides.
+
+    Without preset= the machine decides (`choose_preset`). Raises UsageError naming the bad input.
+    """
     args = list(argv)
     for i, a in enumerate(list(args)):
         if a == "--preset":
@@ -172,7 +79,13 @@ def load_config(argv: list[str]) -> DictConfig:
     except OmegaConfBaseException as e:
         raise _config_error("command line", e) from None
     cfg = OmegaConf.structured(Config)
-    preset = str(cli.get("preset", cfg.preset))
+    if cli.get("preset") is None:
+        preset, why = choose_preset()
+        choice = f"preset {preset} chosen: {why} (preset=NAME overrides)"
+        cli.preset = preset
+    else:
+        preset = str(cli.preset)
+        choice = f"preset {preset}, as given"
     path = _preset_path(preset)
     try:
         preset_cfg = OmegaConf.load(path)
@@ -190,42 +103,7 @@ def load_config(argv: list[str]) -> DictConfig:
     if missing:
         raise UsageError(f"preset {preset!r} needs {missing} on the command line, e.g. "
                          f"{missing[0]}=/path/to/the/checkpoint")
-    return cfg
-
-
-def check_config(c: DictConfig) -> None:
-    """Value checks OmegaConf's types cannot express; each error names the key."""
-    problems = []
-    if c.mixer not in ("mamba", "mamba2"):
-        problems.append(f"mixer={c.mixer!r}: choose 'mamba2' or 'mamba'")
-    if c.stage1.kl_reduction not in ("token_mean", "mil"):
-        problems.append(f"stage1.kl_reduction={c.stage1.kl_reduction!r}: choose 'token_mean' or 'mil'")
-    if c.dpo.reference not in ("teacher", "sft"):
-        problems.append(f"dpo.reference={c.dpo.reference!r}: choose 'teacher' or 'sft'")
-    for name in ("stage1", "sft", "dpo"):
-        s = c[name]
-        if s.steps is not None and s.steps < 1:
-            problems.append(f"{name}.steps={s.steps} must be >= 1 (or null for one epoch)")
-        if s.batch_size < 1 or s.accum_steps < 1:
-            problems.append(f"{name}.batch_size and {name}.accum_steps must be >= 1")
-        if (s.warmup_steps is None) == (s.warmup_ratio is None):
-            problems.append(f"{name}: set exactly one of warmup_steps and warmup_ratio (the other to null)")
-        if len(s.betas) != 2:
-            problems.append(f"{name}.betas must be two numbers, got {list(s.betas)}")
-    needs_labels = (bool(c.stage1.attn_fractions) or "pseudo_labels" in c.data.sft
-                    or "synthetic" in c.data.preferences)
-    for key, needed in (("prompts", needs_labels), ("sft", bool(c.sft.attn_fractions)),
-                        ("preferences", c.dpo.enabled)):
-        if needed and not c.data[key]:
-            problems.append(f"data.{key} is empty; name at least one source")
-    if c.data.max_prompts is not None and c.data.max_prompts < 1:
-        problems.append(f"data.max_prompts={c.data.max_prompts} must be positive (or null for all)")
-    if c.data.seq_len < 8:
-        problems.append(f"data.seq_len={c.data.seq_len} is too short")
-    if c.eval.tokens < 2 or c.eval.window < 2:
-        problems.append("eval.tokens and eval.window must be >= 2")
-    if problems:
-        raise UsageError("invalid configuration: " + "; ".join(problems))
+    return cfg, choice
 
 
 def check_out_dir(c: DictConfig) -> Path:

@@ -108,30 +108,55 @@ def plot_overview(histories: dict[str, Sequence[dict[str, float]]], path: str | 
 class ReportRow:
     """One model in the evaluation table."""
     name: str
-    kind: str                   # "teacher", "init", "stage1", "sft", "dpo"
+    kind: str                   # "teacher", "init", "stage0", "stage1", "sft", "dpo"
     attn_layers: int
     n_layers: int
     steps: int | None           # optimizer updates of the stage (None for teacher / init)
     final_loss: float | None    # mean loss of the stage's last few steps
-    perplexity: float
-    agreement: float | None     # top-1 agreement with the teacher (None for the teacher itself)
-    eval_tokens: int
+    evals: dict                 # held-out text -> {"perplexity", "agreement" (None for the teacher), "tokens"}
     wall_s: float | None = None
+    tokens_per_s: float | None = None   # median training throughput of the stage
+    peak_bytes: int | None = None       # device memory high-water mark after the stage (GPUs)
+
+    def ratio(self, text: str, teacher: "ReportRow") -> float:
+        """Perplexity over the teacher's on one held-out text."""
+        return self.evals[text]["perplexity"] / teacher.evals[text]["perplexity"]
 
 
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown_table(rows: Iterable[ReportRow]) -> str:
-    """The evaluation table in GitHub markdown."""
-    lines = ["| model | stage | attention layers | steps | final loss | held-out ppl | top-1 agreement | time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+def markdown_table(rows: Sequence[ReportRow]) -> str:
+    """The evaluation table in GitHub markdown: per held-out text perplexity, ratio to the teacher, agreement."""
+    teacher = rows[0]
+    texts = list(teacher.evals)
+    head = ["model", "stage", "attention layers", "steps", "final loss"]
+    for t in texts:
+        head += [f"{t} ppl", f"{t} ppl / teacher", f"{t} top-1 agreement"]
+    head += ["tokens/s", "time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        agreement = "–" if r.agreement is None else f"{100 * r.agreement:.1f}%"
-        lines.append(f"| {r.name} | {r.kind} | {r.attn_layers}/{r.n_layers} | {_fmt(r.steps, 'd')} | "
-                     f"{_fmt(r.final_loss, '.4f')} | {r.perplexity:.3f} | {agreement} | {_fmt(r.wall_s, '.0f')} |")
+        cells = [r.name, r.kind, f"{r.attn_layers}/{r.n_layers}", _fmt(r.steps, "d"), _fmt(r.final_loss, ".4f")]
+        for t in texts:
+            e = r.evals[t]
+            agreement = e.get("agreement")
+            cells += [f"{e['perplexity']:.3f}", f"{r.ratio(t, teacher):.3f}",
+                      "–" if agreement is None else f"{100 * agreement:.1f}%"]
+        cells += [_fmt(r.tokens_per_s, ".0f"), _fmt(r.wall_s, ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def report_json(rows: Sequence[ReportRow], **extra) -> dict:
+    """Every number of the table (ratios included) as plain JSON, plus `extra` sections."""
+    teacher = rows[0]
+    models = []
+    for r in rows:
+        d = dataclasses.asdict(r)
+        d["ratio"] = {t: r.ratio(t, teacher) for t in r.evals}
+        models.append(d)
+    return {"models": models, **extra}
 
 
 def final_loss(history: Sequence[dict[str, float]], last: int = 5) -> float | None:
@@ -141,8 +166,10 @@ def final_loss(history: Sequence[dict[str, float]], last: int = 5) -> float | No
 
 
 def write_report(out_dir: str | os.PathLike, *, title: str, rows: Sequence[ReportRow],
-                 plots: Sequence[tuple[str, str]], notes: Sequence[str] = (), name: str = "report.md") -> Path:
-    """Write `out_dir/name`: the title, notes (bullets), the table, then each (caption, PNG path) plot.
+                 plots: Sequence[tuple[str, str]], notes: Sequence[str] = (), sections: Sequence[str] = (),
+                 name: str = "report.md") -> Path:
+    """Write `out_dir/name`: the title, notes (bullets), the table, extra markdown sections, then each
+    (caption, PNG path) plot.
 
     PNG paths are written relative to `out_dir`, so the folder can be moved or browsed as a whole.
     """
@@ -151,8 +178,10 @@ def write_report(out_dir: str | os.PathLike, *, title: str, rows: Sequence[Repor
     if notes:
         parts += [f"- {n}" for n in notes] + [""]
     parts += ["## Evaluation", "",
-              "Perplexity on held-out text that no stage trains on; top-1 agreement is the fraction of its positions "
-              "where the model's most likely next token equals the teacher's.", "", markdown_table(rows), ""]
+              "Perplexity on held-out texts that no stage trains on; top-1 agreement is the fraction of their "
+              "positions where the model's most likely next token equals the teacher's.", "", markdown_table(rows), ""]
+    for section in sections:
+        parts += [section, ""]
     if plots:
         parts += ["## Loss curves", ""]
         for caption, png in plots:

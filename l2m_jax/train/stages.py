@@ -44,7 +44,7 @@ from .loop import Trainer
 from .optim import StagePreset, trainable_mask
 
 Model = tuple[ModelConfig, Any]     # (cfg, params)
-KINDS = ("stage1", "sft", "dpo")
+KINDS = ("stage0", "stage1", "sft", "dpo")
 DISTILL_KEYS = ("tokens", "loss_mask")
 DPO_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
 
@@ -57,7 +57,7 @@ class StageError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class PlannedStage:
     name: str                       # e.g. "stage1-mamba25", "sft-mamba50", "dpo-mamba50"
-    kind: str                       # "stage1" | "sft" | "dpo"
+    kind: str                       # "stage0" | "stage1" | "sft" | "dpo"
     attn_layers: tuple[int, ...]    # attention layers of the student trained in this stage
 
 
@@ -67,7 +67,7 @@ def _mamba_pct(n_layers: int, attn: Sequence[int], fraction: float | None) -> st
 
 
 def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Sequence[float] = (0.5,),
-             dpo: bool = True, stepwise: bool = False) -> list[PlannedStage]:
+             dpo: bool = True, stepwise: bool = False, align: bool = False) -> list[PlannedStage]:
     """The stages of a MiL run: progressive stage-1 rounds, SFT rounds, then DPO.
 
     stage1: attention fractions of the distillation rounds, each from the previous round's model (MiL: 0.75
@@ -76,6 +76,8 @@ def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Seque
     sft: attention fractions of the SFT rounds; the first is stage 2 proper (normally the last stage-1
       fraction), later ones (0.25, 0.125, 0.0) convert more layers of the previous SFT model (MIL_SPEC §8.8).
     dpo: align the last model.
+    align: put a stage-0 round ("align-…", kind "stage0": layer-wise alignment of the newly converted mixers,
+      `train.align`) before every stage-1 round, on the same layer set.
     Every round keeps a subset of the previous round's attention layers (a Mamba layer never turns back).
     """
     for name, fracs in (("stage1", stage1), ("sft", sft)):
@@ -104,6 +106,8 @@ def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Seque
                              "first must convert more layers")
         if kind == "stage1" and attn == prev:
             raise StageError(f"stage-1 round {name} converts no layer (its layer set equals the previous one)")
+        if align and kind.startswith("stage1"):
+            plan.append(PlannedStage(name.replace("stage1", "align", 1), "stage0", attn))
         plan.append(PlannedStage(name, "stage1" if kind.startswith("stage1") else kind, attn))
         prev = attn
     if dpo:

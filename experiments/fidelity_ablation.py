@@ -1,0 +1,125 @@
+"""The fidelity ablation at 50% attention and equal stage-1 budget (RESULTS.md): initialisation, stage 0, data.
+
+    python -m experiments.fidelity_ablation [--run runs/smollm2-gpu] [--steps 300] [--text DIR ...]
+
+Reuses the chat data of a finished (or started) main-job run in --run (the teacher's synthesised requests and
+answers, and its answers to the ChatterBot seed prompts), so nothing is generated twice. Every arm converts the
+teacher's even layers to Mamba2 (odd layers keep attention) and trains the mixers for --steps stage-1 steps of
+the preset's batch; arms differ in one thing each:
+  init     mil | conv | norm | calibrated | random           (chat data, no stage 0)
+  stage0   the best init of the first group + --stage0-steps of layer-wise alignment first
+  data     chatterbot (seed-prompt pseudo-labels only) | synthesised (all chat data) | synthesised + text
+           (--text: plain-text files / folders, mixed 1:1 by rows), at the best setting so far
+Held-out perplexity ratio and top-1 agreement on every eval text; ablation.json and ablation.md land in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+from omegaconf import OmegaConf
+
+import l2m_jax
+from experiments.distill_config import load_config
+from l2m_jax.convert.hybridize import attention_layers_for
+from l2m_jax.recipe.data import calibration_tokens, distill_rows, say
+from l2m_jax.recipe.run import Run, evaluate, stage_settings, use_compilation_cache
+from l2m_jax.train.align import align_stage
+from l2m_jax.train.stages import distill_stage
+
+
+def score(run: Run, model, teacher_eval) -> dict:
+    scores, _ = evaluate(*model, run.texts, run.c.eval.window, run.teacher_top1())
+    for name, e in scores.items():
+        e["ratio"] = e["perplexity"] / teacher_eval[name]["perplexity"]
+    return scores
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.fidelity_ablation", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="smollm2-gpu")
+    ap.add_argument("--run", default=None, help="the main job's out folder whose chat data to reuse (default runs/PRESET)")
+    ap.add_argument("--out", default="runs/fidelity_ablation")
+    ap.add_argument("--steps", type=int, default=300, help="stage-1 steps of every arm")
+    ap.add_argument("--stage0-steps", type=int, default=150)
+    ap.add_argument("--text", nargs="*", default=[], help="plain text for the 'synthesised + text' arm")
+    ap.add_argument("--groups", default="init,stage0,data")
+    ap.add_argument("--best-init", default=None, help="the init the stage0/data groups use when the init group "
+                    "does not run (default: the config's)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
+    a = ap.parse_args(argv)
+    run_dir = a.run or f"runs/{a.preset}"
+    c, _ = load_config([f"preset={a.preset}", f"out={run_dir}", "progress=false", *a.set])
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    use_compilation_cache()
+    run = Run(c, Path(run_dir))
+    teacher_eval = run.evaluate("teacher", *run.teacher)
+    rows = run.rows()
+    data = {"synthesised": distill_rows(c, rows, run.tok),
+            "chatterbot": distill_rows(c, [r for r in rows if r.get("source") == "seed"], run.tok)}
+    if a.text:
+        data["synthesised + text"] = distill_rows(OmegaConf.merge(c, {"data": {"text": a.text}}), rows, run.tok)
+    keep = attention_layers_for(run.teacher[0].n_layers, 0.5)
+    calib = calibration_tokens(c, data["synthesised"])
+    results = []
+
+    def arm(group: str, init: str, stage0: bool, data_name: str) -> dict:
+        t0 = time.perf_counter()
+        kw = {"calibration": calib} if init in ("norm", "calibrated") else {}
+        student = l2m_jax.hybridize(*run.teacher, keep, c.mixer, jax.random.key(c.seed), init=init, **kw)
+        before = score(run, student, teacher_eval)
+        rows_ = data[data_name]
+        if stage0:
+            s0 = stage_settings(OmegaConf.merge(c, {"stage0": {"steps": a.stage0_steps}}), "stage0", len(rows_["tokens"]))
+            student = (lambda r: (r.cfg, r.params))(align_stage(student, run.teacher, rows_, s0, mesh=run.mesh))
+        settings = stage_settings(OmegaConf.merge(c, {"stage1": {"steps": a.steps}}), "stage1", len(rows_["tokens"]))
+        r = distill_stage(student, run.teacher, rows_, settings, kl_reduction=c.stage1.kl_reduction, mesh=run.mesh)
+        after = score(run, (r.cfg, r.params), teacher_eval)
+        res = {"group": group, "init": init, "stage0": stage0, "data": data_name, "steps": a.steps,
+               "stage0_steps": a.stage0_steps if stage0 else 0, "rows": int(len(rows_["tokens"])),
+               "before": before, "after": after, "final_loss": r.history[-1]["loss"] if r.history else None,
+               "wall_s": time.perf_counter() - t0}
+        results.append(res)
+        (out / "ablation.json").write_text(json.dumps({"teacher": teacher_eval, "arms": results}, indent=1))
+        say(f"[{group}] init={init} stage0={stage0} data={data_name}: " + "; ".join(
+            f"{k} x{v['ratio']:.3f} (before x{before[k]['ratio']:.4g}), top-1 {100 * v['agreement']:.1f}%"
+            for k, v in after.items()) + f" in {res['wall_s']:.0f}s")
+        return res
+
+    def mean_ratio(res):
+        return sum(v["ratio"] for v in res["after"].values()) / len(res["after"])
+
+    groups = a.groups.split(",")
+    best = {"init": a.best_init or c.init, "stage0": False}
+    if "init" in groups:
+        inits = [arm("init", i, False, "synthesised") for i in ("mil", "conv", "norm", "calibrated", "random")]
+        best["init"] = min((r for r in inits if r["init"] != "random"), key=mean_ratio)["init"]
+    if "stage0" in groups:
+        without = [r for r in results if r["init"] == best["init"] and not r["stage0"] and r["data"] == "synthesised"]
+        without = without[0] if without else arm("stage0", best["init"], False, "synthesised")
+        best["stage0"] = mean_ratio(arm("stage0", best["init"], True, "synthesised")) < mean_ratio(without)
+    if "data" in groups:
+        for name in data:
+            if not any(r["data"] == name and r["init"] == best["init"] and r["stage0"] == best["stage0"]
+                       for r in results):
+                arm("data", best["init"], best["stage0"], name)
+    texts = list(teacher_eval)
+    lines = ["| group | init | stage 0 | data | " + " | ".join(f"{t} ratio (before) | {t} top-1" for t in texts)
+             + " | time (s) |", "|" + "---|" * (5 + 2 * len(texts))]
+    for r in results:
+        lines.append(f"| {r['group']} | {r['init']} | {'yes' if r['stage0'] else 'no'} | {r['data']} | " + " | ".join(
+            f"{r['after'][t]['ratio']:.3f} ({r['before'][t]['ratio']:.4g}) | {100 * r['after'][t]['agreement']:.1f}%"
+            for t in texts) + f" | {r['wall_s']:.0f} |")
+    table = "\n".join(lines)
+    (out / "ablation.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

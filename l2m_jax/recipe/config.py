@@ -1,0 +1,228 @@
+"""The recipe's settings: frozen-shape dataclasses (an OmegaConf structured config on the command line).
+
+`RecipeConfig()` is the CPU-sized SmolLM2 default; experiments/configs/*.yaml restate or override it. Every
+recipe function reads its settings by attribute, so a `RecipeConfig`, a `dataclasses.replace` of one or an
+OmegaConf DictConfig built from it all work. `check_config` raises one `UsageError` listing every bad value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import field
+from typing import Dict, List, Optional
+
+STAGE_KINDS = ("stage0", "stage1", "sft", "dpo")
+INITS = ("mil", "conv", "norm", "calibrated", "random")     # l2m_jax.convert.hybridize.INITS
+
+
+class UsageError(ValueError):
+    """A command line or configuration that cannot run."""
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: Optional[int] = None           # null: every local device not used by fsdp
+    fsdp: int = 1
+
+
+@dataclasses.dataclass
+class PseudoLabelConfig:
+    """How the teacher answers the prompts (seed prompts and synthesised requests): SeqKD labels."""
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    temperature: float = 0.0             # 0: greedy
+    top_p: float = 1.0
+    answers_per_request: int = 1         # > 1 needs temperature > 0
+    prompt_bucket: int = 32              # prompts are padded to a multiple of this: fewer shapes to compile
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    """Teacher-synthesised user requests (Magpie): the teacher continues its template's user-turn opening."""
+    num_requests: int = 0                # 0: answer only the seed prompts
+    max_new_tokens: int = 64             # per request
+    batch_size: int = 64
+    temperature: float = 1.0
+    top_p: float = 0.95
+    min_chars: int = 12
+    max_chars: int = 600
+    require_end_of_turn: bool = True
+
+
+@dataclasses.dataclass
+class DataConfig:
+    prompts: List[str] = field(default_factory=lambda: ["chatterbot"])   # seed prompts: or l2m_jax.data.sources specs
+    max_prompts: Optional[int] = 192     # the first N seed prompts (null: all)
+    max_prompt_len: Optional[int] = None  # longer prompts are dropped (null: seq_len - max_new_tokens)
+    text: List[str] = field(default_factory=list)   # plain text for word-level KL: .txt files / folders / hf:NAME
+    text_max_tokens: Optional[int] = None
+    mix: Dict[str, float] = field(default_factory=lambda: {"chat": 1.0, "text": 1.0})   # stage-0/1 row weights
+    loss_on_prompts: bool = True         # stage 0/1: every real token is a target (the teacher wrote the requests)
+    sft: List[str] = field(default_factory=lambda: ["pseudo_labels"])
+    max_sft_rows: Optional[int] = None   # per dataset source
+    preferences: List[str] = field(default_factory=lambda: ["synthetic"])
+    max_preference_rows: Optional[int] = None
+    heldout_preferences: float = 0.1     # share of the preference pairs kept out of DPO to evaluate it
+    synthetic_mode: str = "mixed"        # how synthetic rejections are made (l2m_jax.data.preference)
+    seq_len: int = 128
+    truncate: bool = False               # cut over-long examples instead of dropping them
+    packing: bool = True                 # concatenate examples into seq_len blocks (stage 0/1 and SFT)
+
+
+@dataclasses.dataclass
+class StageConfig:
+    steps: Optional[int] = 24            # optimizer updates (null: one epoch of the stage's data)
+    batch_size: int = 2                  # rows per micro-batch, over all devices
+    accum_steps: int = 1
+    lr: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: Optional[float] = 1.0
+    warmup_steps: Optional[int] = None   # exactly one of warmup_steps / warmup_ratio
+    warmup_ratio: Optional[float] = 0.1
+
+
+@dataclasses.dataclass
+class Stage0Config(StageConfig):
+    enabled: bool = True                 # layer-wise alignment before every stage-1 round
+    steps: Optional[int] = 32
+    lr: float = 1e-3
+    clip_norm: Optional[float] = 1.0
+    warmup_steps: Optional[int] = 4
+    warmup_ratio: Optional[float] = None
+
+
+@dataclasses.dataclass
+class Stage1Config(StageConfig):
+    attn_fractions: List[float] = field(default_factory=lambda: [0.75, 0.5])   # [] skips stage 1
+    stepwise: bool = False               # one layer per round (MiL's stepwise order) instead
+    steps: Optional[int] = 64            # per round
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    clip_norm: Optional[float] = 0.1
+    warmup_steps: Optional[int] = 4
+    warmup_ratio: Optional[float] = None
+    alpha: float = 1.0                   # CE weight
+    beta: float = 1.0                    # KL weight
+    kl_reduction: str = "token_mean"     # or "mil": summed over positions and vocab / batch size, unmasked
+    temperature: float = 1.0
+
+
+@dataclasses.dataclass
+class SftConfig(StageConfig):
+    attn_fractions: List[float] = field(default_factory=lambda: [0.5])   # append 0.25, 0.125, 0.0 for more rounds
+    steps: Optional[int] = 32
+    lr: float = 5e-5
+
+
+@dataclasses.dataclass
+class DpoConfig(StageConfig):
+    enabled: bool = True
+    steps: Optional[int] = 16
+    lr: float = 5e-6
+    beta: float = 0.1
+    reference: str = "teacher"           # or "sft": a frozen copy of the student entering DPO
+    max_len: Optional[int] = None        # null: data.seq_len
+    max_prompt_len: Optional[int] = None  # null: max_len // 2 (longer prompts are cut from the left)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    texts: List[str] = field(default_factory=lambda: ["persuasion", "kjv-john"])   # l2m_jax.assets.heldout_texts()
+    tokens: int = 1024                   # held-out tokens scored per text
+    window: int = 256
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    preset: str = "smollm2"
+    teacher: str = "smollm2"             # l2m_jax.load path or name; "tiny-random" for tests and debugging
+    tokenizer: Optional[str] = None      # null: the teacher's
+    dtype: Optional[str] = None          # load the teacher in this dtype (bfloat16 on GPUs)
+    mixer: str = "mamba2"                # "mamba2" or "mamba" (MiL's Mamba-1)
+    init: str = "calibrated"             # how converted layers start (l2m_jax.convert.hybridize.INITS)
+    calibration_rows: int = 8            # stage-1 rows the calibrated init measures output scales on
+    out: str = "runs/${preset}"
+    seed: int = 0
+    progress: bool = True
+    verbose: bool = False                # log every parameter's shape and sharding
+    save_every: int = 200
+    keep_checkpoints: bool = False       # keep a finished stage's optimizer checkpoint
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage0: Stage0Config = field(default_factory=Stage0Config)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    sft: SftConfig = field(default_factory=SftConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def check_config(c) -> None:
+    """Value checks the types cannot express; raises one UsageError naming every bad key."""
+    from l2m_jax.assets import heldout_texts
+
+    problems = []
+    if c.mixer not in ("mamba", "mamba2"):
+        problems.append(f"mixer={c.mixer!r}: choose 'mamba2' or 'mamba'")
+    if c.init not in INITS:
+        problems.append(f"init={c.init!r}: choose one of {list(INITS)}")
+    if c.calibration_rows < 1:
+        problems.append(f"calibration_rows={c.calibration_rows} must be >= 1")
+    if c.stage1.kl_reduction not in ("token_mean", "mil"):
+        problems.append(f"stage1.kl_reduction={c.stage1.kl_reduction!r}: choose 'token_mean' or 'mil'")
+    if c.dpo.reference not in ("teacher", "sft"):
+        problems.append(f"dpo.reference={c.dpo.reference!r}: choose 'teacher' or 'sft'")
+    for name in STAGE_KINDS:
+        s = getattr(c, name)
+        if s.steps is not None and s.steps < 1:
+            problems.append(f"{name}.steps={s.steps} must be >= 1 (or null for one epoch)")
+        if s.batch_size < 1 or s.accum_steps < 1:
+            problems.append(f"{name}.batch_size and {name}.accum_steps must be >= 1")
+        if (s.warmup_steps is None) == (s.warmup_ratio is None):
+            problems.append(f"{name}: set exactly one of warmup_steps and warmup_ratio (the other to null)")
+        if len(s.betas) != 2:
+            problems.append(f"{name}.betas must be two numbers, got {list(s.betas)}")
+    needs_labels = (bool(c.stage1.attn_fractions) or "pseudo_labels" in c.data.sft
+                    or "synthetic" in c.data.preferences)
+    if needs_labels and not c.data.prompts and c.synth.num_requests == 0:
+        problems.append("data.prompts is empty and synth.num_requests is 0: the teacher has nothing to answer")
+    for key, needed in (("sft", bool(c.sft.attn_fractions)), ("preferences", c.dpo.enabled)):
+        if needed and not getattr(c.data, key):
+            problems.append(f"data.{key} is empty; name at least one source")
+    unknown_mix = sorted(set(c.data.mix) - {"chat", "text"})
+    if unknown_mix:
+        problems.append(f"data.mix has unknown sources {unknown_mix}; the stage-1 sources are 'chat' and 'text'")
+    weights = [float(w) for w in c.data.mix.values()]
+    if any(not w >= 0 for w in weights) or not any(w > 0 for w in weights):
+        problems.append(f"data.mix={dict(c.data.mix)}: weights must be >= 0 and not all zero, e.g. "
+                        "data.mix.chat=1 data.mix.text=1")
+    missing_text = [t for t in c.data.text if not str(t).startswith("hf:") and not os.path.exists(t)]
+    if missing_text:
+        problems.append(f"data.text names {missing_text}, which do not exist; give .txt files, folders of them, "
+                        ".jsonl/.parquet files with a text field, or hf:NAME datasets")
+    if c.data.mix.get("text", 0) > 0 and not c.data.text and c.data.mix.get("chat", 0) <= 0:
+        problems.append("data.mix gives only 'text' a weight but data.text names no source")
+    if not 0 <= c.data.heldout_preferences < 1:
+        problems.append(f"data.heldout_preferences={c.data.heldout_preferences} must lie in [0, 1)")
+    if c.data.max_prompts is not None and c.data.max_prompts < 1:
+        problems.append(f"data.max_prompts={c.data.max_prompts} must be positive (or null for all)")
+    if c.synth.num_requests < 0:
+        problems.append(f"synth.num_requests={c.synth.num_requests} must be >= 0")
+    if c.pseudo_labels.answers_per_request < 1:
+        problems.append("pseudo_labels.answers_per_request must be >= 1")
+    elif c.pseudo_labels.answers_per_request > 1 and c.pseudo_labels.temperature == 0:
+        problems.append("pseudo_labels.answers_per_request > 1 needs pseudo_labels.temperature > 0 (greedy "
+                        "answers would all be the same)")
+    if c.data.seq_len < 8:
+        problems.append(f"data.seq_len={c.data.seq_len} is too short")
+    if c.eval.tokens < 2 or c.eval.window < 2:
+        problems.append("eval.tokens and eval.window must be >= 2")
+    known = heldout_texts()
+    bad_texts = [t for t in c.eval.texts if t not in known]
+    if bad_texts or not c.eval.texts:
+        problems.append(f"eval.texts={list(c.eval.texts)}: choose from the held-out texts {sorted(known)}")
+    if problems:
+        raise UsageError("invalid configuration: " + "; ".join(problems))

@@ -1,0 +1,283 @@
+"""The recipe's data: the teacher, its chat data (seed prompts + synthesised requests, answered), plain text,
+the stage-0/1, SFT and DPO rows, and the held-out evaluation texts.
+
+    teacher_cfg, teacher_params, tok = load_teacher(c)
+    rows = chat_rows(c, out, (teacher_cfg, teacher_params), tok)      # resumable, on disk under out/chat
+    distill = distill_rows(c, rows, tok)                               # stage 0 and stage 1
+    sft = sft_rows(c, rows, tok); train_pairs, heldout_pairs = preference_rows(c, rows, tok)
+    texts = heldout_ids(c, tok)                                        # {name: int32 [T]}
+
+`c` is a `RecipeConfig` (or an OmegaConf view of one). Every function logs what it built through `say`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+import numpy as np
+
+from .config import UsageError
+
+_T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    """One progress line with the seconds since start-up."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def byte_chatml_tokenizer():
+    """Byte-level tokenizer (3 ChatML specials + 256 bytes, no merges) for the tiny random teacher."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+def load_teacher(c):
+    """(cfg, params, tokenizer); the tokenizer must fit the teacher's vocabulary."""
+    import jax
+
+    import l2m_jax
+
+    if c.teacher == "tiny-random":
+        tok = byte_chatml_tokenizer() if c.tokenizer is None else l2m_jax.load_tokenizer(c.tokenizer)
+        cfg = l2m_jax.ModelConfig.tiny(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                       max_position_embeddings=max(c.data.seq_len, c.eval.window, 256))
+        return cfg, l2m_jax.init_params(cfg, jax.random.key(c.seed)), tok
+    cfg, params = l2m_jax.load(c.teacher, dtype=c.dtype)
+    source = c.tokenizer or c.teacher
+    tok = l2m_jax.load_tokenizer(source)
+    if len(tok) > cfg.vocab_size:
+        raise UsageError(f"tokenizer {source!r} has {len(tok)} tokens but teacher {c.teacher!r} has a vocabulary "
+                         f"of {cfg.vocab_size}: they do not belong together; use the teacher's own tokenizer")
+    return cfg, params, tok
+
+
+def special_ids(tok) -> tuple[int, int]:
+    """(pad id, end-of-turn id) of the tokenizer's chat format."""
+    from l2m_jax.data.chat import end_of_turn_id
+
+    eos = end_of_turn_id(tok)
+    return (tok.pad_token_id if tok.pad_token_id is not None else eos), eos
+
+
+# ------------------------------------------------------------------------------------------------ chat data
+def seed_prompts(c, tok) -> list:
+    """Seed prompts that leave room for the answer (the ones dropped for length are counted)."""
+    from l2m_jax.data.chat import encode_chat_prompt
+    from l2m_jax.data.chatterbot import chatterbot_prompts
+    from l2m_jax.data.sources import load_rows
+
+    prompts: list = []
+    for src in c.data.prompts:
+        if src == "chatterbot":
+            prompts += chatterbot_prompts()
+        else:
+            prompts += [r["prompt"] for r in load_rows(src, kind="prompt", limit=c.data.max_prompts)]
+    prompts = prompts[:c.data.max_prompts] if c.data.max_prompts else prompts
+    if not prompts:
+        if c.synth.num_requests:
+            return []
+        raise UsageError(f"data.prompts {list(c.data.prompts)} gave no prompts")
+    limit = c.data.max_prompt_len or c.data.seq_len - c.pseudo_labels.max_new_tokens
+    if limit < 1:
+        raise UsageError(f"data.seq_len={c.data.seq_len} leaves no room for prompts next to "
+                         f"pseudo_labels.max_new_tokens={c.pseudo_labels.max_new_tokens}; set data.max_prompt_len")
+    keep = [p for i, p in enumerate(prompts)
+            if len(encode_chat_prompt(tok, [{"role": "user", "content": p}], where=f"prompt {i}")) <= limit]
+    if len(keep) < len(prompts):
+        say(f"chat data: dropped {len(prompts) - len(keep)} of {len(prompts)} seed prompts longer than {limit} "
+            "tokens (data.max_prompt_len)")
+    if not keep and not c.synth.num_requests:
+        raise UsageError(f"every one of the {len(prompts)} prompts is longer than {limit} tokens; raise "
+                         "data.max_prompt_len / data.seq_len")
+    return keep
+
+
+def _sampling(temperature: float, top_p: float):
+    from l2m_jax.ops.sampling import Sampling
+
+    return None if temperature == 0 else Sampling(temperature=temperature, top_p=top_p)
+
+
+def chat_rows(c, out: Path, teacher, tok) -> list[dict]:
+    """The teacher's chat data: seed prompts and (synth.num_requests > 0) requests it wrote itself, answered.
+
+    Rows {"messages", "prompt_ids", "response_ids", "finished", "index"}; generated once into out/chat
+    (resumable) and read back on later runs.
+    """
+    from l2m_jax.data.pseudo_labels import generate_pseudo_labels, load_pseudo_labels
+
+    prompts = seed_prompts(c, tok)
+    pl, sy = c.pseudo_labels, c.synth
+    t0 = time.perf_counter()
+    if sy.num_requests:
+        from l2m_jax.data.synth import RequestFilter, synthesize_chat
+
+        say(f"chat data: the teacher writes {sy.num_requests} requests (Magpie, T={sy.temperature}, "
+            f"top-p {sy.top_p}, <= {sy.max_new_tokens} tokens) and answers them and {len(prompts)} seed prompts "
+            f"(<= {pl.max_new_tokens} tokens, {pl.answers_per_request} per request)")
+        filt = RequestFilter(min_chars=sy.min_chars, max_chars=sy.max_chars,
+                             require_end_of_turn=sy.require_end_of_turn)
+        rows = synthesize_chat(teacher[0], teacher[1], tok, out / "chat", num_requests=sy.num_requests,
+                               request_tokens=sy.max_new_tokens, answer_tokens=pl.max_new_tokens,
+                               batch_size=sy.batch_size, request_sampling=_sampling(sy.temperature, sy.top_p),
+                               answer_sampling=_sampling(pl.temperature, pl.top_p),
+                               answers_per_request=pl.answers_per_request, seed_prompts=prompts, filt=filt,
+                               seed=c.seed, progress=c.progress, prompt_bucket=pl.prompt_bucket)
+    else:
+        if pl.answers_per_request > 1:
+            prompts = [p for p in prompts for _ in range(pl.answers_per_request)]
+        say(f"chat data: the teacher answers {len(prompts)} seed prompts (<= {pl.max_new_tokens} tokens each)")
+        stats = generate_pseudo_labels(teacher[0], teacher[1], tok, prompts, out / "chat" / "answers",
+                                       max_new_tokens=pl.max_new_tokens, batch_size=pl.batch_size,
+                                       sampling=_sampling(pl.temperature, pl.top_p), seed=c.seed,
+                                       progress=c.progress, prompt_bucket=pl.prompt_bucket)
+        say(f"chat data: {stats['generated']} answers generated, {stats['skipped']} already on disk")
+        rows = load_pseudo_labels(out / "chat" / "answers")
+    tokens = sum(r["prompt_ids"].size + r["response_ids"].size for r in rows)
+    unfinished = sum(not r["finished"] for r in rows)
+    say(f"chat data: {len(rows)} conversations, {tokens} tokens ({unfinished} answers hit max_new_tokens) in "
+        f"{time.perf_counter() - t0:.0f}s")
+    return rows
+
+
+def label_examples(rows: list[dict], *, loss_on_prompts: bool) -> list:
+    """(ids, target mask) per conversation: the teacher's exact tokens; the prompt too if loss_on_prompts."""
+    return [(np.concatenate([r["prompt_ids"], r["response_ids"]]),
+             np.concatenate([np.full(r["prompt_ids"].size, loss_on_prompts), np.ones(r["response_ids"].size, bool)]))
+            for r in rows]
+
+
+def _rows(c, what: str, examples: list, pad_id: int, eos_id: int) -> dict:
+    from l2m_jax.data.packing import pack_sequences, pad_batch
+
+    if c.data.packing:
+        # the end-of-turn that closes every conversation already separates it from the next
+        arrays, stats = pack_sequences(examples, c.data.seq_len, pad_id, drop_last=len(examples) > 1)
+    else:
+        arrays, stats = pad_batch(examples, c.data.seq_len, pad_id, truncate=c.data.truncate)
+    say(f"{what} data: {stats.summary()}")
+    return {k: arrays[k] for k in ("tokens", "loss_mask")}
+
+
+def distill_rows(c, rows: list[dict], tok) -> dict:
+    """Stage-0/1 rows {"tokens", "loss_mask"} [N, seq_len]: chat data and plain text mixed by data.mix."""
+    from l2m_jax.data.text import mix_rows, text_rows
+
+    pad_id, eos_id = special_ids(tok)
+    sources = {}
+    if c.data.mix.get("chat", 0) > 0:
+        sources["chat"] = _rows(c, "stage-1 chat", label_examples(rows, loss_on_prompts=c.data.loss_on_prompts),
+                                pad_id, eos_id)
+    if c.data.text and c.data.mix.get("text", 0) > 0:
+        arrays, stats = text_rows(tok, list(c.data.text), c.data.seq_len, eos_id=eos_id, pad_id=pad_id,
+                                  max_tokens=c.data.text_max_tokens, seed=c.seed)
+        say(f"stage-1 text data ({', '.join(c.data.text)}): {stats.summary()}")
+        sources["text"] = {k: arrays[k] for k in ("tokens", "loss_mask")}
+    if len(sources) == 1:
+        return next(iter(sources.values()))
+    mixed, info = mix_rows(sources, {k: float(c.data.mix[k]) for k in sources}, seed=c.seed)
+    parts = [f"{k} {v['rows']} rows ({v['repeats']} repeated)" for k, v in info["sources"].items()]
+    say(f"stage-1 data: {len(mixed['tokens'])} rows mixed by {dict(c.data.mix)}: {', '.join(parts)}")
+    return mixed
+
+
+def sft_rows(c, rows: list[dict], tok) -> dict:
+    """SFT rows: the teacher's answers (response tokens are targets) and any chat datasets named."""
+    from l2m_jax.data.chat import encode_prompt_response
+    from l2m_jax.data.chatterbot import chatterbot_rows
+    from l2m_jax.data.sources import load_rows
+
+    pad_id, eos_id = special_ids(tok)
+    examples = []
+    for src in c.data.sft:
+        if src == "pseudo_labels":
+            examples += label_examples(rows, loss_on_prompts=False)
+            continue
+        data = chatterbot_rows() if src == "chatterbot" else load_rows(src, kind="chat", limit=c.data.max_sft_rows)
+        data = data[:c.data.max_sft_rows] if c.data.max_sft_rows else data
+        examples += [encode_prompt_response(tok, r["messages"], where=f"{src} row {i}") for i, r in enumerate(data)]
+    if not examples:
+        raise UsageError(f"data.sft {list(c.data.sft)} gave no conversations")
+    return _rows(c, "SFT", examples, pad_id, eos_id)
+
+
+def preference_rows(c, rows: list[dict], tok) -> tuple[dict, dict | None]:
+    """(DPO arrays, held-out DPO arrays or None): data.heldout_preferences of the pairs never train."""
+    from l2m_jax.data.chat import DataError
+    from l2m_jax.data.preference import encode_preference, synthetic_preferences
+    from l2m_jax.data.sources import load_rows
+    from l2m_jax.train.stages import preference_arrays
+
+    pad_id, _ = special_ids(tok)
+    triples = []
+    for src in c.data.preferences:
+        if src == "synthetic":
+            answered = [r for r in rows if r["messages"][-1]["content"].strip()]
+            if len(answered) < len(rows):
+                say(f"DPO data: {len(rows) - len(answered)} conversations with an empty answer left out")
+            data = synthetic_preferences(answered, seed=c.seed, mode=c.data.synthetic_mode)
+        else:
+            data = load_rows(src, kind="preference", limit=c.data.max_preference_rows)
+        triples += [(src, i, r) for i, r in enumerate(data[:c.data.max_preference_rows or None])]
+    max_len = c.dpo.max_len or c.data.seq_len
+    max_prompt = c.dpo.max_prompt_len or max_len // 2
+    encoded, cut = [], 0
+    for src, i, t in triples:
+        try:
+            e = encode_preference(tok, t["prompt"], t["chosen"], t["rejected"], max_len=max_len,
+                                  max_prompt_len=max_prompt)
+        except DataError as err:
+            raise DataError(f"{src} preference row {i}: {err}") from err
+        cut += e["truncated_prompt"] or e["truncated_response"]
+        encoded.append(e)
+    order = np.random.default_rng([c.seed, 7]).permutation(len(encoded))
+    n_held = int(round(c.data.heldout_preferences * len(encoded)))
+    if n_held and len(encoded) - n_held < c.dpo.batch_size:
+        n_held = max(0, len(encoded) - c.dpo.batch_size)
+    held = [encoded[i] for i in order[:n_held]]
+    train = [encoded[i] for i in order[n_held:]]
+    say(f"DPO data: {len(train)} preference pairs to train on, {len(held)} held out, of at most {max_len} tokens "
+        f"({cut} truncated, TRL-style)")
+    return (preference_arrays(train, max_len, pad_id),
+            preference_arrays(held, max_len, pad_id) if held else None)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def heldout_ids(c, tok) -> dict[str, np.ndarray]:
+    """{name: int32 [T]}: the first eval.tokens tokens of each held-out text (names of assets.heldout_texts)."""
+    from l2m_jax.assets import heldout_texts
+
+    known = heldout_texts()
+    out = {}
+    for name in c.eval.texts:
+        if name not in known:
+            raise UsageError(f"eval.texts: no held-out text {name!r}; choose from {sorted(known)}")
+        ids = np.asarray(tok.encode(known[name], add_special_tokens=False), np.int32)[:c.eval.tokens]
+        if ids.size < 2:
+            raise UsageError(f"the held-out text {name!r} gave fewer than 2 tokens")
+        out[name] = ids
+    return out
+
+
+def calibration_tokens(c, distill: dict) -> np.ndarray:
+    """The first calibration_rows stage-1 rows (training data, never held-out text): int32 [B, L]."""
+    return np.asarray(distill["tokens"][:c.calibration_rows])
+
+

@@ -1,0 +1,370 @@
+"""Running the recipe: the plan, one stage at a time, evaluation, export and the report.
+
+    run = Run(c, out)                                  # teacher, mesh, held-out texts; data built on first use
+    plan = make_plan(c, run.teacher[0].n_layers)       # [align-…, stage1-…, sft-…, dpo-…]
+    student = run.teacher
+    for i, stage in enumerate(plan):
+        record, student = run_stage(run, i, stage, student)   # saves stages/NAME/{model, logs, done.json}
+    export(run, lambda: student, plan[-1].name)
+    write_run_report(run, plan, records)               # report.md, report.json, plots/
+
+`pipeline(c, out)` does all of it, skipping finished stages and resuming an interrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import UsageError
+from .data import (calibration_tokens, chat_rows, distill_rows, heldout_ids, load_teacher, preference_rows, say,
+                   special_ids, sft_rows)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def use_compilation_cache() -> None:
+    """On GPUs, keep compiled programs in $L2M_CACHE/xla: a re-run (or resumed run) skips most compiling."""
+    import jax
+
+    from l2m_jax.assets import cache_dir
+
+    if jax.default_backend() == "gpu":
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def peak_memory_bytes() -> int | None:
+    """The first device's memory high-water mark, where the backend reports one (GPUs)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate(cfg, params, texts: dict[str, np.ndarray], window: int, teacher_top1=None) -> tuple[dict, dict]:
+    """({text: {"perplexity", "tokens", "agreement"}}, {text: top-1 predictions}) on the held-out texts."""
+    from l2m_jax.eval.agreement import top1_agreement, top1_predictions
+    from l2m_jax.eval.perplexity import perplexity
+
+    scores, preds = {}, {}
+    for name, ids in texts.items():
+        w = min(window, ids.size, cfg.max_position_embeddings)
+        n, ppl = perplexity(cfg, params, ids, window=w)
+        rows = ids.size // w
+        preds[name] = top1_predictions(cfg, params, ids[:rows * w].reshape(rows, w))        # [N, W]
+        agreement = None if teacher_top1 is None else top1_agreement(preds[name], teacher_top1[name])
+        scores[name] = {"perplexity": ppl, "tokens": n, "agreement": agreement}
+    return scores, preds
+
+
+def preference_eval(policy, reference, pairs: dict, beta: float, batch_size: int) -> dict:
+    """DPO's reward accuracy and mean reward margin of `policy` against `reference` on preference pairs."""
+    import jax
+
+    from l2m_jax.train.stages import dpo_loss_fn
+
+    fn = jax.jit(dpo_loss_fn(policy[0], reference[0], beta=beta))
+    n = len(pairs["chosen_tokens"])
+    totals: dict[str, float] = {}
+    for s in range(0, n, batch_size):
+        batch = {k: v[s:s + batch_size] for k, v in pairs.items()}
+        _, m = fn({"policy": policy[1], "reference": reference[1]}, batch, None)
+        for k in ("reward_accuracy", "reward_margin", "loss"):
+            totals[k] = totals.get(k, 0.0) + float(m[k]) * len(batch["chosen_tokens"])
+    return {k: v / n for k, v in totals.items()} | {"pairs": n}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+class Run:
+    """The state of one run: config, teacher, mesh, held-out texts; data built on first use and kept."""
+
+    def __init__(self, c, out: Path):
+        import jax
+
+        from l2m_jax import parallel
+
+        self.c, self.out = c, Path(out)
+        try:
+            self.mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp)
+        except ValueError as e:
+            raise UsageError(f"mesh.data={c.mesh.data}, mesh.fsdp={c.mesh.fsdp}: {e}") from None
+        n_dev = self.mesh.size // max(1, jax.process_count())
+        for kind in ("stage0", "stage1", "sft", "dpo"):
+            if getattr(c, kind).batch_size % n_dev:
+                raise UsageError(f"{kind}.batch_size={getattr(c, kind).batch_size} is not a multiple of the "
+                                 f"{n_dev} local devices of the mesh {dict(self.mesh.shape)}")
+        say(f"teacher: loading {c.teacher}")
+        t_cfg, t_params, self.tok = load_teacher(c)
+        self.teacher = (t_cfg, t_params)
+        self.pad_id, self.eos_id = special_ids(self.tok)
+        say(f"teacher: {t_cfg.n_layers} layers, d_model {t_cfg.d_model}, vocab {t_cfg.vocab_size}; "
+            f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+        self.texts = heldout_ids(c, self.tok)
+        self._rows = self._teacher_top1 = None
+        self._data: dict[str, Any] = {}
+
+    def rows(self) -> list[dict]:
+        """The teacher's chat data, generated (or read back) on first use."""
+        if self._rows is None:
+            self._rows = chat_rows(self.c, self.out, self.teacher, self.tok)
+        return self._rows
+
+    def data(self, kind: str):
+        if kind == "stage0":
+            kind = "stage1"
+        if kind not in self._data:
+            build = {"stage1": lambda: distill_rows(self.c, self.rows(), self.tok),
+                     "sft": lambda: sft_rows(self.c, self.rows(), self.tok),
+                     "dpo": lambda: preference_rows(self.c, self.rows(), self.tok)}[kind]
+            self._data[kind] = build()
+        return self._data[kind]
+
+    def teacher_top1(self):
+        if self._teacher_top1 is None:
+            result, self._teacher_top1 = evaluate(*self.teacher, self.texts, self.c.eval.window)
+            _write_json(self.out / "eval" / "teacher.json", result)
+        return self._teacher_top1
+
+    def evaluate(self, name: str, cfg, params) -> dict:
+        """Evaluate once; kept in out/eval/NAME.json for later runs."""
+        path = self.out / "eval" / f"{name}.json"
+        if not path.exists():
+            top1 = self.teacher_top1()
+            if name != "teacher":
+                _write_json(path, evaluate(cfg, params, self.texts, self.c.eval.window, top1)[0])
+        return json.loads(path.read_text())
+
+
+def describe(scores: dict, teacher: dict | None = None) -> str:
+    parts = []
+    for name, e in scores.items():
+        s = f"{name} ppl {e['perplexity']:.3f}"
+        if teacher is not None:
+            s += f" (x{e['perplexity'] / teacher[name]['perplexity']:.3f})"
+        if e.get("agreement") is not None:
+            s += f", top-1 {100 * e['agreement']:.1f}%"
+        parts.append(s)
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def make_plan(c, n_layers: int):
+    """The stages of the run (l2m_jax.train.stages.schedule), with stage 0 before every stage-1 round."""
+    from l2m_jax.train.stages import schedule
+
+    return schedule(n_layers, stage1=list(c.stage1.attn_fractions), sft=list(c.sft.attn_fractions),
+                    dpo=c.dpo.enabled, stepwise=c.stage1.stepwise, align=c.stage0.enabled)
+
+
+def stage_settings(c, kind: str, rows: int):
+    from l2m_jax.train.optim import StagePreset
+    from l2m_jax.train.stages import StageSettings
+
+    s = getattr(c, kind)
+    steps = s.steps or max(1, rows // (s.batch_size * s.accum_steps))
+    preset = StagePreset(lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay,
+                         clip_norm=s.clip_norm, warmup_steps=s.warmup_steps, warmup_ratio=s.warmup_ratio,
+                         accum_steps=s.accum_steps,
+                         ce_weight=s.alpha if kind == "stage1" else None,
+                         kl_weight=s.beta if kind == "stage1" else None,
+                         dpo_beta=s.beta if kind == "dpo" else None)
+    return StageSettings(steps=steps, batch_size=s.batch_size, preset=preset, seed=c.seed,
+                         save_every=c.save_every, progress=c.progress)
+
+
+def convert(run: Run, index: int, stage, student):
+    """`student` with the stage's layer set: newly converted layers initialised by c.init."""
+    import jax
+
+    import l2m_jax
+
+    c = run.c
+    s_cfg, s_params = student
+    if s_cfg.attn_layers == stage.attn_layers:
+        return student
+    key = jax.random.fold_in(jax.random.key(c.seed), index)
+    kw = {}
+    if c.init in ("norm", "calibrated"):
+        kw["calibration"] = calibration_tokens(c, run.data("stage1"))
+    t0 = time.perf_counter()
+    s_cfg, s_params = l2m_jax.hybridize(s_cfg, s_params, stage.attn_layers, c.mixer, key, init=c.init, **kw)
+    say(f"{stage.name}: converted to {s_cfg.pattern} with init={c.init} in {time.perf_counter() - t0:.1f}s")
+    if index == 0:
+        init = run.evaluate("init", s_cfg, s_params)
+        say(f"{c.init}-initialised hybrid: {describe(init, run.evaluate('teacher', *run.teacher))}")
+    return s_cfg, s_params
+
+
+def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:
+    """Train one planned stage from `student` (cfg, params); saves its model, returns (record, model)."""
+    import l2m_jax
+    from l2m_jax.train import stages
+    from l2m_jax.train.align import align_stage
+    from l2m_jax.train.report import final_loss, read_metrics
+
+    c, sdir = run.c, run.out / "stages" / stage.name
+    s_cfg, s_params = convert(run, index, stage, student)
+    data = run.data(stage.kind)
+    extra: dict[str, Any] = {}
+    if stage.kind == "dpo":
+        data, heldout = data
+        reference = run.teacher if c.dpo.reference == "teacher" else (s_cfg, s_params)
+        if heldout is not None:
+            extra["preferences_before"] = preference_eval((s_cfg, s_params), reference, heldout, c.dpo.beta,
+                                                          c.dpo.batch_size)
+    rows = len(data["tokens"] if "tokens" in data else data["chosen_tokens"])
+    settings = stage_settings(c, stage.kind, rows)
+    say(f"{stage.name}: {len(s_cfg.ssm_layers)} of {s_cfg.n_layers} layers {c.mixer} ({s_cfg.pattern}); "
+        f"{settings.steps} steps of {settings.batch_size}x{settings.preset.accum_steps} rows of {rows}")
+    t0 = time.perf_counter()
+    dirs = dict(mesh=run.mesh, ckpt_dir=sdir / "ckpt", log_dir=sdir / "logs", config={"name": stage.name})
+    if stage.kind == "stage0":
+        result = align_stage((s_cfg, s_params), run.teacher, data, settings, **dirs)
+    elif stage.kind == "stage1":
+        result = stages.distill_stage((s_cfg, s_params), run.teacher, data, settings,
+                                      kl_reduction=c.stage1.kl_reduction, temperature=c.stage1.temperature, **dirs)
+    elif stage.kind == "sft":
+        result = stages.sft_stage((s_cfg, s_params), data, settings, **dirs)
+    else:
+        result = stages.dpo_stage((s_cfg, s_params), reference, data, settings, **dirs)
+        if heldout is not None:
+            extra["preferences_after"] = preference_eval((result.cfg, result.params), reference, heldout,
+                                                         c.dpo.beta, c.dpo.batch_size)
+    if result.start_step:
+        say(f"{stage.name}: resumed from its checkpoint at step {result.start_step}")
+    wall = time.perf_counter() - t0
+    l2m_jax.save(sdir / "model", result.cfg, result.params, format="l2m")
+    scores = run.evaluate(stage.name, result.cfg, result.params)
+    history = read_metrics(sdir / "logs" / "metrics.jsonl")
+    speeds = [h["tokens_per_s"] for h in history[1:] if "tokens_per_s" in h]   # step 1 includes compilation
+    record = {"name": stage.name, "kind": stage.kind, "attn_layers": list(stage.attn_layers),
+              "n_layers": s_cfg.n_layers, "steps": settings.steps, "final_loss": final_loss(history),
+              "wall_s": wall, "tokens_per_s": float(np.median(speeds)) if speeds else None,
+              "peak_bytes": peak_memory_bytes(), "eval": scores, **extra}
+    _write_json(sdir / "done.json", record)
+    if not c.keep_checkpoints:
+        shutil.rmtree(sdir / "ckpt", ignore_errors=True)
+    say(f"{stage.name}: done in {wall:.0f}s; final loss {record['final_loss']:.4f}; "
+        f"{describe(scores, run.evaluate('teacher', *run.teacher))}")
+    for when in ("before", "after"):
+        p = extra.get(f"preferences_{when}")
+        if p:
+            say(f"{stage.name}: held-out preference accuracy {when} DPO {100 * p['reward_accuracy']:.1f}%, "
+                f"reward margin {p['reward_margin']:.4f} ({p['pairs']} pairs)")
+    return record, (result.cfg, result.params)
+
+
+def pipeline(c, out: Path) -> Path:
+    """The whole recipe into `out`; finished stages are skipped, an interrupted one resumes. Returns report.md."""
+    import l2m_jax
+
+    say(f"recipe: preset {c.preset}, out {out}")
+    use_compilation_cache()
+    run = Run(c, out)
+    plan = make_plan(c, run.teacher[0].n_layers)
+    if not plan:
+        raise UsageError("nothing to train: stage1.attn_fractions and sft.attn_fractions are empty and DPO is off")
+    say("plan: " + " -> ".join(p.name for p in plan))
+    teacher_eval = run.evaluate("teacher", *run.teacher)
+    say(f"teacher: {describe(teacher_eval)}")
+    records, student, source = [], run.teacher, None
+    for i, stage in enumerate(plan):
+        done = out / "stages" / stage.name / "done.json"
+        if done.exists():
+            records.append(json.loads(done.read_text()))
+            student, source = None, out / "stages" / stage.name / "model"
+            say(f"{stage.name}: finished in an earlier run, skipped")
+            continue
+        if student is None:
+            student = l2m_jax.load(source)
+        record, student = run_stage(run, i, stage, student)
+        records.append(record)
+        source = out / "stages" / stage.name / "model"
+    export(run, lambda: student if student is not None else l2m_jax.load(source), plan[-1].name)
+    return write_run_report(run, plan, records)
+
+
+def export(run: Run, model, stage_name: str) -> None:
+    """Write the final model (`model()` -> (cfg, params)) in l2m and MiL format, unless already written."""
+    import l2m_jax
+
+    marker = run.out / "final" / "SOURCE.json"
+    if marker.exists() and json.loads(marker.read_text()).get("stage") == stage_name:
+        return
+    cfg, params = model()
+    formats = ["l2m"] + (["mil"] if cfg.ssm_layers else [])
+    for fmt in formats:
+        path = run.out / "final" / fmt
+        l2m_jax.save(path, cfg, params, format=fmt)
+        run.tok.save_pretrained(path)
+    _write_json(marker, {"stage": stage_name, "formats": formats})
+    say(f"final model ({stage_name}, {cfg.pattern}) written to {run.out / 'final'} as {' and '.join(formats)}")
+
+
+def write_run_report(run: Run, plan, records: list[dict]) -> Path:
+    """report.md (table, DPO evaluation, plots) and report.json (every number) in the run's folder."""
+    from l2m_jax.assets import HELDOUT_SOURCES
+    from l2m_jax.train import report
+
+    c, out, t_cfg = run.c, run.out, run.teacher[0]
+    teacher_eval = run.evaluate("teacher", *run.teacher)
+    rows = [report.ReportRow("teacher", "teacher", t_cfg.n_layers, t_cfg.n_layers, None, None, teacher_eval)]
+    init = out / "eval" / "init.json"
+    if init.exists() and plan:
+        rows.append(report.ReportRow(f"{c.init}-initialised", "init", len(plan[0].attn_layers), t_cfg.n_layers,
+                                     None, None, json.loads(init.read_text())))
+    plots, histories = [], {}
+    for r in records:
+        rows.append(report.ReportRow(r["name"], r["kind"], len(r["attn_layers"]), r["n_layers"], r["steps"],
+                                     r["final_loss"], r["eval"], r["wall_s"], r.get("tokens_per_s"),
+                                     r.get("peak_bytes")))
+        history = report.read_metrics(out / "stages" / r["name"] / "logs" / "metrics.jsonl")
+        if history:
+            histories[r["name"]] = history
+            png = out / "plots" / f"{r['name']}.png"
+            report.plot_stage(r["name"], history, png)
+            plots.append((r["name"], str(png)))
+    if histories:
+        report.plot_overview(histories, out / "plots" / "overview.png")
+        plots.insert(0, ("all stages", str(out / "plots" / "overview.png")))
+    texts = {name: HELDOUT_SOURCES.get(name, name) for name in run.texts}
+    dpo = {k: r[k] for r in records if r["kind"] == "dpo" for k in ("preferences_before", "preferences_after")
+           if k in r}
+    sections = []
+    if len(dpo) == 2:
+        b, a = dpo["preferences_before"], dpo["preferences_after"]
+        sections.append("## DPO on held-out preference pairs\n\n| | reward accuracy | reward margin |\n|---|---|---|\n"
+                        f"| before DPO | {100 * b['reward_accuracy']:.1f}% | {b['reward_margin']:.4f} |\n"
+                        f"| after DPO | {100 * a['reward_accuracy']:.1f}% | {a['reward_margin']:.4f} |\n\n"
+                        f"{a['pairs']} pairs never trained on; reference: {c.dpo.reference}.")
+    notes = [f"teacher `{c.teacher}` ({t_cfg.n_layers} layers), student mixer `{c.mixer}`, init `{c.init}`, "
+             f"preset `{c.preset}`",
+             f"schedule: {' → '.join(p.name for p in plan)}",
+             f"stage 1 loss: {c.stage1.alpha}·CE + {c.stage1.beta}·KL ({c.stage1.kl_reduction}); DPO β "
+             f"{c.dpo.beta}, reference: {c.dpo.reference}",
+             "held-out texts (no stage trains on them): " + "; ".join(
+                 f"{name}: {src}, first {teacher_eval[name]['tokens'] + 1} tokens" for name, src in texts.items())
+             + f"; windows of {c.eval.window}",
+             "checkpoints: `final/l2m`, `final/mil` (with the tokenizer); per stage: `stages/NAME/model`; "
+             "training logs: `stages/NAME/logs` (metrics.jsonl and TensorBoard events)"]
+    path = report.write_report(out, title=f"zephyr_distill — {c.preset}", rows=rows, plots=plots, notes=notes,
+                               sections=sections)
+    _write_json(out / "report.json", report.report_json(rows, preset=c.preset, heldout_texts=texts,
+                                                        plan=[p.name for p in plan], dpo=dpo))
+    print()
+    print(report.markdown_table(rows))
+    print()
+    say(f"report: {path} (and report.json)")
+    return path
