@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from l2m_jax.data.chat import DataError, encode_chat_prompt, end_of_turn_id, validate_messages
+from l2m_jax.data.jsonl import append_jsonl, check_settings, read_jsonl
 
 SHARD = "shard-{:05d}.jsonl"
 META = "meta.json"
@@ -40,39 +41,11 @@ def _prompt_messages(prompt: Any, i: int) -> list[dict[str, str]]:
 
 def _read_shard(path: Path, *, repair: bool) -> list[dict[str, Any]]:
     """Complete lines of a shard; a partial last line is ignored (and cut off the file when repair)."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    rows = []
-    for k, line in enumerate(data[:end].splitlines()):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {k + 1} is not valid JSON ({e}); the shard is corrupt: delete it "
-                            "to regenerate its prompts") from e
-    return rows
+    return read_jsonl(path, repair=repair, fix="delete it to regenerate its prompts")
 
 
 def _shards(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("shard-*.jsonl"))
-
-
-def _check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
-    path = out_dir / META
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in meta if old.get(k) != meta[k])
-        if diff:
-            raise DataError(f"{out_dir} holds pseudo-labels made with different {diff} "
-                            f"({ {k: old.get(k) for k in diff} } vs { {k: meta[k] for k in diff} }); "
-                            "use a fresh out_dir or the original settings to resume")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-        os.replace(tmp, path)
 
 
 def _trim(tokens: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
@@ -114,9 +87,9 @@ def generate_pseudo_labels(cfg, params, tokenizer, prompts: Sequence[str | list[
     eos = end_of_turn_id(tokenizer) if eos_id is None else int(eos_id)
     messages = [_prompt_messages(p, i) for i, p in enumerate(prompts)]
     out_dir = Path(out_dir)
-    _check_meta(out_dir, {"num_prompts": len(prompts), "max_new_tokens": int(max_new_tokens),
-                          "sampling": repr(sampling), "seed": int(seed), "eos_id": eos,
-                          "shard_size": int(shard_size)})
+    check_settings(out_dir, {"num_prompts": len(prompts), "max_new_tokens": int(max_new_tokens),
+                             "sampling": repr(sampling), "seed": int(seed), "eos_id": eos,
+                             "shard_size": int(shard_size)}, "pseudo-labels")
     stored = [p if isinstance(p, str) else m for p, m in zip(prompts, messages)]
     done = set()
     for path in _shards(out_dir):
@@ -144,7 +117,7 @@ def generate_pseudo_labels(cfg, params, tokenizer, prompts: Sequence[str | list[
                                key=jax.random.fold_in(base_key, batch[0]), **extra)
             if len(outs) != len(batch):
                 raise DataError(f"generate_fn returned {len(outs)} sequences for {len(batch)} prompts")
-            lines: dict[int, list[str]] = {}
+            lines: dict[int, list[dict]] = {}
             for i, p_ids, out in zip(batch, ids, outs):
                 if len(out) > max_new_tokens:
                     raise DataError(f"generate_fn returned {len(out)} tokens for prompt {i} with max_new_tokens="
@@ -153,12 +126,9 @@ def generate_pseudo_labels(cfg, params, tokenizer, prompts: Sequence[str | list[
                 row = {"index": i, "prompt": stored[i], "prompt_ids": p_ids,
                        "response": tokenizer.decode(resp, skip_special_tokens=True),
                        "response_ids": resp, "finished": finished}
-                lines.setdefault(i // shard_size, []).append(json.dumps(row, ensure_ascii=False) + "\n")
+                lines.setdefault(i // shard_size, []).append(row)
             for shard, rows in lines.items():
-                with open(out_dir / SHARD.format(shard), "a", encoding="utf-8") as f:
-                    f.writelines(rows)
-                    f.flush()
-                    os.fsync(f.fileno())
+                append_jsonl(out_dir / SHARD.format(shard), rows)
             bar.update(len(batch))
     finally:
         bar.close()

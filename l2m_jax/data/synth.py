@@ -55,6 +55,7 @@ import numpy as np
 
 from l2m_jax.data.chat import (DataError, TemplateError, encode_chat_prompt, encode_text, end_of_turn_id,
                                render_chat, special_token_ids)
+from l2m_jax.data.jsonl import append_jsonl, check_settings, read_jsonl, write_json
 from l2m_jax.data.pseudo_labels import _trim, generate_pseudo_labels, load_pseudo_labels
 from l2m_jax.ops.sampling import Sampling
 
@@ -269,50 +270,7 @@ def _advice(rejected: dict[str, int]) -> str:
 
 # ------------------------------------------------------------------------------------------------ files
 def _read_jsonl(path: Path, *, repair: bool) -> list[dict[str, Any]]:
-    """Complete lines of a JSONL file; a torn last line (a crash mid-write) is ignored, and cut off if repair."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    rows = []
-    for k, line in enumerate(data[:end].splitlines()):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {k + 1} is not valid JSON ({e}); the file is corrupt: delete the "
-                            "directory to synthesize again") from e
-    return rows
-
-
-def _append_lines(path: Path, rows: list[dict[str, Any]]) -> None:
-    # fsync so that a line once written survives a crash: resume trusts everything before a torn line
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
-def _check_meta(out_dir: Path, meta: dict[str, Any], what: str) -> None:
-    path = out_dir / META
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(meta) | set(old) if old.get(k) != meta.get(k))
-        if diff:
-            raise DataError(f"{out_dir} holds {what} made with different {diff} "
-                            f"({ {k: old.get(k) for k in diff} } vs { {k: meta.get(k) for k in diff} }); "
-                            "use a fresh out_dir or the original settings to resume")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(path, meta)
+    return read_jsonl(path, repair=repair, fix="delete the directory to synthesize again")
 
 
 def _sampling_dict(s: Sampling | None) -> dict[str, Any] | None:
@@ -404,7 +362,7 @@ def synthesize_requests(cfg, params, tokenizer, out_dir: str | os.PathLike, *, n
     meta = {"num_requests": int(num_requests), "max_new_tokens": int(max_new_tokens),
             "sampling": _sampling_dict(sampling), "seed": int(seed), "filter": dataclasses.asdict(filt),
             "batch_size": int(batch_size), "prefix_ids": prefix, "eos_id": eos}
-    _check_meta(out_dir, json.loads(json.dumps(meta)), "synthesized requests")
+    check_settings(out_dir, json.loads(json.dumps(meta)), "synthesized requests")
     generate_fn = generate_fn or _default_generate()
 
     batches, saved = _resume(out_dir)
@@ -437,12 +395,12 @@ def synthesize_requests(cfg, params, tokenizer, out_dir: str | os.PathLike, *, n
             kept, rejected = filter_requests(texts, finished, filt, seen)
             surplus = max(0, total + len(kept) - num_requests)
             kept = kept[:len(kept) - surplus]
-            _append_lines(out_dir / REQUESTS, [{"index": total + j, "request": texts[i], "batch": b,
+            append_jsonl(out_dir / REQUESTS, [{"index": total + j, "request": texts[i], "batch": b,
                                                 "finished": finished[i]} for j, i in enumerate(kept)])
             line = {"batch": b, "sampled": batch_size, "kept": len(kept), "surplus": surplus,
                     "finished": sum(finished), "rejected": rejected, "tokens": sum(len(o) for o in outs),
                     "seconds": seconds, "first_in_run": new_batches == 0}
-            _append_lines(out_dir / BATCHES, [line])      # the batch is complete once this line is down
+            append_jsonl(out_dir / BATCHES, [line])      # the batch is complete once this line is down
             batches.append(line)
             total += len(kept)
             new_batches += 1
@@ -509,7 +467,7 @@ def _write_dataset(rows: list[dict[str, Any]], final: Path, info: dict[str, Any]
     records = [{**r, "prompt_ids": r["prompt_ids"].tolist(), "response_ids": r["response_ids"].tolist()}
                for r in rows]
     hfd.Dataset.from_list(records, features=_features()).save_to_disk(str(tmp))
-    _write_json(tmp / SYNTH_JSON, info)
+    write_json(tmp / SYNTH_JSON, info)
     os.replace(tmp, final)
 
 
