@@ -2,6 +2,7 @@
 import functools
 import json
 import math
+import os
 import re
 import shutil
 
@@ -172,7 +173,8 @@ def test_mil_written_by_hand_loads(variant, tmp_path, torch_cpu):
     else:
         for n in ("in_proj_x", "in_proj_z", "B_proj", "C_proj", "dt_proj_down", "dt_proj"):
             np.testing.assert_array_equal(ours(*m, n, "kernel"), t(p + n + ".weight").T)
-        np.testing.assert_array_equal(ours(*m, "dt_proj", "bias"), t(p + "dt_proj.bias"))
+        # MiL adds its stored Δ bias b twice (MIL_SPEC §1.5); l2m_jax adds 2b once
+        np.testing.assert_array_equal(ours(*m, "dt_proj", "bias"), 2 * t(p + "dt_proj.bias"))
 
     # writing it back gives the original's names and values (bf16 values survive the fp32 upcast)
     l2m_jax.save(tmp_path / "again", cfg, params, format="mil")
@@ -278,3 +280,49 @@ def test_format_misuse(teacher, hybrids, tmp_path):
     with pytest.raises(ValueError, match="format='onnx'"):
         l2m_jax.save(tmp_path / "c", *teacher, format="onnx")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+# ------------------------------------------------------------------------------------------------ damaged / missing
+def _truncate(fp, keep=0.6):
+    data = fp.read_bytes()
+    fp.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("fmt,fname", [("l2m", "params.safetensors"), ("mil", "model.safetensors")])
+def test_truncated_safetensors_names_the_file(fmt, fname, hybrids, tmp_path):
+    cfg, params = hybrids["mamba"]
+    l2m_jax.save(tmp_path / "ck", cfg, params, format=fmt)
+    _truncate(tmp_path / "ck" / fname)
+    with pytest.raises(l2m_jax.CheckpointError) as e:
+        l2m_jax.load(tmp_path / "ck")
+    msg = str(e.value)
+    assert str(tmp_path / "ck" / fname) in msg and "truncated or damaged" in msg
+    assert "download it again or re-save" in msg
+
+
+@pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_saved_checkpoints_follow_the_umask(umask, dir_mode, file_mode, hybrids, tmp_path):
+    cfg, params = hybrids["mamba2"]
+    old = os.umask(umask)
+    try:
+        for fmt in ("l2m", "mil"):
+            l2m_jax.save(tmp_path / fmt, cfg, params, format=fmt)
+    finally:
+        os.umask(old)
+    for fmt in ("l2m", "mil"):
+        assert (tmp_path / fmt).stat().st_mode & 0o777 == dir_mode
+        files = list((tmp_path / fmt).iterdir())
+        assert files and all(f.stat().st_mode & 0o777 == file_mode for f in files), fmt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l2m", "mil"]  # no temporary left behind
+
+
+def test_missing_model_path_is_named(tmp_path):
+    from l2m_jax.data.tokenizer import load_tokenizer
+
+    missing = tmp_path / "no_such_model"
+    want = f"model path {str(missing)!r} does not exist"
+    with pytest.raises(l2m_jax.CheckpointError, match=re.escape(want)):
+        l2m_jax.load(missing)
+    with pytest.raises(ValueError, match=re.escape(want)) as e:  # not "a tokenizer problem"
+        load_tokenizer(missing)
+    assert "tokenizer" not in str(e.value)

@@ -55,7 +55,7 @@ def test_cli_on_heldout_text(capsys):
 
 
 def test_cli_bad_paths(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"error: tokenizer source .*nowhere' does not exist"):
+    with pytest.raises(SystemExit, match=r"error: model path .*nowhere' does not exist"):
         main(["--model", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match=r"error: --text .*missing.txt' is not a file"):
         main(["--model", "smollm2", "--text", str(tmp_path / "missing.txt")])

@@ -4,17 +4,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig, SSMConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, missing_model
 from ..models import abstract_params
-from .hf import (load_hf_dir, params_from_torch_state, read_safetensors_dir, save_hf_dir,
-                 torch_state_from_params, write_safetensors)
+from .hf import (load_hf_dir, params_from_torch_state, read_json, read_safetensors_dir, read_safetensors_file,
+                 save_hf_dir, torch_state_from_params, write_safetensors)
 
 L2M_CONFIG = "l2m_config.json"
 L2M_PARAMS = "params.safetensors"
@@ -39,8 +39,7 @@ def save_l2m(path: str, cfg: ModelConfig, params) -> None:
 
 
 def load_l2m(path: str):
-    with open(os.path.join(path, L2M_CONFIG)) as f:
-        meta = json.load(f)
+    meta = read_json(os.path.join(path, L2M_CONFIG))
     cfg = ModelConfig.from_dict(meta["config"])
     tensors = read_safetensors_dir_l2m(path)
     abstract = abstract_params(cfg)
@@ -57,10 +56,11 @@ def load_l2m(path: str):
 
 
 def read_safetensors_dir_l2m(path: str) -> dict[str, jax.Array]:
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(path, L2M_PARAMS), framework="flax") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    fp = os.path.join(path, L2M_PARAMS)
+    if not os.path.exists(fp):
+        raise CheckpointError(f"{path}: has {L2M_CONFIG} but no {L2M_PARAMS}; the save was interrupted or the "
+                              "file was removed: save the checkpoint again")
+    return read_safetensors_file(fp)
 
 
 # ------------------------------------------------------------------------------------------------ MiL
@@ -91,8 +91,7 @@ def save_mil(path: str, cfg: ModelConfig, params) -> None:
 
 def load_mil(path: str, *, dtype=None):
     """A MiL hybrid checkpoint; the Mamba variant is read off the tensor names."""
-    with open(os.path.join(path, MIL_CONFIG)) as f:
-        mc = json.load(f)
+    mc = read_json(os.path.join(path, MIL_CONFIG))
     base = ModelConfig.from_hf(path)
     tensors = read_safetensors_dir(path)
     n = int(mc.get("n_layer", base.n_layers))
@@ -150,8 +149,7 @@ def load(path, *, dtype=None):
         from ..assets import smollm2_hf_dir
         path = os.fspath(smollm2_hf_dir())
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or directory; pass an HF model directory, a .gguf file, "
-                              "an l2m_jax/MiL checkpoint directory, or the name 'smollm2'")
+        raise CheckpointError(missing_model(path))
     if os.path.isfile(path):
         if path.endswith(".gguf"):
             from .gguf import read_gguf
@@ -174,14 +172,29 @@ def load(path, *, dtype=None):
 _SAVERS = {"l2m": save_l2m, "mil": save_mil, "hf": save_hf_dir}
 
 
+def _sibling_dir(path: str) -> str:
+    """A new empty directory next to `path`, made with the user's umask (mkdtemp would make it 0700, and
+    the renamed checkpoint with it)."""
+    parent, base = os.path.split(path)
+    while True:
+        tmp = os.path.join(parent, f".tmp-{base}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def save(path, cfg: ModelConfig, params, format: str = "l2m") -> None:
-    """Write atomically: into a temporary sibling directory, then rename over `path`."""
+    """Write atomically: into a temporary sibling directory, then rename over `path`.
+
+    The directory and its files get the permissions the user's umask gives new files (0755 / 0644 under 022).
+    """
     if format not in _SAVERS:
         raise ValueError(f"format={format!r}; choose one of {sorted(_SAVERS)}")
     path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path), dir=parent)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _sibling_dir(path)
     try:
         _SAVERS[format](tmp, cfg, params)
         if os.path.exists(path):

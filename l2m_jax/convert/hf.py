@@ -3,6 +3,11 @@
 Each row: torch name -> (path in the parameter tree, transform). Linear weights are (out, in) in torch and
 (in, out) here; depthwise conv weights are (C, 1, W) in torch and [W, C] here. MiL stores Mamba layers under
 `model.layers.{i}.mamba.*` and keeps the teacher's names for everything else (MIL_SPEC §7).
+
+MiL's Mamba-1 layer adds its stored `dt_proj.bias` b twice (dt_proj is an nn.Linear with bias, and b is passed
+again as the scan's `delta_bias` / the step's `dt_bias`: Δ = softplus(W·dt_down(u) + 2b), MIL_SPEC §1.5);
+l2m_jax's Mamba-1 mixer adds its Δ bias once, so the row "twice" maps b -> 2b on load and back on save. Both
+are exact in any float dtype (a power-of-two scale). Mamba2's `dt_bias` enters once in MiL too: no rescale.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ _TRANSFORMS = {
     "id": (lambda a: a, lambda a: a),
     "T": (lambda a: a.T, lambda a: a.T),
     "conv": (lambda a: a[:, 0, :].T, lambda a: a.T[:, None, :]),
+    "twice": (lambda a: a * 2, lambda a: a / 2),  # MiL Mamba-1 Δ bias b (added twice) <-> ours 2b (added once)
 }
 
 _TRUNK = [("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), "T"),
@@ -42,7 +48,7 @@ _MIXER = {
     "mamba": [(f"mamba.{n}.weight", ("mixer", n, "kernel"), "T")
               for n in ("in_proj_x", "in_proj_z", "B_proj", "C_proj", "dt_proj_down")]
              + [("mamba.dt_proj.weight", ("mixer", "dt_proj", "kernel"), "T"),
-                ("mamba.dt_proj.bias", ("mixer", "dt_proj", "bias"), "id"),
+                ("mamba.dt_proj.bias", ("mixer", "dt_proj", "bias"), "twice"),
                 ("mamba.conv1d.weight", ("mixer", "conv", "kernel"), "conv"),
                 ("mamba.conv1d.bias", ("mixer", "conv", "bias"), "id"),
                 ("mamba.A_log", ("mixer", "A_log"), "id"),
@@ -112,13 +118,10 @@ def torch_state_from_params(cfg: ModelConfig, params) -> dict[str, jax.Array]:
 # ------------------------------------------------------------------------------------------------ files
 def read_safetensors_dir(path: str) -> dict[str, jax.Array]:
     """All tensors of an HF directory: model.safetensors or a sharded index."""
-    from safetensors import safe_open
-
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json(index).get("weight_map", {}).values()))
     elif os.path.exists(single):
         files = ["model.safetensors"]
     else:
@@ -130,16 +133,42 @@ def read_safetensors_dir(path: str) -> dict[str, jax.Array]:
         fp = os.path.join(path, fname)
         if not os.path.exists(fp):
             raise CheckpointError(f"{path}: the index names {fname}, which is missing")
-        with safe_open(fp, framework="flax") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
+        out.update(read_safetensors_file(fp))
     return out
 
 
+def read_json(fp: str) -> dict:
+    """A checkpoint's JSON file; a damaged one is a CheckpointError naming it."""
+    try:
+        with open(fp) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{fp}: not valid JSON ({e}); the file is truncated or damaged: download it "
+                              "again or re-save the checkpoint") from e
+
+
+def read_safetensors_file(fp: str) -> dict[str, jax.Array]:
+    """Every tensor of one .safetensors file; a damaged file is a CheckpointError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(fp, framework="flax") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{fp}: cannot be read as safetensors ({e}); the file is truncated or damaged, "
+                              "e.g. by an interrupted download or save: download it again or re-save the "
+                              "checkpoint") from e
+
+
 def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    """save_file with the mode the user's umask gives new files (safetensors itself leaves them 0600)."""
     from safetensors.flax import save_file
 
+    with open(path, "wb"):
+        pass
+    mode = os.stat(path).st_mode & 0o777
     save_file({k: jnp.asarray(v) for k, v in tensors.items()}, path, metadata=metadata)
+    os.chmod(path, mode)
 
 
 def load_hf_dir(path: str, *, dtype=None):

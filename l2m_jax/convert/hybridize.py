@@ -78,7 +78,12 @@ def _ssm_for(cfg: ModelConfig, mixer: str):
 
 
 def attention_to_mixer(mixer: str, attn: dict, fresh: dict, cfg: ModelConfig) -> dict:
-    """MiL's mapping into a freshly initialised mixer: x <- V, B <- K, C <- Q, out_proj <- O."""
+    """MiL's mapping into a freshly initialised mixer: x <- V, B <- K, C <- Q, out_proj <- O.
+
+    Mamba-1 also takes MiL's effective Δ bias: MiL draws b = softplus^-1(dt), dt log-uniform in
+    [dt_min, dt_max], and its layer adds b twice (MIL_SPEC §1.5), so the converted mixer's Δ bias is 2b for
+    the fresh mixer's draw b (l2m_jax adds it once). Mamba2's dt_bias enters once in MiL: kept as drawn.
+    """
     q, k, v, o = (attn[n]["kernel"] for n in "qkvo")
     out = jax.tree.map(lambda a: a, fresh)
     if mixer == "mamba2":
@@ -93,6 +98,7 @@ def attention_to_mixer(mixer: str, attn: dict, fresh: dict, cfg: ModelConfig) ->
         out["in_proj_x"] = {"kernel": v.astype(fresh["in_proj_x"]["kernel"].dtype)}
         out["B_proj"] = {"kernel": k.astype(fresh["B_proj"]["kernel"].dtype)}
         out["C_proj"] = {"kernel": q.astype(fresh["C_proj"]["kernel"].dtype)}
+        out["dt_proj"] = dict(fresh["dt_proj"], bias=2 * fresh["dt_proj"]["bias"])
     out["out_proj"] = {"kernel": o.astype(fresh["out_proj"]["kernel"].dtype)}
     return out
 
@@ -195,12 +201,14 @@ def hybridize(cfg: ModelConfig, params, attn_layers, mixer: str = "mamba2", key=
     are already Mamba are kept as they are, so a hybrid can be re-hybridized to a lower attention fraction.
     A newly converted layer's mixer starts, by `init`:
       "mil"         MiL's mapping from its own (possibly fine-tuned) attention: x <- V, B <- K, C <- Q,
-                    out_proj <- O; the rest as a fresh mixer (reproduces the original; needs no data)
+                    out_proj <- O; the rest as a fresh mixer, except that a Mamba-1 Δ bias is doubled to
+                    MiL's effective one (`attention_to_mixer`); reproduces the original; needs no data
       "conv"        "mil" with the depthwise conv started as the identity (needs no data)
       "norm"        "mil" with each layer's output scaled to the RMS of the attention output it replaces,
                     measured on `calibration` tokens int [B, L] (`calibrate_output_scale`)
       "calibrated"  both: identity conv, then the output scale calibrated (what the recipe uses)
-      "random"      an entirely fresh mixer (the ablation)
+      "random"      l2m_jax's own fresh mixer, as drawn (the ablation; its Mamba-1 Δ bias is the draw b
+                    itself, so Δ starts in [dt_min, dt_max], not at MiL's doubled bias)
     The calibration inputs are this model's own hidden states (`params`), through the converted layers'
     attention; calibration_mask bool [B, L] marks real tokens.
     """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from l2m_jax.convert.gguf import CheckpointError, gguf_field, open_gguf
+from l2m_jax.errors import missing_model
 
 __all__ = ["TokenizerError", "tokenizer_from_gguf", "load_tokenizer"]
 
@@ -118,5 +119,4 @@ def load_tokenizer(path: str | os.PathLike):
             return tokenizer_from_gguf(spec)
         except CheckpointError as e:
             raise TokenizerError(f"cannot read a tokenizer from file {spec!r}: {e}") from e
-    raise TokenizerError(f"tokenizer source {spec!r} does not exist; pass a .gguf file, an HF model directory "
-                         "or the name 'smollm2'")
+    raise TokenizerError(missing_model(spec))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
+from ..models.causal_lm import check_length
 
 
 def _round_up(n: int, m: int) -> int:
@@ -36,11 +37,8 @@ def pad_prompts(cfg: ModelConfig, prompts, *, bucket: int = 16) -> tuple[np.ndar
     return tokens, lens
 
 
-def check_context(cfg: ModelConfig, needed: int) -> None:
-    if cfg.attn_layers and needed > cfg.max_position_embeddings:
-        raise ValueError(f"prompt plus new tokens need {needed} positions but the model was trained for "
-                         f"{cfg.max_position_embeddings} (max_position_embeddings); shorten the prompt or "
-                         "max_new_tokens")
+# the length rule `forward` applies too (one function, one message)
+check_context = check_length
 
 
 def trim(out: np.ndarray, n: np.ndarray, eos_id: int | None) -> list[list[int]]:

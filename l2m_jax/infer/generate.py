@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from ..models import bind
 from ..kernels.dispatch import resolve_backend
 from ..ops.sampling import GREEDY, Sampling, draw
-from .common import _round_up, check_context, pad_prompts, trim
+from .common import _round_up, check_length, pad_prompts, trim
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new", "eos_id", "capacity", "backend"))
@@ -65,7 +65,7 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, sampling: S
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     tokens, lens = pad_prompts(cfg, prompts, bucket=prompt_bucket)
-    check_context(cfg, int(lens.max()) + max_new_tokens)
+    check_length(cfg, int(lens.max()) + max_new_tokens)
     capacity = _round_up(tokens.shape[1] + max_new_tokens, 16)
     key = jax.random.key(0) if key is None else key
     out, steps = _generate(params, jnp.asarray(tokens), jnp.asarray(lens), key, cfg=cfg,

@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from ..models import bind
 from ..kernels.dispatch import resolve_backend
 from ..ops.sampling import GREEDY, Sampling, adjusted_probs, sample, speculative_accept
-from .common import _round_up, check_context, pad_prompts, trim
+from .common import _round_up, check_length, pad_prompts, trim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +146,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int, k: int = 4
                          "share one tokenizer")
     tokens, lens = pad_prompts(t_cfg, prompts)
     needed = int(lens.max()) + max_new_tokens + k + 1
-    check_context(t_cfg, needed)
-    check_context(d_cfg, needed)
+    check_length(t_cfg, needed)
+    check_length(d_cfg, needed)
     capacity = _round_up(tokens.shape[1] + max_new_tokens + k + 1, 16)
     key = jax.random.key(0) if key is None else key
     out, n_out, calls, acc, drafted = _speculate(

@@ -150,36 +150,101 @@ def bind(cfg: ModelConfig, params) -> CausalLM:
     return nnx.merge(graphdef, state)
 
 
+def _bad_ids(vocab_size: int, lo: int, hi: int) -> str:
+    return (f"token ids must lie in [0, {vocab_size}) (the model's vocab); got min {lo}, max {hi}: was the text "
+            "encoded with another tokenizer?")
+
+
 def check_tokens(cfg: ModelConfig, tokens) -> None:
-    """Raise on token ids outside [0, V) when the ids are concrete (not traced)."""
+    """Raise on token ids outside [0, V) when the ids are concrete (not traced); on a shape other than [B, L]
+    and a non-integer dtype either way."""
+    if np.ndim(tokens) != 2:
+        raise ValueError(f"tokens must be int [B, L], got shape {np.shape(tokens)}")
     if isinstance(tokens, jax.core.Tracer):
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         return
     t = np.asarray(tokens)
-    if t.ndim != 2:
-        raise ValueError(f"tokens must be int [B, L], got shape {t.shape}")
     if not np.issubdtype(t.dtype, np.integer):
         raise ValueError(f"tokens must be integer ids, got dtype {t.dtype}")
     if t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab); got min {t.min()}, "
-                         f"max {t.max()}: was the text encoded with another tokenizer?")
+        raise ValueError(_bad_ids(cfg.vocab_size, t.min(), t.max()))
+
+
+def _too_long(needed: int, limit: int) -> str:
+    return (f"the sequence needs {needed} positions but the model's attention layers were trained for {limit} "
+            "(max_position_embeddings); shorten it: fewer tokens (a shorter prompt, a smaller max_new_tokens)")
+
+
+def check_length(cfg: ModelConfig, needed: int) -> None:
+    """The one context-length rule of forward, generate and speculative_generate.
+
+    A model with attention layers runs at most max_position_embeddings positions (RoPE past the trained
+    length is extrapolation); a pure-Mamba model has no limit. `needed`: the positions the call would reach.
+    """
+    if cfg.attn_layers and needed > cfg.max_position_embeddings:
+        raise ValueError(_too_long(needed, cfg.max_position_embeddings))
+
+
+def _raise_if_bad(vocab_size: int, limit: int | None, lo, hi, needed) -> None:
+    """Host side of the run-time check under jit: the errors the eager checks raise."""
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(_bad_ids(vocab_size, int(lo), int(hi)))
+    if limit is not None and needed > limit:
+        raise ValueError(_too_long(int(needed), limit))
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _check_inputs(cfg: ModelConfig, tokens, state, mask) -> None:
+    """Ids in [0, V) and the length rule: now where the values are concrete, at run time where traced."""
+    check_tokens(cfg, tokens)
+    b, l = np.shape(tokens)
+    if state is None:
+        needed = l  # the shape is static, even under jit
+    else:  # each row continues at its length; pads (mask False) take no position
+        real = l if mask is None else jnp.sum(jnp.asarray(mask, bool), axis=1, dtype=jnp.int32)
+        needed = jnp.max(jnp.asarray(state.lengths, jnp.int32) + real) if b else 0
+    if not _is_traced(needed):
+        check_length(cfg, int(needed))
+    ids_later = _is_traced(tokens) and b * l > 0
+    limit = cfg.max_position_embeddings if cfg.attn_layers and _is_traced(needed) else None
+    if ids_later or limit is not None:
+        t = jnp.asarray(tokens, jnp.int32)
+        lo, hi = (jnp.min(t), jnp.max(t)) if ids_later else (0, 0)
+        jax.debug.callback(functools.partial(_raise_if_bad, cfg.vocab_size, limit), lo, hi, needed)
 
 
 def forward(cfg: ModelConfig, params, tokens, state: DecodeState | None = None, *, mask=None,
-            remat: bool = False):
+            remat: bool = False, checked: bool = True):
     """Logits float32 [B, L, V] for tokens int32 [B, L] and the advanced state.
 
     state=None: a plain full-sequence forward (training, scoring); returns (logits, None).
     With a state (from `l2m_jax.cache.init_state`): tokens continue each row at `state.lengths`; prefill and
     decode are this same call. mask bool [B, L] marks real tokens (right padding); pads leave the state alone.
     remat=True rematerialises each layer in the backward pass (memory for long training sequences).
+
+    checked=True (the default) raises ValueError for ids outside [0, V) and for sequences longer than
+    max_position_embeddings (a model with attention layers; `check_length`, the rule generate uses).
+    Called eagerly, the check runs before any compute. Under jax.jit the length of a stateless call is
+    checked while tracing; ids (and a traced state's lengths) are checked at run time by a jax.debug.callback
+    (two scalars to the host per call), so the jitted call raises jax.errors.JaxRuntimeError carrying the
+    same message instead of returning NaN logits for ids >= V or silently wrapping negative ids.
+    checked=False adds nothing to the program: for inputs already validated (by the data pipeline, say).
     """
-    check_tokens(cfg, tokens)
+    if checked:
+        _check_inputs(cfg, tokens, state, mask)
     return bind(cfg, params)(jnp.asarray(tokens, jnp.int32), state=state, mask=mask, remat=remat)
 
 
-def mixer_io(cfg: ModelConfig, params, tokens, layers, *, mask=None):
-    """({i: normalised input [B, L, D]}, {i: mixer output [B, L, D]}) of `layers` for tokens int32 [B, L]."""
-    check_tokens(cfg, tokens)
+def mixer_io(cfg: ModelConfig, params, tokens, layers, *, mask=None, checked: bool = True):
+    """({i: normalised input [B, L, D]}, {i: mixer output [B, L, D]}) of `layers` for tokens int32 [B, L].
+
+    checked: as in `forward`."""
+    if checked:
+        _check_inputs(cfg, tokens, None, mask)
     return bind(cfg, params).mixer_io(jnp.asarray(tokens, jnp.int32), layers, mask=mask)
 
 

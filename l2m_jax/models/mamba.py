@@ -2,6 +2,11 @@
 
 The repeat is done on d_state-wide chunks, so q-chunk j pairs with k-chunk j // r (r = d_inner / d_xb):
 released MambaInLlama v1 weights depend on it.
+
+Δ = softplus(dt_raw + dt_proj.bias): the bias is added once here. MiL's layer adds its stored bias b twice
+(in the dt_proj Linear and again as the scan's delta_bias), Δ = softplus(W·dt_down(u) + 2b), so a MiL
+checkpoint's b is 2b here (convert/hf.py) and hybridize's attention-derived inits double the fresh draw.
+A freshly built mixer keeps its draw b = softplus^-1(dt), dt log-uniform in [dt_min, dt_max].
 """
 from __future__ import annotations
 

@@ -174,7 +174,8 @@ def test_fresh_mamba1_params_have_mils_init(teacher):
     np.testing.assert_allclose(np.exp(m["A_log"]), np.tile(np.arange(1, 17, dtype=np.float32), (s.d_inner, 1)),
                                rtol=1e-6, atol=0)
     np.testing.assert_array_equal(m["D"], np.ones(s.d_inner, np.float32))
-    dt = np.logaddexp(0.0, m["dt_proj"]["bias"].astype(np.float64))
+    # MiL's draw b = softplus^-1(dt), added twice by its layer: the Δ bias here (added once) is 2b
+    dt = np.logaddexp(0.0, m["dt_proj"]["bias"].astype(np.float64) / 2)
     assert dt.shape == (s.d_inner,) and dt.min() >= 1e-4 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
     assert np.abs(m["dt_proj"]["kernel"]).max() <= s.dt_rank ** -0.5
     assert np.abs(m["conv"]["kernel"]).max() <= 0.5 and m["conv"]["kernel"].shape == (4, s.d_inner)
