@@ -2,19 +2,27 @@
 
 A preset from experiments/configs/NAME.yaml (`preset=NAME` or `--preset NAME`; a .yaml path works too) is merged
 onto the defaults below, then `key=value` overrides; an unknown key or a badly typed value is a UsageError.
+
+An `out` remembers its settings in config.yaml and refuses others, except that `resume_with_changes=true` accepts
+changed optimisation settings (`CHANGEABLE_ON_RESUME` of any stage, and `steps` of a stage kind with no finished
+stage): config.yaml is rewritten and the change appended to out/config_history.jsonl.
 """
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from l2m_jax.recipe.config import RecipeConfig, UsageError, check_config  # noqa: F401
+from l2m_jax.recipe.config import (CHANGEABLE_ON_RESUME, STAGE_KINDS, RecipeConfig, UsageError,  # noqa: F401
+                                   check_config)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-NOT_COMPARED = ("out", "progress", "verbose")      # may differ between a run and its resumption
+# may differ between a run and its resumption
+NOT_COMPARED = ("out", "progress", "verbose", "resume_with_changes")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -107,23 +115,76 @@ def load_config(argv: list[str]) -> tuple[DictConfig, str]:
 
 
 def check_out_dir(c: DictConfig) -> Path:
-    """Create `out` with config.yaml, or check that an existing one was made with the same settings."""
+    """Create `out` with config.yaml, or check that an existing one was made with the same settings.
+
+    With resume_with_changes=true, changed optimisation settings are accepted and recorded (see the module doc).
+    """
     out = Path(c.out)
     saved = out / "config.yaml"
     now = OmegaConf.to_container(c, resolve=True)
     if saved.exists():
         old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
         diffs = _diff(old, now)
+        if diffs and not c.resume_with_changes:
+            raise UsageError(f"out={out} holds a run made with a different configuration "
+                             f"({'; '.join(_fmt(diffs[:8]))}); re-run with the original settings to resume, or "
+                             "choose a new out=; to resume with changed optimisation settings (e.g. a lower lr "
+                             "after a NaN) add resume_with_changes=true")
         if diffs:
-            raise UsageError(f"out={out} holds a run made with a different configuration ({'; '.join(diffs[:8])}); "
-                             "re-run with the original settings to resume, or choose a new out=")
+            _accept_changes(out, diffs, now)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(now), saved)
+    _save_config(saved, now)
     return out
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def _save_config(path: Path, config: dict) -> None:
+    # the override is an action, recorded in config_history.jsonl, not a setting of the run
+    OmegaConf.save(OmegaConf.create({**config, "resume_with_changes": False}), path)
+
+
+def _finished_kinds(out: Path) -> set[str]:
+    kinds = set()
+    for done in (out / "stages").glob("*/done.json"):
+        try:
+            kinds.add(json.loads(done.read_text())["kind"])
+        except (OSError, ValueError, KeyError):
+            raise UsageError(f"{done} is unreadable; delete it to train that stage again") from None
+    return kinds
+
+
+def _changeable(key: str, finished: set[str]) -> bool:
+    kind, _, name = key.partition(".")
+    if kind not in STAGE_KINDS:
+        return False
+    return name in CHANGEABLE_ON_RESUME or (name == "steps" and kind not in finished)
+
+
+def _accept_changes(out: Path, diffs: list[tuple[str, Any, Any]], now: dict) -> None:
+    """resume_with_changes=true: refuse non-optimisation changes, else record them and rewrite config.yaml."""
+    finished = _finished_kinds(out)
+    refused = [d for d in diffs if not _changeable(d[0], finished)]
+    if refused:
+        raise UsageError(
+            f"out={out}: resume_with_changes=true lets only optimisation settings change (STAGE.{{"
+            f"{','.join(CHANGEABLE_ON_RESUME)}}} for STAGE in {list(STAGE_KINDS)}, and STAGE.steps while no "
+            f"stage of that kind has finished; finished: {sorted(finished) or 'none'}), but these differ too: "
+            f"{'; '.join(_fmt(refused[:8]))}; re-run with their original values, or choose a new out=")
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "changes": [{"key": k, "old": a, "new": b} for k, a, b in diffs]}
+    with open(out / "config_history.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    _save_config(out / "config.yaml", now)
+    print(f"resume_with_changes: {'; '.join(_fmt(diffs))}; {out / 'config.yaml'} updated, the change recorded "
+          f"in {out / 'config_history.jsonl'}", flush=True)
+
+
+def _fmt(diffs: list[tuple[str, Any, Any]]) -> list[str]:
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every leaf that differs, keys dotted, NOT_COMPARED top-level keys left out."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
@@ -131,4 +192,4 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
                 continue
             out += _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
         return out
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+    return [] if old == new else [(prefix[:-1], old, new)]

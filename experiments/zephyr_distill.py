@@ -16,7 +16,14 @@ test / debugging option that runs every step of the pipeline in seconds.
 Everything lands in `out` (default runs/PRESET): config.yaml, chat/ (the teacher's data), stages/NAME/{model,
 logs,done.json}, final/{l2m,mil}, plots/*.png, report.md and report.json. Running the same command again skips
 finished stages and resumes the unfinished one from its last checkpoint; a different config for the same `out`
-is refused. The steps themselves are library functions (`l2m_jax.recipe`) a research script can call one by one.
+is refused, except for optimisation settings with `resume_with_changes=true` (a stage's lr, betas, eps,
+weight_decay, clip_norm, warmup_steps, warmup_ratio, and steps of a stage kind not yet finished; recorded in
+out/config_history.jsonl), e.g. after a NaN loss, the same command with a lower learning rate:
+
+    python -m experiments.zephyr_distill out=runs/quick stage1.lr=1e-4 resume_with_changes=true
+
+A damaged newest checkpoint is moved aside (`<step>.corrupt-<n>`) and the one before it resumed. The steps
+themselves are library functions (`l2m_jax.recipe`) a research script can call one by one.
 """
 from __future__ import annotations
 
@@ -55,7 +62,7 @@ def _run(c: DictConfig, out: Path) -> int:
     from l2m_jax.data.tokenizer import TokenizerError
     from l2m_jax.errors import CheckpointError
     from l2m_jax.recipe import pipeline
-    from l2m_jax.train.loop import CheckpointMismatchError
+    from l2m_jax.train.loop import CheckpointMismatchError, MetricsFileError, NonFiniteError
     from l2m_jax.train.stages import StageError
 
     logging.basicConfig(level=logging.INFO if c.verbose else logging.WARNING,
@@ -63,7 +70,7 @@ def _run(c: DictConfig, out: Path) -> int:
     try:
         pipeline(c, out)
     except (DataError, ConfigError, TokenizerError, CheckpointError, CheckpointMismatchError, StageError,
-            AssetError) as e:
+            AssetError, MetricsFileError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import l2m_jax
@@ -65,6 +66,8 @@ def test_whole_recipe_writes_report_plots_and_checkpoints(first_run):
             assert float(ppl) > 1 and float(ratio) > 0 and 0 <= float(agreement.rstrip("%")) <= 100
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(plots/{name}.png)" in report
+        assert list((out / "stages" / name / "logs").glob("events.out.tfevents.*")), f"{name}: no TensorBoard events"
+        assert f"[{name}](stages/{name}/logs)" in report
     assert rows["align-mamba50"][2] == "2/4" and rows["dpo-mamba50"][2] == "2/4"
     assert "## DPO on held-out preference pairs" in report
     for fmt in ("l2m", "mil"):
@@ -126,3 +129,17 @@ def test_bad_commands_fail_with_clear_errors(first_run, tmp_path):
 def test_missing_text_source_is_named(tmp_path):
     run = command(*TINY, "data.text=[/no/such/texts]", f"out={tmp_path / 'r'}")
     assert run.returncode == 2 and "/no/such/texts" in run.stderr and "do not exist" in run.stderr
+
+
+def test_end_to_end_kd_instead_of_sft_trains_every_parameter(tmp_path):
+    out = tmp_path / "kd"
+    done = command(*TINY, "sft.loss=kd", "dpo.enabled=false", f"out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, before = l2m_jax.load(out / "stages" / "stage1-mamba50" / "model")
+    _, after = l2m_jax.load(out / "stages" / "sft-mamba50" / "model")
+    layer_before, layer_after = before["layers"][1], after["layers"][1]    # an attention layer
+    # stage 1 froze the MLPs and the attention; end-to-end KD trains them
+    assert not np.array_equal(layer_before["mlp"]["up"]["kernel"], layer_after["mlp"]["up"]["kernel"])
+    assert not np.array_equal(layer_before["mixer"]["q"]["kernel"], layer_after["mixer"]["q"]["kernel"])
+    record = json.loads((out / "stages" / "sft-mamba50" / "done.json").read_text())
+    assert record["kind"] == "sft" and record["final_loss"] >= 0

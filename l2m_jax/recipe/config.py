@@ -12,6 +12,9 @@ from dataclasses import field
 from typing import Dict, List, Optional
 
 STAGE_KINDS = ("stage0", "stage1", "sft", "dpo")
+# what resume_with_changes=true lets differ from an out's config.yaml: these keys of every stage, and `steps`
+# of a stage kind none of whose stages has finished; data, model, loss and batch settings stay refused
+CHANGEABLE_ON_RESUME = ("lr", "betas", "eps", "weight_decay", "clip_norm", "warmup_steps", "warmup_ratio")
 INITS = ("mil", "conv", "norm", "calibrated", "random")     # l2m_jax.convert.hybridize.INITS
 
 
@@ -114,6 +117,9 @@ class SftConfig(StageConfig):
     attn_fractions: List[float] = field(default_factory=lambda: [0.5])   # append 0.25, 0.125, 0.0 for more rounds
     steps: Optional[int] = 32
     lr: float = 5e-5
+    loss: str = "ce"                     # "ce": CE on the answers (SFT); "kd": MiL's end-to-end KD, every parameter
+    alpha: float = 0.0                   # loss="kd": CE weight (MiL's later runs: KL only)
+    beta: float = 1.0                    # loss="kd": KL weight; it trains on the stage-1 rows
 
 
 @dataclasses.dataclass
@@ -149,6 +155,7 @@ class RecipeConfig:
     verbose: bool = False                # log every parameter's shape and sharding
     save_every: int = 200
     keep_checkpoints: bool = False       # keep a finished stage's optimizer checkpoint
+    resume_with_changes: bool = False    # resume `out` with changed optimisation settings (CHANGEABLE_ON_RESUME)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
@@ -173,6 +180,8 @@ def check_config(c) -> None:
         problems.append(f"calibration_rows={c.calibration_rows} must be >= 1")
     if c.stage1.kl_reduction not in ("token_mean", "mil"):
         problems.append(f"stage1.kl_reduction={c.stage1.kl_reduction!r}: choose 'token_mean' or 'mil'")
+    if c.sft.loss not in ("ce", "kd"):
+        problems.append(f"sft.loss={c.sft.loss!r}: choose 'ce' (cross-entropy on answers) or 'kd' (end-to-end KD)")
     if c.dpo.reference not in ("teacher", "sft"):
         problems.append(f"dpo.reference={c.dpo.reference!r}: choose 'teacher' or 'sft'")
     for name in STAGE_KINDS:

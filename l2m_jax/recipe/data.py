@@ -140,6 +140,11 @@ def chat_rows(c, out: Path, teacher, tok) -> list[dict]:
                                answer_sampling=_sampling(pl.temperature, pl.top_p),
                                answers_per_request=pl.answers_per_request, seed_prompts=prompts, filt=filt,
                                seed=c.seed, progress=c.progress, prompt_bucket=pl.prompt_bucket)
+        stats = synthesis_stats(out)
+        req, ans = stats["requests"], stats["answers"]
+        say(f"chat data: {req['requests']} requests kept of {req['sampled']} sampled ({100 * req['keep_rate']:.0f}%; "
+            f"rejected {dict((k, v) for k, v in req['rejected'].items() if v)}); teacher tokens/s: requests {req['tokens_per_s']:.0f} "
+            f"({req['tokens_per_s_warm'] or 0:.0f} after compiling), answers {ans['tokens_per_s'] or 0:.0f}")
     else:
         if pl.answers_per_request > 1:
             prompts = [p for p in prompts for _ in range(pl.answers_per_request)]
@@ -155,6 +160,14 @@ def chat_rows(c, out: Path, teacher, tok) -> list[dict]:
     say(f"chat data: {len(rows)} conversations, {tokens} tokens ({unfinished} answers hit max_new_tokens) in "
         f"{time.perf_counter() - t0:.0f}s")
     return rows
+
+
+def synthesis_stats(out: Path) -> dict | None:
+    """The synthesis run's own statistics (out/chat/dataset/l2m_synth.json), or None without synthesis."""
+    import json
+
+    path = Path(out) / "chat" / "dataset" / "l2m_synth.json"
+    return json.loads(path.read_text())["stats"] if path.exists() else None
 
 
 def label_examples(rows: list[dict], *, loss_on_prompts: bool) -> list:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import UsageError
 from .data import (calibration_tokens, chat_rows, distill_rows, heldout_ids, load_teacher, preference_rows, say,
-                   special_ids, sft_rows)
+                   sft_rows, special_ids, synthesis_stats)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -122,7 +122,8 @@ class Run:
         return self._rows
 
     def data(self, kind: str):
-        if kind == "stage0":
+        """The rows a stage kind trains on; stage 0 and end-to-end KD (sft.loss="kd") share stage 1's."""
+        if kind == "stage0" or (kind == "sft" and self.c.sft.loss == "kd"):
             kind = "stage1"
         if kind not in self._data:
             build = {"stage1": lambda: distill_rows(self.c, self.rows(), self.tok),
@@ -174,14 +175,16 @@ def stage_settings(c, kind: str, rows: int):
 
     s = getattr(c, kind)
     steps = s.steps or max(1, rows // (s.batch_size * s.accum_steps))
+    distills = kind == "stage1" or (kind == "sft" and s.loss == "kd")
     preset = StagePreset(lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay,
                          clip_norm=s.clip_norm, warmup_steps=s.warmup_steps, warmup_ratio=s.warmup_ratio,
                          accum_steps=s.accum_steps,
-                         ce_weight=s.alpha if kind == "stage1" else None,
-                         kl_weight=s.beta if kind == "stage1" else None,
+                         ce_weight=s.alpha if distills else None,
+                         kl_weight=s.beta if distills else None,
                          dpo_beta=s.beta if kind == "dpo" else None)
     return StageSettings(steps=steps, batch_size=s.batch_size, preset=preset, seed=c.seed,
-                         save_every=c.save_every, progress=c.progress)
+                         save_every=c.save_every, progress=c.progress,
+                         allow_config_change=bool(getattr(c, "resume_with_changes", False)))
 
 
 def convert(run: Run, index: int, stage, student):
@@ -207,11 +210,58 @@ def convert(run: Run, index: int, stage, student):
     return s_cfg, s_params
 
 
-def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:
-    """Train one planned stage from `student` (cfg, params); saves its model, returns (record, model)."""
-    import l2m_jax
+def nonfinite_message(c, stage, e) -> str:
+    """What a NaN/inf stage-training metric means for the run and what to change (e: a NonFiniteError)."""
+    k, s = stage.kind, getattr(c, stage.kind)
+    clip = f"a smaller {k}.clip_norm (now {s.clip_norm:g})" if s.clip_norm else f"{k}.clip_norm (now off; e.g. 1.0)"
+    if e.checkpoint_step is None:
+        resume = (f"no {'usable ' if e.set_aside else ''}checkpoint of {stage.name} was saved before step {e.step}, "
+                  "so the re-run starts this stage from its beginning")
+    else:
+        resume = f"the re-run resumes this stage from its checkpoint at step {e.checkpoint_step} ({e.ckpt_dir})"
+    aside = ""
+    if e.set_aside:
+        names = ", ".join(os.path.basename(p) for p in e.set_aside)
+        aside = (f" Moved aside {names} in {e.ckpt_dir}: they hold the parameters step {e.step} started from, so "
+                 "resuming them would repeat it.")
+    return (f"{stage.name}: training stopped at step {e.step}: the metric {e.metric!r} is {e.value}. Lower {k}.lr "
+            f"(now {s.lr:g}), set {clip} or check the stage's data for bad values; then run the same command "
+            f"with the changed value and resume_with_changes=true: {resume}, and finished stages are kept.{aside}")
+
+
+def _say_restore(name: str, restore: dict) -> None:
+    for q in restore.get("quarantined", []):
+        say(f"{name}: checkpoint step {q['step']} does not restore ({q['error']}); moved it to {q['moved_to']}")
+    if restore.get("config_changes"):
+        say(f"{name}: resumed step {restore['step']} with changed settings: {'; '.join(restore['config_changes'])}")
+
+
+def _train(run: Run, stage, student, data, settings, dirs: dict, reference=None):
+    """The stage's training call (l2m_jax.train.stages / align) for its kind."""
     from l2m_jax.train import stages
     from l2m_jax.train.align import align_stage
+
+    c = run.c
+    if stage.kind == "stage0":
+        return align_stage(student, run.teacher, data, settings, **dirs)
+    if stage.kind == "stage1":
+        return stages.distill_stage(student, run.teacher, data, settings, kl_reduction=c.stage1.kl_reduction,
+                                    temperature=c.stage1.temperature, **dirs)
+    if stage.kind == "sft" and c.sft.loss == "kd":     # MiL's end-to-end KD: every parameter, against the teacher
+        return stages.distill_stage(student, run.teacher, data, settings, kl_reduction=c.stage1.kl_reduction,
+                                    temperature=c.stage1.temperature, trains="kd", **dirs)
+    if stage.kind == "sft":
+        return stages.sft_stage(student, data, settings, **dirs)
+    return stages.dpo_stage(student, reference, data, settings, **dirs)
+
+
+def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:
+    """Train one planned stage from `student` (cfg, params); saves its model, returns (record, model).
+
+    A NaN/inf metric raises NonFiniteError with `nonfinite_message`: the stage, step, metric and the fix.
+    """
+    import l2m_jax
+    from l2m_jax.train.loop import NonFiniteError
     from l2m_jax.train.report import final_loss, read_metrics
 
     c, sdir = run.c, run.out / "stages" / stage.name
@@ -230,18 +280,16 @@ def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:
         f"{settings.steps} steps of {settings.batch_size}x{settings.preset.accum_steps} rows of {rows}")
     t0 = time.perf_counter()
     dirs = dict(mesh=run.mesh, ckpt_dir=sdir / "ckpt", log_dir=sdir / "logs", config={"name": stage.name})
-    if stage.kind == "stage0":
-        result = align_stage((s_cfg, s_params), run.teacher, data, settings, **dirs)
-    elif stage.kind == "stage1":
-        result = stages.distill_stage((s_cfg, s_params), run.teacher, data, settings,
-                                      kl_reduction=c.stage1.kl_reduction, temperature=c.stage1.temperature, **dirs)
-    elif stage.kind == "sft":
-        result = stages.sft_stage((s_cfg, s_params), data, settings, **dirs)
-    else:
-        result = stages.dpo_stage((s_cfg, s_params), reference, data, settings, **dirs)
-        if heldout is not None:
-            extra["preferences_after"] = preference_eval((result.cfg, result.params), reference, heldout,
-                                                         c.dpo.beta, c.dpo.batch_size)
+    try:
+        result = _train(run, stage, (s_cfg, s_params), data, settings, dirs,
+                        reference if stage.kind == "dpo" else None)
+    except NonFiniteError as e:
+        raise NonFiniteError(nonfinite_message(c, stage, e), step=e.step, metric=e.metric, value=e.value,
+                             checkpoint_step=e.checkpoint_step, ckpt_dir=e.ckpt_dir, set_aside=e.set_aside) from None
+    if stage.kind == "dpo" and heldout is not None:
+        extra["preferences_after"] = preference_eval((result.cfg, result.params), reference, heldout,
+                                                     c.dpo.beta, c.dpo.batch_size)
+    _say_restore(stage.name, result.restore)
     if result.start_step:
         say(f"{stage.name}: resumed from its checkpoint at step {result.start_step}")
     wall = time.perf_counter() - t0
@@ -313,6 +361,15 @@ def export(run: Run, model, stage_name: str) -> None:
     say(f"final model ({stage_name}, {cfg.pattern}) written to {run.out / 'final'} as {' and '.join(formats)}")
 
 
+def tensorboard_note(out: Path) -> str:
+    """The report's line on TensorBoard: the stages whose logs hold event files, and the command to view them."""
+    logs = sorted(p.parent.relative_to(out) for p in (out / "stages").glob("*/logs/events.out.tfevents.*"))
+    if not logs:
+        return "TensorBoard: no event files were written (install tensorboardX); the curves are in metrics.jsonl"
+    links = ", ".join(f"[{p.parent.name}]({p.as_posix()})" for p in dict.fromkeys(logs))
+    return f"TensorBoard event files: {links}; view them with `tensorboard --logdir {out / 'stages'}`"
+
+
 def write_run_report(run: Run, plan, records: list[dict]) -> Path:
     """report.md (table, DPO evaluation, plots) and report.json (every number) in the run's folder."""
     from l2m_jax.assets import HELDOUT_SOURCES
@@ -358,11 +415,12 @@ def write_run_report(run: Run, plan, records: list[dict]) -> Path:
                  f"{name}: {src}, first {teacher_eval[name]['tokens'] + 1} tokens" for name, src in texts.items())
              + f"; windows of {c.eval.window}",
              "checkpoints: `final/l2m`, `final/mil` (with the tokenizer); per stage: `stages/NAME/model`; "
-             "training logs: `stages/NAME/logs` (metrics.jsonl and TensorBoard events)"]
+             "training logs: `stages/NAME/logs` (metrics.jsonl and TensorBoard events)", tensorboard_note(out)]
     path = report.write_report(out, title=f"zephyr_distill — {c.preset}", rows=rows, plots=plots, notes=notes,
                                sections=sections)
     _write_json(out / "report.json", report.report_json(rows, preset=c.preset, heldout_texts=texts,
-                                                        plan=[p.name for p in plan], dpo=dpo))
+                                                        plan=[p.name for p in plan], dpo=dpo,
+                                                        synthesis=synthesis_stats(out)))
     print()
     print(report.markdown_table(rows))
     print()

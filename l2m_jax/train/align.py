@@ -60,7 +60,8 @@ def align_loss_fn(student_cfg: ModelConfig, reference_cfg: ModelConfig, layers: 
     def loss_fn(params, batch, rng):
         tokens = batch["tokens"]                                                      # [B, L]
         mask = batch.get("loss_mask")
-        inputs, outputs = jax.lax.stop_gradient(mixer_io(reference_cfg, params["teacher"], tokens, layers))
+        inputs, outputs = jax.lax.stop_gradient(mixer_io(reference_cfg, params["teacher"], tokens, layers,
+                                                             checked=False))
         terms = jnp.stack([normalised_mse(apply_mixer(student_cfg, params["student"], i, inputs[i]), outputs[i],
                                           mask) for i in layers])                  # [n_layers]
         loss = jnp.mean(terms)
@@ -87,8 +88,9 @@ def align_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], 
     arrays = _check_data(data, DISTILL_KEYS, stage="stage 0", cfg=s_cfg, settings=settings, mesh=mesh)
     params = {"student": s_params, "teacher": t_params}
     mask = {"student": trainable_mask(s_params, s_cfg, "stage1"), "teacher": _all(t_params, False)}
-    trained, history, start = _run("stage0", align_loss_fn(s_cfg, t_cfg, layers), params, mask, arrays, settings,
-                                   mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
-                                   config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
-                                           "layers": list(layers), "extra": config})
-    return StageResult(s_cfg, _like(trained["student"], s_params), history, start)
+    trained, history, start, restore = _run(
+        "stage0", align_loss_fn(s_cfg, t_cfg, layers), params, mask, arrays, settings,
+        mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
+        config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
+                "layers": list(layers), "extra": config})
+    return StageResult(s_cfg, _like(trained["student"], s_params), history, start, restore)

@@ -15,10 +15,24 @@ not saved: they come from wherever the caller loaded them. Resuming restores the
 current state's shapes, dtypes and shardings and continues bit-for-bit: the step key is
 fold_in(base key, step) and the data source restores its position.
 
-Metrics go to `log_dir/metrics.jsonl` (always) and to TensorBoard when a writer is importable
-(`tensorboardX`, else `flax.metrics.tensorboard`, which needs TensorFlow); without one TensorBoard is
-skipped. Multi-host: every process calls the same methods; only process 0 writes logs; each process's data
-source yields that process's rows of the global batch.
+Resuming is guarded and self-repairing:
+- a checkpoint of another config raises CheckpointMismatchError; with allow_config_change=True a config
+  change (new optimizer settings, more steps) is logged, recorded in `restore_info` and
+  `log_dir/config_history.jsonl`, and the checkpoint restores as long as the state's structure is the same;
+- a checkpoint that does not read back (a truncated file) is moved aside to `<step>.corrupt-<n>`, which
+  orbax does not see as a step, and the next older one is tried; if none restores, CheckpointError;
+- a torn last line of metrics.jsonl (a kill mid-write) is cut before appending; a bad line before it is an
+  error (`metrics_file.MetricsFileError`).
+`trainer.restore_info` says what happened: {"step", "quarantined", "config_changes"}.
+
+A NaN or infinite metric stops `fit` with NonFiniteError. Checkpoints holding the parameters that step
+started from would replay it whatever the settings, so they are moved aside (`<step>.nonfinite-<n>`); the
+error says which checkpoint, if any, a re-run resumes from.
+
+Metrics go to `log_dir/metrics.jsonl` (always) and to TensorBoard event files in `log_dir`: with
+`tensorboardX` (a dependency), else `flax.metrics.tensorboard` where TensorFlow is installed; without either
+a warning says TensorBoard is skipped. Multi-host: every process calls the same methods; only process 0
+writes logs; each process's data source yields that process's rows of the global batch.
 """
 from __future__ import annotations
 
@@ -28,6 +42,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, runtime_checkable
 
@@ -40,6 +55,9 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from l2m_jax import parallel
+from l2m_jax.errors import CheckpointError
+from l2m_jax.train import metrics_file
+from l2m_jax.train.metrics_file import MetricsFileError  # noqa: F401  (raised from here too)
 from l2m_jax.train.optim import current_lr, merge, split_trainable
 
 log = logging.getLogger(__name__)
@@ -48,7 +66,19 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 class NonFiniteError(FloatingPointError):
-    """A training metric became NaN or infinite."""
+    """A training metric became NaN or infinite.
+
+    step, metric, value: where; checkpoint_step: the newest checkpoint on disk, which a re-run resumes from
+    (None: none, a re-run starts from step 0); ckpt_dir: where it is (None: the Trainer saves none);
+    set_aside: the step directories moved aside because they hold the parameters this step started from.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, metric: str | None = None,
+                 value: float | None = None, checkpoint_step: int | None = None, ckpt_dir: str | None = None,
+                 set_aside: list[str] | None = None):
+        super().__init__(message)
+        self.step, self.metric, self.value = step, metric, value
+        self.checkpoint_step, self.ckpt_dir, self.set_aside = checkpoint_step, ckpt_dir, list(set_aside or [])
 
 
 class CheckpointMismatchError(ValueError):
@@ -140,7 +170,7 @@ def _fingerprint(obj: Any) -> str:
 
 
 def _open_tensorboard(log_dir: str) -> tuple[Callable[[str, float, int], Any], Callable[[], Any]] | None:
-    """(write_scalar, close) of a TensorBoard writer if one is importable, else None (it is optional)."""
+    """(write_scalar, close) of a TensorBoard event writer in `log_dir`, or None (with a warning) without one."""
     try:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(log_dir)
@@ -152,18 +182,104 @@ def _open_tensorboard(log_dir: str) -> tuple[Callable[[str, float, int], Any], C
         writer = SummaryWriter(log_dir)
         return writer.scalar, writer.close
     except ImportError:
-        log.debug("no TensorBoard writer importable (tensorboardX or TensorFlow); writing JSONL only")
+        log.warning("no TensorBoard writer is importable (pip install tensorboardX); %s gets metrics.jsonl "
+                    "but no event files", log_dir)
         return None
 
 
-def _config_diff(old: Any, new: Any) -> str:
+def _config_diff(old: Any, new: Any, same_structure: bool = True) -> str:
     """Which part of a run config changed, for the resume error."""
-    if old == new:
-        return "the parameter/optimizer structure"
+    parts = [] if same_structure else ["the parameter/optimizer structure"]
+    if old != new:
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            parts.append(f"config keys {keys}")
+        else:
+            parts.append("the config")
+    return " and ".join(parts) or "the fingerprint"
+
+
+def _config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Every leaf that differs between two JSON configs, as 'a.b: old -> new'."""
     if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        return f"config keys {keys}"
-    return "the config"
+        return [c for k in sorted(set(old) | set(new))
+                for c in _config_changes(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1] or 'config'}: {old!r} -> {new!r}"]
+
+
+def _with_new_hyperparams(fresh: Any, restored: Any) -> Any:
+    """`restored` optimizer state with the constant hyperparameters (betas, eps, weight decay) of `fresh`.
+
+    optax.inject_hyperparams keeps constant hyperparameters in the state, so a restored state would go on
+    using the old ones; scheduled ones (the learning rate) are recomputed from the new schedule every update.
+    """
+    if isinstance(restored, optax.InjectStatefulHyperparamsState):
+        hyper = {k: v if k in restored.hyperparams_states else fresh.hyperparams[k]
+                 for k, v in restored.hyperparams.items()}
+        return restored._replace(hyperparams=hyper,
+                                 inner_state=_with_new_hyperparams(fresh.inner_state, restored.inner_state))
+    if isinstance(restored, tuple) and hasattr(restored, "_fields"):
+        return type(restored)(*(_with_new_hyperparams(f, r) for f, r in zip(fresh, restored)))
+    if isinstance(restored, (tuple, list)):
+        return type(restored)(_with_new_hyperparams(f, r) for f, r in zip(fresh, restored))
+    if isinstance(restored, dict):
+        return {k: _with_new_hyperparams(fresh[k], v) for k, v in restored.items()}
+    return restored
+
+
+def _short(error: BaseException) -> str:
+    """The first line of an exception (orbax/tensorstore errors run to pages)."""
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first[:300]}"
+
+
+_QUIETED = False
+
+
+def _quiet_abandoned_reads() -> None:
+    """Silence what a failed orbax restore leaves behind (installed once per process, before restoring).
+
+    orbax stops at the first tensorstore read that fails; the reads still in flight then complete onto its
+    closed event loop (a 'RuntimeError: Event loop is closed' traceback each) or are garbage-collected with
+    their errors unretrieved (an asyncio error each): pages of noise after the one warning that matters.
+    """
+    global _QUIETED
+    if _QUIETED:
+        return
+    _QUIETED = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda r: not (str(r.msg).startswith("Future exception was never "
+                                                                 "retrieved") and "tensorstore" in r.getMessage()))
+
+
+def _updates_done(opt_state: Any, step: int) -> int:
+    """Optimizer updates applied after `step` micro-steps: MultiSteps counts them, else one per step."""
+    if isinstance(opt_state, optax.MultiStepsState):
+        return int(opt_state.gradient_step)
+    return step
+
+
+def _updates_before(opt_state: Any, step: int) -> int:
+    """Updates applied before micro-step `step`, from the state after it (MultiSteps resets mini_step on one)."""
+    if isinstance(opt_state, optax.MultiStepsState):
+        return int(opt_state.gradient_step) - int(int(opt_state.mini_step) == 0)
+    return step - 1
+
+
+def _first_nonfinite(metrics: dict[str, float]) -> str | None:
+    """The first NaN/inf metric, the loss before the others; None if all are finite."""
+    for name in sorted(metrics, key=lambda k: (k != "loss", k)):
+        if not math.isfinite(metrics[name]):
+            return name
+    return None
 
 
 def _batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
@@ -189,6 +305,9 @@ class Trainer:
       log_dir: directory for metrics.jsonl (and TensorBoard events).
       config: JSON-able description of the run (model/stage/data settings); its fingerprint, with the
         parameter structure, must match a checkpoint's to resume from it.
+      allow_config_change: resume a checkpoint whose config differs (deliberately changed optimizer settings
+        or steps): the difference is logged and recorded instead of raising CheckpointMismatchError. The
+        state's structure (parameters, optimizer state) must still match.
       save_every: checkpoint every this many steps (and always at the end of `fit`).
       max_to_keep: checkpoints kept on disk.
       rng: seed or key; step k's key is fold_in(key, k).
@@ -202,7 +321,7 @@ class Trainer:
                  log_dir: str | os.PathLike | None = None, config: Any = None, save_every: int = 1000,
                  max_to_keep: int = 3, rng: int | jax.Array = 0,
                  rules=parallel.DEFAULT_RULES, min_shard_size: int = 2 ** 12, progress: bool = True,
-                 async_checkpoints: bool = True):
+                 async_checkpoints: bool = True, allow_config_change: bool = False):
         if save_every < 1:
             raise ValueError(f"save_every={save_every} must be >= 1")
         self.mesh = parallel.make_mesh() if mesh is None else mesh
@@ -239,18 +358,28 @@ class Trainer:
         self._fingerprint = _fingerprint([self._config, self._structure])
         self._pending_data_state = None
         self._step = 0
+        self._allow_config_change = allow_config_change
+        self.restore_info: dict[str, Any] = {"step": None, "quarantined": [], "config_changes": []}
         self.ckpt_dir = None if ckpt_dir is None else os.path.abspath(os.fspath(ckpt_dir))
-        self._mngr = None
+        self.log_dir = None if log_dir is None or jax.process_index() != 0 else os.fspath(log_dir)
+        self._mngr = self._jsonl = self._tb = None
+        metrics_path = None if self.log_dir is None else os.path.join(self.log_dir, "metrics.jsonl")
+        if metrics_path is not None:
+            self._repair_metrics(metrics_path)          # before any work: a damaged file fails fast
         if self.ckpt_dir is not None:
             options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                                    enable_async_checkpointing=async_checkpoints)
             self._mngr = ocp.CheckpointManager(self.ckpt_dir, options=options, item_names=("state", "meta"))
-            self._restore_latest()
-        self._jsonl = self._tb = None
-        if log_dir is not None and jax.process_index() == 0:
-            os.makedirs(log_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")
-            self._tb = _open_tensorboard(os.fspath(log_dir))
+            try:
+                self._restore_latest()
+            except BaseException:
+                self.close()
+                raise
+        if self.log_dir is not None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._record_config_changes()
+            self._jsonl = open(metrics_path, "a")
+            self._tb = _open_tensorboard(self.log_dir)
 
     # ------------------------------------------------------------------ state views
     @property
@@ -318,23 +447,109 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _restore_latest(self) -> None:
-        step = self._mngr.latest_step()
-        if step is None:
+        """Restore the newest checkpoint that reads back; newer ones that do not are quarantined."""
+        steps = sorted(self._mngr.all_steps(), reverse=True)
+        if steps:
+            _quiet_abandoned_reads()
+        for step in steps:
+            try:
+                meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as e:                      # a truncated or garbled metadata file
+                self._quarantine(step, e)
+                continue
+            changes = self._check_compatible(step, meta)
+            fresh = self.state
+            try:
+                state = self._restore_state(step)
+            except Exception as e:                      # a truncated or missing array file
+                self._quarantine(step, e)
+                continue
+            if changes:
+                state = state._replace(opt_state=_with_new_hyperparams(fresh.opt_state, state.opt_state))
+            self.state, self._pending_data_state, self._step = state, meta["data"], step
+            self.restore_info.update(step=step, config_changes=changes)
+            log.info("resumed from %s at step %d", self.ckpt_dir, step)
             return
-        meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta.get("fingerprint") != self._fingerprint:
-            raise CheckpointMismatchError(
-                f"checkpoint directory {self.ckpt_dir} (step {step}) was written by a different run "
-                f"configuration (differs in {_config_diff(meta.get('config'), self._config)}); resume with "
-                "the same config, or use a new ckpt_dir")
+        if self.restore_info["quarantined"]:
+            bad = "; ".join(f"step {q['step']}: {q['error']}" for q in self.restore_info["quarantined"])
+            raise CheckpointError(
+                f"no checkpoint in {self.ckpt_dir} restores ({bad}); each was moved aside to <step>.corrupt-<n> "
+                "there. Run again to start from step 0, or move an intact copy of a step directory back")
+
+    def _restore_state(self, step: int) -> TrainState:
         leaves, treedef = jax.tree.flatten(self.state)
         abstract = {f"{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                     for i, x in enumerate(leaves)}
         restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        self.state = jax.tree.unflatten(treedef, [restored["state"][f"{i:05d}"] for i in range(len(leaves))])
-        self._pending_data_state = meta["data"]
-        self._step = step
-        log.info("resumed from %s at step %d", self.ckpt_dir, step)
+        return jax.tree.unflatten(treedef, [restored["state"][f"{i:05d}"] for i in range(len(leaves))])
+
+    def _check_compatible(self, step: int, meta: dict) -> list[str]:
+        """The config changes this checkpoint resumes across ([] if none); raises if it cannot resume."""
+        if meta.get("fingerprint") == self._fingerprint:
+            return []
+        old = meta.get("config")
+        same_structure = meta.get("structure") == json.loads(json.dumps(self._structure))
+        if same_structure and self._allow_config_change:
+            changes = _config_changes(old, self._config)
+            log.warning("resuming %s step %d with a changed configuration (allow_config_change): %s",
+                        self.ckpt_dir, step, "; ".join(changes))
+            return changes
+        if same_structure:
+            fix = ("resume with the same config, pass allow_config_change=True to resume it with the new "
+                   "settings, or use a new ckpt_dir")
+        else:
+            fix = ("the saved state cannot be loaded into this one (allow_config_change cannot help): use a new "
+                   f"ckpt_dir, or delete {self.ckpt_dir} to start from step 0")
+        raise CheckpointMismatchError(
+            f"checkpoint directory {self.ckpt_dir} (step {step}) was written by a different run configuration "
+            f"(differs in {_config_diff(old, self._config, same_structure)}); {fix}")
+
+    def _move_aside(self, step: int, label: str) -> str:
+        """Rename a step directory to `<step>.<label>-<n>`, a name orbax does not read as a step; returns it."""
+        src = os.path.join(self.ckpt_dir, str(step))
+        n = 1
+        while os.path.exists(f"{src}.{label}-{n}"):
+            n += 1
+        dst = f"{src}.{label}-{n}"
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        self._mngr.reload()
+        return dst
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        dst = self._move_aside(step, "corrupt")
+        log.warning("checkpoint step %d in %s does not restore (%s); moved it to %s and trying the next older "
+                    "checkpoint", step, self.ckpt_dir, _short(error), dst)
+        self.restore_info["quarantined"].append({"step": step, "moved_to": dst, "error": _short(error)})
+
+    def _set_aside_replaying(self, updates: int) -> list[str]:
+        """Move aside the checkpoints that hold the parameters a non-finite step started from (those after
+        `updates` updates): resuming one replays the same batch on the same parameters, whatever the settings."""
+        moved = []
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            try:
+                meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception:                           # unreadable: the next resume quarantines it
+                continue
+            if meta.get("updates", step) != updates:
+                break
+            moved.append(self._move_aside(step, "nonfinite"))
+        return moved
+
+    def _repair_metrics(self, path: str) -> None:
+        torn = metrics_file.repair(path)
+        if torn:
+            log.warning("%s ended in a line cut off mid-write (%d bytes, a run killed while logging); removed "
+                        "it, the step it held is logged again", path, len(torn))
+
+    def _record_config_changes(self) -> None:
+        changes = self.restore_info["config_changes"]
+        if not changes:
+            return
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": self.restore_info["step"],
+                 "changes": changes}
+        with open(os.path.join(self.log_dir, "config_history.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
     def save(self, data: BatchSource | None = None) -> None:
         """Checkpoint the current state (and `data`'s position) unless this step is already saved."""
@@ -345,7 +560,8 @@ class Trainer:
             return
         leaves = jax.tree.leaves(self.state)
         meta = {"step": step, "data": None if data is None else data.state(), "fingerprint": self._fingerprint,
-                "config": self._config, "structure": self._structure}
+                "config": self._config, "structure": self._structure,
+                "updates": _updates_done(self.state.opt_state, step)}
         self._mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({f"{i:05d}": x for i, x in enumerate(leaves)}),
             meta=ocp.args.JsonSave(meta)), force=True)
@@ -381,7 +597,9 @@ class Trainer:
                     self.state, metrics = self._step_fn(self.state, self._frozen, self._put_batch(batch))
                 self._step = step
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                self._check_finite(step, metrics)
+                bad = _first_nonfinite(metrics)
+                if bad is not None:
+                    raise self._nonfinite_error(step, bad, metrics[bad])
                 now = time.perf_counter()
                 metrics["tokens_per_s"] = _batch_tokens(batch) / max(now - t_last, 1e-9)
                 t_last = now
@@ -400,13 +618,29 @@ class Trainer:
                 self._mngr.wait_until_finished()
         return history
 
-    @staticmethod
-    def _check_finite(step: int, metrics: dict[str, float]) -> None:
-        for name in sorted(metrics, key=lambda k: (k != "loss", k)):      # name the loss first
-            value = metrics[name]
-            if not math.isfinite(value):
-                raise NonFiniteError(f"step {step}: metric {name!r} is {value}; training stopped (the last "
-                                     "checkpoint before this step is intact)")
+    def _nonfinite_error(self, step: int, metric: str, value: float) -> NonFiniteError:
+        """The error for a NaN/inf metric, saying truthfully which checkpoint a re-run resumes from."""
+        saved, moved = None, []
+        if self._mngr is not None:
+            self._mngr.wait_until_finished()                # a save in flight counts once it is on disk
+            moved = self._set_aside_replaying(_updates_before(self.state.opt_state, step))
+            saved = self._mngr.latest_step()
+        where = []
+        if moved:
+            where.append(f"the checkpoints {moved} hold the parameters this step started from (resuming one "
+                         "would repeat it), so they were moved aside")
+        if self.ckpt_dir is None:
+            where.append("this Trainer has no ckpt_dir, so nothing was saved")
+        elif saved is None:
+            where.append(f"no {'other ' if moved else ''}checkpoint is in {self.ckpt_dir}: a re-run starts from "
+                         "step 0")
+        else:
+            where.append(f"the newest checkpoint is step {saved} in {self.ckpt_dir}: a re-run resumes from it")
+        return NonFiniteError(
+            f"step {step}: metric {metric!r} is {value}; training stopped; {'; '.join(where)}. Lower the learning "
+            "rate, clip gradients harder (a smaller clip_norm) or check the data for bad values (to resume a "
+            "checkpoint with changed optimizer settings, pass allow_config_change=True)",
+            step=step, metric=metric, value=value, checkpoint_step=saved, ckpt_dir=self.ckpt_dir, set_aside=moved)
 
     def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self._jsonl is not None:

@@ -10,11 +10,13 @@ is touched and nothing needs a display.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from l2m_jax.train import metrics_file
 
 # metrics drawn when present, in this order: the losses and, for DPO, what the loss is made of
 CURVES = ("loss", "ce", "kl", "reward_margin", "reward_accuracy")
@@ -24,21 +26,18 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
     """The per-step metrics of a Trainer's `metrics.jsonl`, one dict per step in step order.
 
     A step logged twice (a run killed after logging but before its checkpoint, then resumed) keeps its last
-    record. A missing file gives an empty list; an unreadable line raises naming the file and line.
+    record. A missing file gives an empty list. A torn last line (a kill mid-write) is left out with a warning;
+    a bad line before it raises `MetricsFileError` naming the file and line.
     """
     path = Path(path)
     if not path.exists():
         return []
-    by_step: dict[int, dict[str, float]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n} is not JSON ({e})") from e
-        if "step" in record:
-            by_step[int(record["step"])] = record
+    data = path.read_bytes()
+    records, end = metrics_file.parse(path, data)
+    if end < len(data):
+        warnings.warn(f"{path}: ignoring its last line, cut off mid-write ({len(data) - end} bytes; a run "
+                      "killed while logging); resuming the run logs that step again", stacklevel=2)
+    by_step = {int(r["step"]): r for r in records if "step" in r}
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -113,7 +113,7 @@ def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Seque
     if dpo:
         if not plan:
             raise StageError("DPO needs a hybrid student: enable stage 1 or SFT rounds")
-        plan.append(PlannedStage(f"dpo-{_mamba_pct(n_layers, prev, None)}", "dpo", prev))
+        plan.append(PlannedStage(f"dpo-{plan[-1].name.partition('-')[2]}", "dpo", prev))
     return plan
 
 
@@ -131,6 +131,7 @@ class StageSettings:
     seed: int = 0
     save_every: int = 1000
     progress: bool = True
+    allow_config_change: bool = False   # resume a checkpoint made with other optimizer settings or steps
 
 
 @dataclasses.dataclass
@@ -139,6 +140,7 @@ class StageResult:
     params: Any                     # the trained model, each leaf in its input dtype
     history: list[dict[str, float]]  # metrics of the steps this call ran (empty if it resumed at the end)
     start_step: int                 # micro-steps already done when this call began (> 0: resumed)
+    restore: dict = dataclasses.field(default_factory=dict)   # what resuming found: Trainer.restore_info
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -190,8 +192,9 @@ def _all(tree: Any, value: bool) -> Any:
 
 # ------------------------------------------------------------------------------------------------ running
 def _run(name: str, loss_fn: Callable, params: dict, mask: dict, data: dict[str, np.ndarray],
-         settings: StageSettings, *, mesh: Mesh | None, ckpt_dir, log_dir, config: Any) -> tuple[Any, list, int]:
-    """Train with a Trainer; returns (full trained params, history, start micro-step)."""
+         settings: StageSettings, *, mesh: Mesh | None, ckpt_dir, log_dir,
+         config: Any) -> tuple[Any, list, int, dict]:
+    """Train with a Trainer; returns (full trained params, history, start micro-step, Trainer.restore_info)."""
     accum = settings.preset.accum_steps
     run_config = {"stage": name, "config": config, "steps": settings.steps, "batch_size": settings.batch_size,
                   "seed": settings.seed, "preset": dataclasses.asdict(settings.preset),
@@ -200,10 +203,11 @@ def _run(name: str, loss_fn: Callable, params: dict, mask: dict, data: dict[str,
     with Trainer(loss_fn, params, mask, settings.preset.make_optimizer(settings.steps), mesh,
                  ckpt_dir=None if ckpt_dir is None else os.fspath(ckpt_dir),
                  log_dir=None if log_dir is None else os.fspath(log_dir), config=run_config,
-                 save_every=settings.save_every, rng=settings.seed, progress=settings.progress) as trainer:
+                 save_every=settings.save_every, rng=settings.seed, progress=settings.progress,
+                 allow_config_change=settings.allow_config_change) as trainer:
         start = trainer.step
         history = trainer.fit(batches, settings.steps * accum)
-        return trainer.params, history, start
+        return trainer.params, history, start, trainer.restore_info
 
 
 def _like(new: Any, old: Any) -> Any:
@@ -216,11 +220,12 @@ def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha
     """Stage-1 loss over params {"student", "teacher"} and a distill batch (see `losses.stage1_loss`).
 
     A batch without "loss_mask" makes every token a target; remat rematerialises both models' layers.
+    Token ids are not range-checked inside the step: the stages check their data once (`_check_data`).
     """
     def loss_fn(params, batch, rng):
         tokens = batch["tokens"]                                                    # [B, L]
-        t_logits, _ = forward(teacher_cfg, params["teacher"], tokens, remat=remat)  # [B, L, V]
-        s_logits, _ = forward(student_cfg, params["student"], tokens, remat=remat)  # [B, L, V]
+        t_logits, _ = forward(teacher_cfg, params["teacher"], tokens, remat=remat, checked=False)  # [B, L, V]
+        s_logits, _ = forward(student_cfg, params["student"], tokens, remat=remat, checked=False)  # [B, L, V]
         targets, target_mask = losses.shift_for_next_token(tokens, batch.get("loss_mask"))
         return losses.stage1_loss(s_logits, jax.lax.stop_gradient(t_logits), targets, target_mask, alpha=alpha,
                                   beta=beta, kl_reduction=kl_reduction, temperature=temperature)
@@ -251,17 +256,18 @@ def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray]
     mask = {"student": trainable_mask(s_params, s_cfg, trains), "teacher": _all(t_params, False)}
     loss_fn = distill_loss_fn(s_cfg, t_cfg, alpha=alpha, beta=beta, kl_reduction=kl_reduction,
                               temperature=temperature)
-    trained, history, start = _run("stage1", loss_fn, params, mask, arrays, settings, mesh=mesh,
-                                   ckpt_dir=ckpt_dir, log_dir=log_dir,
-                                   config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
-                                           "kl_reduction": kl_reduction, "temperature": temperature,
-                                           "trains": trains, "extra": config})
-    return StageResult(s_cfg, _like(trained["student"], s_params), history, start)
+    trained, history, start, restore = _run(
+        "stage1", loss_fn, params, mask, arrays, settings, mesh=mesh,
+        ckpt_dir=ckpt_dir, log_dir=log_dir,
+        config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
+                "kl_reduction": kl_reduction, "temperature": temperature,
+                "trains": trains, "extra": config})
+    return StageResult(s_cfg, _like(trained["student"], s_params), history, start, restore)
 
 
 def sft_loss_fn(cfg: ModelConfig) -> Callable:
     def loss_fn(params, batch, rng):
-        logits, _ = forward(cfg, params, batch["tokens"])                           # [B, L, V]
+        logits, _ = forward(cfg, params, batch["tokens"], checked=False)            # [B, L, V]
         return losses.sft_loss(logits, batch["tokens"], batch["loss_mask"])
     return loss_fn
 
@@ -271,10 +277,11 @@ def sft_stage(student: Model, data: Mapping[str, np.ndarray], settings: StageSet
     """Stage 2 (or a further SFT round): next-token CE on the response tokens; every parameter trains."""
     cfg, params = student
     arrays = _check_data(data, DISTILL_KEYS, stage="SFT", cfg=cfg, settings=settings, mesh=mesh)
-    trained, history, start = _run("sft", sft_loss_fn(cfg), params, trainable_mask(params, cfg, "sft"), arrays,
-                                   settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
-                                   config={"student": cfg.to_dict(), "extra": config})
-    return StageResult(cfg, _like(trained, params), history, start)
+    trained, history, start, restore = _run(
+        "sft", sft_loss_fn(cfg), params, trainable_mask(params, cfg, "sft"), arrays,
+        settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
+        config={"student": cfg.to_dict(), "extra": config})
+    return StageResult(cfg, _like(trained, params), history, start, restore)
 
 
 def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float) -> Callable:
@@ -283,8 +290,8 @@ def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float) -
         b = batch["chosen_tokens"].shape[0]
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)    # [2B, L]
         mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)          # [2B, L]
-        p_logits, _ = forward(policy_cfg, params["policy"], tokens)                             # [2B, L, V]
-        r_logits, _ = forward(ref_cfg, params["reference"], tokens)
+        p_logits, _ = forward(policy_cfg, params["policy"], tokens, checked=False)              # [2B, L, V]
+        r_logits, _ = forward(ref_cfg, params["reference"], tokens, checked=False)
         p = losses.sequence_logprobs(p_logits, tokens, mask)                                    # [2B]
         r = jax.lax.stop_gradient(losses.sequence_logprobs(r_logits, tokens, mask))
         return losses.dpo_loss(p[:b], p[b:], r[:b], r[b:], beta=beta)
@@ -304,11 +311,12 @@ def dpo_stage(policy: Model, reference: Model, data: Mapping[str, np.ndarray], s
     arrays = _check_data(data, DPO_KEYS, stage="DPO", cfg=p_cfg, settings=settings, mesh=mesh)
     params = {"policy": p_params, "reference": r_params}
     mask = {"policy": trainable_mask(p_params, p_cfg, "dpo"), "reference": _all(r_params, False)}
-    trained, history, start = _run("dpo", dpo_loss_fn(p_cfg, r_cfg, beta=settings.preset.dpo_beta), params,
-                                   mask, arrays, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
-                                   config={"policy": p_cfg.to_dict(), "reference": r_cfg.to_dict(),
-                                           "extra": config})
-    return StageResult(p_cfg, _like(trained["policy"], p_params), history, start)
+    trained, history, start, restore = _run(
+        "dpo", dpo_loss_fn(p_cfg, r_cfg, beta=settings.preset.dpo_beta), params,
+        mask, arrays, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
+        config={"policy": p_cfg.to_dict(), "reference": r_cfg.to_dict(),
+                "extra": config})
+    return StageResult(p_cfg, _like(trained["policy"], p_params), history, start, restore)
 
 
 # ------------------------------------------------------------------------------------------------ DPO data
