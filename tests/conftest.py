@@ -18,3 +18,20 @@ def torch_cpu():
     torch.set_num_threads(2)
     torch.manual_seed(0)
     return torch
+
+
+def save_tiny_chat_teacher(directory) -> dict:
+    """The tiny random teacher with the byte-level ChatML tokenizer, saved (l2m format + tokenizer) in
+    `directory`: {"dir", "cfg", "params", "tok"} for the command-line and adapter tests."""
+    import jax
+
+    import l2m_jax
+    from l2m_jax.recipe.data import byte_chatml_tokenizer
+
+    tok = byte_chatml_tokenizer()
+    cfg = l2m_jax.ModelConfig.tiny(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                   max_position_embeddings=256)
+    params = l2m_jax.init_params(cfg, jax.random.key(0))
+    l2m_jax.save(str(directory), cfg, params, format="l2m")
+    tok.save_pretrained(str(directory))
+    return dict(dir=str(directory), cfg=cfg, params=params, tok=tok)
