@@ -14,7 +14,8 @@ from typing import Dict, List, Optional
 STAGE_KINDS = ("stage0", "stage1", "sft", "dpo")
 # what resume_with_changes=true lets differ from an out's config.yaml: these keys of every stage, and `steps`
 # of a stage kind none of whose stages has finished; data, model, loss and batch settings stay refused
-CHANGEABLE_ON_RESUME = ("lr", "betas", "eps", "weight_decay", "clip_norm", "warmup_steps", "warmup_ratio")
+CHANGEABLE_ON_RESUME = ("lr", "betas", "eps", "weight_decay", "clip_norm", "warmup_steps", "warmup_ratio",
+                        "loss_chunk")
 INITS = ("mil", "conv", "norm", "calibrated", "random")     # l2m_jax.convert.hybridize.INITS
 
 
@@ -84,6 +85,7 @@ class StageConfig:
     clip_norm: Optional[float] = 1.0
     warmup_steps: Optional[int] = None   # exactly one of warmup_steps / warmup_ratio
     warmup_ratio: Optional[float] = 0.1
+    loss_chunk: Optional[int] = None     # positions per chunk of the loss (no whole [B, L, V] fp32 logits); null: off
 
 
 @dataclasses.dataclass
@@ -192,6 +194,8 @@ def check_config(c) -> None:
             problems.append(f"{name}.batch_size and {name}.accum_steps must be >= 1")
         if (s.warmup_steps is None) == (s.warmup_ratio is None):
             problems.append(f"{name}: set exactly one of warmup_steps and warmup_ratio (the other to null)")
+        if s.loss_chunk is not None and s.loss_chunk < 1:
+            problems.append(f"{name}.loss_chunk={s.loss_chunk} must be a positive number of positions (or null)")
         if len(s.betas) != 2:
             problems.append(f"{name}.betas must be two numbers, got {list(s.betas)}")
     needs_labels = (bool(c.stage1.attn_fractions) or "pseudo_labels" in c.data.sft

@@ -244,15 +244,16 @@ def _train(run: Run, stage, student, data, settings, dirs: dict, reference=None)
     c = run.c
     if stage.kind == "stage0":
         return align_stage(student, run.teacher, data, settings, **dirs)
+    chunk = {"loss_chunk": getattr(c, stage.kind).loss_chunk}
     if stage.kind == "stage1":
         return stages.distill_stage(student, run.teacher, data, settings, kl_reduction=c.stage1.kl_reduction,
-                                    temperature=c.stage1.temperature, **dirs)
+                                    temperature=c.stage1.temperature, **chunk, **dirs)
     if stage.kind == "sft" and c.sft.loss == "kd":     # MiL's end-to-end KD: every parameter, against the teacher
         return stages.distill_stage(student, run.teacher, data, settings, kl_reduction=c.stage1.kl_reduction,
-                                    temperature=c.stage1.temperature, trains="kd", **dirs)
+                                    temperature=c.stage1.temperature, trains="kd", **chunk, **dirs)
     if stage.kind == "sft":
-        return stages.sft_stage(student, data, settings, **dirs)
-    return stages.dpo_stage(student, reference, data, settings, **dirs)
+        return stages.sft_stage(student, data, settings, **chunk, **dirs)
+    return stages.dpo_stage(student, reference, data, settings, **chunk, **dirs)
 
 
 def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:

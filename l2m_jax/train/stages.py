@@ -39,7 +39,7 @@ from ..convert.hybridize import attention_layers_for, stepwise_order
 from ..data.chat import DataError
 from ..data.packing import BatchIterator
 from ..models import forward
-from . import losses
+from . import chunked, losses
 from .loop import Trainer
 from .optim import StagePreset, trainable_mask
 
@@ -215,15 +215,35 @@ def _like(new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: a.astype(b.dtype), new, old)
 
 
+def _check_loss_chunk(loss_chunk: int | None) -> None:
+    if loss_chunk is not None and (isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int)
+                                   or loss_chunk < 1):
+        raise StageError(f"loss_chunk={loss_chunk!r} must be a positive int (positions per chunk) or None")
+
+
 def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha: float, beta: float,
-                    kl_reduction: str = "token_mean", temperature: float = 1.0, remat: bool = False) -> Callable:
+                    kl_reduction: str = "token_mean", temperature: float = 1.0, remat: bool = False,
+                    loss_chunk: int | None = None) -> Callable:
     """Stage-1 loss over params {"student", "teacher"} and a distill batch (see `losses.stage1_loss`).
 
     A batch without "loss_mask" makes every token a target; remat rematerialises both models' layers.
     Token ids are not range-checked inside the step: the stages check their data once (`_check_data`).
+    loss_chunk: None computes whole [B, L, V] logits; an int computes the loss from the hidden states in chunks
+    of that many positions (`chunked.stage1_loss_chunked`: the same loss, no [B, L, V] float32 tensor).
     """
+    _check_loss_chunk(loss_chunk)
+
     def loss_fn(params, batch, rng):
         tokens = batch["tokens"]                                                    # [B, L]
+        if loss_chunk is not None:
+            targets, target_mask = losses.shift_for_next_token(tokens, batch.get("loss_mask"))
+            t_hidden, t_head = jax.lax.stop_gradient(
+                chunked.hidden_and_head(teacher_cfg, params["teacher"], tokens, remat=remat))  # [B, L, Dt], [Dt, V]
+            s_hidden, s_head = chunked.hidden_and_head(student_cfg, params["student"], tokens,
+                                                       remat=remat)                # [B, L, D], [D, V]
+            return chunked.stage1_loss_chunked(s_hidden, t_hidden, s_head, t_head, targets, target_mask,
+                                               alpha=alpha, beta=beta, kl_reduction=kl_reduction,
+                                               temperature=temperature, chunk=loss_chunk)
         t_logits, _ = forward(teacher_cfg, params["teacher"], tokens, remat=remat, checked=False)  # [B, L, V]
         s_logits, _ = forward(student_cfg, params["student"], tokens, remat=remat, checked=False)  # [B, L, V]
         targets, target_mask = losses.shift_for_next_token(tokens, batch.get("loss_mask"))
@@ -234,13 +254,14 @@ def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha
 
 def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
                   kl_reduction: str = "token_mean", temperature: float = 1.0, mesh: Mesh | None = None,
-                  ckpt_dir=None, log_dir=None, config: Any = None, trains: str = "stage1") -> StageResult:
+                  ckpt_dir=None, log_dir=None, config: Any = None, trains: str = "stage1",
+                  loss_chunk: int | None = None) -> StageResult:
     """Stage 1 (one progressive round): train the student's Mamba mixers on α·CE + β·KL against the teacher.
 
     α, β are settings.preset.ce_weight / kl_weight. kl_reduction "token_mean" (default) averages the KL over
     the target positions; "mil" is the original's unmasked sum over positions divided by the batch size.
     trains="kd" trains every student parameter instead (MiL's later end-to-end KD; also how a draft model
-    for speculative decoding is distilled).
+    for speculative decoding is distilled). loss_chunk: see `distill_loss_fn` (None: whole logits).
     """
     (s_cfg, s_params), (t_cfg, t_params) = student, teacher
     _check_pair(s_cfg, t_cfg, "teacher")
@@ -255,7 +276,7 @@ def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray]
         raise StageError(f"trains={trains!r}; choose 'stage1' (Mamba mixers only) or 'kd' (everything)")
     mask = {"student": trainable_mask(s_params, s_cfg, trains), "teacher": _all(t_params, False)}
     loss_fn = distill_loss_fn(s_cfg, t_cfg, alpha=alpha, beta=beta, kl_reduction=kl_reduction,
-                              temperature=temperature)
+                              temperature=temperature, loss_chunk=loss_chunk)
     trained, history, start, restore = _run(
         "stage1", loss_fn, params, mask, arrays, settings, mesh=mesh,
         ckpt_dir=ckpt_dir, log_dir=log_dir,
@@ -265,31 +286,52 @@ def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray]
     return StageResult(s_cfg, _like(trained["student"], s_params), history, start, restore)
 
 
-def sft_loss_fn(cfg: ModelConfig) -> Callable:
+def sft_loss_fn(cfg: ModelConfig, *, loss_chunk: int | None = None) -> Callable:
+    """SFT loss (`losses.sft_loss`); loss_chunk as in `distill_loss_fn` (`chunked.sft_loss_chunked`)."""
+    _check_loss_chunk(loss_chunk)
+
     def loss_fn(params, batch, rng):
+        if loss_chunk is not None:
+            hidden, head = chunked.hidden_and_head(cfg, params, batch["tokens"])   # [B, L, D], [D, V]
+            return chunked.sft_loss_chunked(hidden, head, batch["tokens"], batch["loss_mask"], chunk=loss_chunk)
         logits, _ = forward(cfg, params, batch["tokens"], checked=False)            # [B, L, V]
         return losses.sft_loss(logits, batch["tokens"], batch["loss_mask"])
     return loss_fn
 
 
 def sft_stage(student: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
-              mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
-    """Stage 2 (or a further SFT round): next-token CE on the response tokens; every parameter trains."""
+              mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None,
+              loss_chunk: int | None = None) -> StageResult:
+    """Stage 2 (or a further SFT round): next-token CE on the response tokens; every parameter trains.
+
+    loss_chunk: see `distill_loss_fn` (None: whole logits)."""
     cfg, params = student
     arrays = _check_data(data, DISTILL_KEYS, stage="SFT", cfg=cfg, settings=settings, mesh=mesh)
     trained, history, start, restore = _run(
-        "sft", sft_loss_fn(cfg), params, trainable_mask(params, cfg, "sft"), arrays,
+        "sft", sft_loss_fn(cfg, loss_chunk=loss_chunk), params, trainable_mask(params, cfg, "sft"), arrays,
         settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
         config={"student": cfg.to_dict(), "extra": config})
     return StageResult(cfg, _like(trained, params), history, start, restore)
 
 
-def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float) -> Callable:
-    """Sigmoid DPO over params {"policy", "reference"}; chosen and rejected rows share one forward."""
+def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float,
+                loss_chunk: int | None = None) -> Callable:
+    """Sigmoid DPO over params {"policy", "reference"}; chosen and rejected rows share one forward.
+
+    loss_chunk as in `distill_loss_fn` (`chunked.sequence_logprobs_chunked`)."""
+    _check_loss_chunk(loss_chunk)
+
     def loss_fn(params, batch, rng):
         b = batch["chosen_tokens"].shape[0]
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)    # [2B, L]
         mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)          # [2B, L]
+        if loss_chunk is not None:
+            p_hidden, p_head = chunked.hidden_and_head(policy_cfg, params["policy"], tokens)    # [2B, L, D], [D, V]
+            r_hidden, r_head = jax.lax.stop_gradient(
+                chunked.hidden_and_head(ref_cfg, params["reference"], tokens))
+            p = chunked.sequence_logprobs_chunked(p_hidden, p_head, tokens, mask, loss_chunk)   # [2B]
+            r = chunked.sequence_logprobs_chunked(r_hidden, r_head, tokens, mask, loss_chunk)
+            return losses.dpo_loss(p[:b], p[b:], r[:b], r[b:], beta=beta)
         p_logits, _ = forward(policy_cfg, params["policy"], tokens, checked=False)              # [2B, L, V]
         r_logits, _ = forward(ref_cfg, params["reference"], tokens, checked=False)
         p = losses.sequence_logprobs(p_logits, tokens, mask)                                    # [2B]
@@ -299,10 +341,12 @@ def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float) -
 
 
 def dpo_stage(policy: Model, reference: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
-              mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
+              mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None,
+              loss_chunk: int | None = None) -> StageResult:
     """Stage 3: DPO of the policy against a frozen reference (the teacher, or a copy of the SFT student).
 
     β is settings.preset.dpo_beta. The reference's parameters are a frozen part of the Trainer's params.
+    loss_chunk: see `distill_loss_fn` (None: whole logits).
     """
     (p_cfg, p_params), (r_cfg, r_params) = policy, reference
     _check_pair(p_cfg, r_cfg, "reference")
@@ -312,7 +356,7 @@ def dpo_stage(policy: Model, reference: Model, data: Mapping[str, np.ndarray], s
     params = {"policy": p_params, "reference": r_params}
     mask = {"policy": trainable_mask(p_params, p_cfg, "dpo"), "reference": _all(r_params, False)}
     trained, history, start, restore = _run(
-        "dpo", dpo_loss_fn(p_cfg, r_cfg, beta=settings.preset.dpo_beta), params,
+        "dpo", dpo_loss_fn(p_cfg, r_cfg, beta=settings.preset.dpo_beta, loss_chunk=loss_chunk), params,
         mask, arrays, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
         config={"policy": p_cfg.to_dict(), "reference": r_cfg.to_dict(),
                 "extra": config})
