@@ -77,44 +77,68 @@ def stage1_setup(t_cfg, s_cfg, key):
     return t_params, dict(t_params, layers=layers)
 
 
-def time_steps(step, state, batch, reps):
-    state, m = step(state, batch)                     # compile + warm-up
+def time_steps(step, state, args, reps):
+    """Median seconds of step(state, *args) -> (state, metric) over `reps` calls after a compiling warm-up."""
+    state, m = step(state, *args)                     # compile + warm-up
     jax.block_until_ready(m)
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        state, m = step(state, batch)
+        state, m = step(state, *args)
         jax.block_until_ready(m)
         ts.append(time.perf_counter() - t)
     return float(np.median(ts)), m
+
+
+def stage1_step(t_cfg, s_cfg, opt):
+    """step((train, opt_state), frozen, teacher, tokens) -> ((train, opt_state), loss).
+
+    Every array is an argument: the trainable mixers and their moments (donated), the student's frozen
+    leaves and the frozen teacher (not donated; they share buffers). Nothing is closed over, so jit never
+    bakes parameters into the program as constants (at 8B shapes that was 16 GB of them)."""
+    stage1 = distill_loss_fn(s_cfg, t_cfg, alpha=1.0, beta=0.1, remat=True)
+
+    def loss_fn(train, frozen, teacher, tokens):
+        return stage1({"student": merge(train, frozen), "teacher": teacher}, {"tokens": tokens}, None)
+
+    def step(state, frozen, teacher, tokens):
+        train, opt_state = state
+        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(train, frozen, teacher, tokens)
+        upd, opt_state = opt.update(g, opt_state, train)
+        return (jax.tree.map(lambda p, u: p + u, train, upd), opt_state), m["loss"]
+    return step
+
+
+def stage1_opt():
+    return make_optimizer(lr=8e-5, betas=(0.9, 0.98), clip_norm=0.1, warmup_steps=10, total_steps=1000)
 
 
 def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key):
     t_params, s_params = stage1_setup(t_cfg, s_cfg, key)
     mask = trainable_mask(s_params, s_cfg, "stage1")
     train, frozen = split_trainable(s_params, mask)
-    opt = make_optimizer(lr=8e-5, betas=(0.9, 0.98), clip_norm=0.1, warmup_steps=10, total_steps=1000)
+    opt = stage1_opt()
     opt_state = opt.init(train)
     tokens = jax.random.randint(key, (batch, seq), 0, t_cfg.vocab_size, jnp.int32)
-
-    stage1 = distill_loss_fn(s_cfg, t_cfg, alpha=1.0, beta=0.1, remat=True)
-
-    def loss_fn(train, frozen, tokens):
-        return stage1({"student": merge(train, frozen), "teacher": t_params}, {"tokens": tokens}, None)
-
-    def step(state, tokens):
-        train, opt_state = state
-        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(train, frozen, tokens)
-        upd, opt_state = opt.update(g, opt_state, train)
-        return (jax.tree.map(lambda p, u: p + u, train, upd), opt_state), m["loss"]
-
-    t, loss = time_steps(jax.jit(step, donate_argnums=(0,)), (train, opt_state), tokens, reps)
     n_train = sum(x.size for x in jax.tree.leaves(train) if x.ndim == 2)
+    step = jax.jit(stage1_step(t_cfg, s_cfg, opt), donate_argnums=(0,))
+    t, loss = time_steps(step, (train, opt_state), (frozen, t_params, tokens), reps)
     n_tok = batch * seq
     flops = (forward_flops(t_cfg, t_params, n_tok, seq) + 2 * forward_flops(s_cfg, s_params, n_tok, seq)
              + 2.0 * n_train * n_tok)
     return dict(step="stage1", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,
                 mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss))
+
+
+def full_step(cfg32, opt):
+    """step((params, opt_state), tokens, mask) -> ((params, opt_state), loss); every array an argument."""
+    def step(state, tokens, mask):
+        params, opt_state = state
+        (loss, _), g = jax.value_and_grad(
+            lambda p: sft_loss(bind(cfg32, p)(tokens, remat=True)[0], tokens, mask), has_aux=True)(params)
+        upd, opt_state = opt.update(g, opt_state, params)
+        return (jax.tree.map(lambda p, u: p + u, params, upd), opt_state), loss
+    return step
 
 
 def bench_full(s_cfg, batch, seq, reps, key):
@@ -124,15 +148,8 @@ def bench_full(s_cfg, batch, seq, reps, key):
     opt_state = opt.init(params)
     tokens = jax.random.randint(key, (batch, seq), 0, s_cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, seq), bool)
-
-    def step(state, tokens):
-        params, opt_state = state
-        (loss, _), g = jax.value_and_grad(
-            lambda p: sft_loss(bind(cfg32, p)(tokens, remat=True)[0], tokens, mask), has_aux=True)(params)
-        upd, opt_state = opt.update(g, opt_state, params)
-        return (jax.tree.map(lambda p, u: p + u, params, upd), opt_state), loss
-
-    t, loss = time_steps(jax.jit(step, donate_argnums=(0,)), (params, opt_state), tokens, reps)
+    t, loss = time_steps(jax.jit(full_step(cfg32, opt), donate_argnums=(0,)), (params, opt_state), (tokens, mask),
+                         reps)
     n_tok = batch * seq
     flops = 3 * forward_flops(s_cfg, params, n_tok, seq)
     return dict(step="full (SFT)", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,

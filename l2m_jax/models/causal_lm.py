@@ -17,6 +17,37 @@ from .mamba2 import Mamba2Mixer
 
 _MIXERS = {"attention": Attention, "mamba": MambaMixer, "mamba2": Mamba2Mixer}
 
+# Rematerialisation policies, the one table of the `remat` argument (forward, CausalLM.hidden/__call__). Each
+# layer runs under jax.checkpoint with the policy; the policy names what the backward pass may keep from the
+# forward pass, and everything else inside the layer is recomputed. Besides these names: False / None / "none"
+# (no remat: every residual kept) and True (= "full").
+#   "full"     keep nothing inside a layer, only its input: the whole layer's forward runs again in the backward
+#              pass (least memory, ~1 extra forward).
+#   "dots"     keep the outputs of matmuls without batch dimensions, i.e. the weight matmuls (q/k/v/o, the
+#              mixers' in/out projections, the MLP); recompute elementwise work (norms, activations, RoPE,
+#              gates, the scan) and the batched einsums of attention scores and the SSD, whose [B, H, L, L] /
+#              per-chunk outputs are the large ones (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+#   "dots_all" keep every matmul output, attention scores and SSD einsums included; recompute only
+#              elementwise work (jax.checkpoint_policies.dots_saveable): more memory than "dots".
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat_policy(remat):
+    """`remat` (False/None/"none", True, or a name of REMAT_POLICIES) -> (enabled, jax.checkpoint policy)."""
+    if isinstance(remat, str):
+        if remat == "none":
+            return False, None
+        if remat in REMAT_POLICIES:
+            return True, REMAT_POLICIES[remat]
+    elif remat is None or isinstance(remat, (bool, np.bool_)):
+        return (True, REMAT_POLICIES["full"]) if remat else (False, None)
+    choices = ", ".join(["False", "None", "True", '"none"'] + [f'"{k}"' for k in REMAT_POLICIES])
+    raise ValueError(f"unknown remat policy {remat!r}; choose one of {choices}")
+
 
 class Block(nnx.Module):
     """h = x + mixer(norm(x)); out = h + mlp(norm(h))."""
@@ -69,18 +100,21 @@ class CausalLM(nnx.Module):
         return Context(positions, mask, new_lengths, inv_freq, has_mask, state.n_replay if spec else None, backend)
 
     def hidden(self, tokens, *, state: DecodeState | SpecState | None = None, mask=None, backend: str = "xla",
-               remat: bool = False):
+               remat: bool | str | None = False):
         """tokens int32 [B, L] -> (final hidden [B, L, D] after the final norm, new state).
+
+        remat: a rematerialisation policy for full-sequence calls (state=None), see REMAT_POLICIES.
 
         A SpecState runs the speculative verifier: every token is real (no mask), Mamba layers replay and
         checkpoint; the returned lengths count all L tokens (the caller commits the accepted ones).
         """
+        use_remat, policy = remat_policy(remat)
         ctx = self._context(tokens, state, mask, backend)
         x = self.embed(tokens)
         caches = []
         for i, layer in enumerate(self.layers):
-            if remat and state is None:
-                x, c = jax.checkpoint(lambda h, layer=layer: layer(h, ctx, None))(x)
+            if use_remat and state is None:
+                x, c = jax.checkpoint(lambda h, layer=layer: layer(h, ctx, None), policy=policy)(x)
             else:
                 x, c = layer(x, ctx, None if state is None else state.layers[i])
             caches.append(c)
@@ -117,7 +151,7 @@ class CausalLM(nnx.Module):
         w = self.embed.embedding[...].T if self.cfg.tie_embeddings else self.lm_head.kernel[...]
         return jnp.einsum("...D,DV->...V", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens, *, state=None, mask=None, backend: str = "xla", remat: bool = False):
+    def __call__(self, tokens, *, state=None, mask=None, backend: str = "xla", remat: bool | str | None = False):
         x, state = self.hidden(tokens, state=state, mask=mask, backend=backend, remat=remat)
         return self.logits(x), state
 
@@ -218,13 +252,15 @@ def _check_inputs(cfg: ModelConfig, tokens, state, mask) -> None:
 
 
 def forward(cfg: ModelConfig, params, tokens, state: DecodeState | None = None, *, mask=None,
-            remat: bool = False, checked: bool = True):
+            remat: bool | str | None = False, checked: bool = True):
     """Logits float32 [B, L, V] for tokens int32 [B, L] and the advanced state.
 
     state=None: a plain full-sequence forward (training, scoring); returns (logits, None).
     With a state (from `l2m_jax.cache.init_state`): tokens continue each row at `state.lengths`; prefill and
     decode are this same call. mask bool [B, L] marks real tokens (right padding); pads leave the state alone.
-    remat=True rematerialises each layer in the backward pass (memory for long training sequences).
+    remat rematerialises each layer in the backward pass (memory for long training sequences): True or "full"
+    recomputes whole layers, "dots" keeps the weight matmuls' outputs and recomputes the rest, "dots_all" keeps
+    every matmul output; False/None/"none" keeps everything (REMAT_POLICIES). An unknown name raises ValueError.
 
     checked=True (the default) raises ValueError for ids outside [0, V) and for sequences longer than
     max_position_embeddings (a model with attention layers; `check_length`, the rule generate uses).
