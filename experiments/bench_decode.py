@@ -2,6 +2,7 @@
 
     python -m experiments.bench_decode                 # 8B shapes (random bf16) + SmolLM2 (real weights if found)
     python -m experiments.bench_decode --quick         # tiny shapes: a CPU smoke run of the same code
+    python -m experiments.bench_decode --decode-attn blocked,full --extra-capacity 7168   # KV read: filled vs all
 
 (a) plain decoding at batch 1 and 32: all-attention vs 50% Mamba2 hybrid vs pure Mamba2 at Llama-3-8B shapes;
     minimal bytes per step = weights + KV of the current context + SSM state read and written; fraction of a
@@ -27,6 +28,7 @@ from l2m_jax.config import ModelConfig, default_ssm_config
 from l2m_jax.convert.hybridize import attention_layers_for
 from l2m_jax.infer.speculative import _speculate
 from l2m_jax.models import bind, init_params
+from l2m_jax.ops import attention as attn_ops
 from l2m_jax.ops.sampling import GREEDY
 
 HBM = 4.19e12  # B/s, measured copy bandwidth of the H200 (read + write)
@@ -98,8 +100,8 @@ def min_bytes_per_step(cfg, params, batch, context) -> int:
     return b + batch * (per["kv"] + 2 * per["ssm"] + 2 * per["conv"])
 
 
-def bench_plain(name, cfg, params, batch, context, n_steps, reps, backend, key):
-    capacity = context + n_steps * (reps + 2) + 16
+def bench_plain(name, cfg, params, batch, context, n_steps, reps, backend, key, extra_capacity=0):
+    capacity = context + n_steps * (reps + 2) + 16 + extra_capacity
     state = random_state(cfg, batch, capacity, context, key)
     tok = jax.random.randint(key, (batch,), 0, cfg.vocab_size, jnp.int32)
     run = decode_loop(cfg, n_steps, backend)
@@ -111,7 +113,8 @@ def bench_plain(name, cfg, params, batch, context, n_steps, reps, backend, key):
     t = median_time(once, reps) / n_steps
     mid_ctx = context + n_steps * (reps + 1) // 2
     bytes_ = min_bytes_per_step(cfg, params, batch, mid_ctx)
-    return dict(model=name, batch=batch, context=context, backend=backend, ms_per_step=t * 1e3,
+    return dict(model=name, batch=batch, context=context, capacity=capacity, backend=backend,
+                attn=attn_ops.DECODE_IMPL, ms_per_step=t * 1e3,
                 tokens_per_s=batch / t, gb_per_step=bytes_ / 1e9, roofline=bytes_ / t / HBM)
 
 
@@ -158,6 +161,14 @@ def main(argv=None):
                     help="comma list of K:backend speculative settings to time")
     ap.add_argument("--alphas", default="0.6,0.7,0.8,0.9", help="acceptance rates to evaluate the speedup at")
     ap.add_argument("--smollm2", default=None, help="path of the SmolLM2 GGUF or model dir (real-weight section)")
+    ap.add_argument("--decode-attn", default="blocked",
+                    help="comma list of cached-attention paths for plain decoding: blocked (reads the filled KV "
+                         "slots only), full (the whole cache, masked); the first one is used for (b) and (c)")
+    ap.add_argument("--decode-block", type=int, default=None, help="KV slots per block of the blocked path")
+    ap.add_argument("--decode-loop", default=None, choices=["dynamic", "static"],
+                    help="blocked path: trip count ceil(len/block) (dynamic) or S/block (static)")
+    ap.add_argument("--extra-capacity", type=int, default=0,
+                    help="KV slots preallocated beyond what the plain run needs (a long-context server's cache)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     key = jax.random.key(0)
@@ -168,6 +179,9 @@ def main(argv=None):
     spec = [(int(x.split(":")[0]), x.split(":")[1]) for x in a.spec.split(",")]
     alphas = [float(x) for x in a.alphas.split(",")]
     results = {"plain": [], "capacity": [], "spec": []}
+    attn_impls = a.decode_attn.split(",")
+    attn_ops.set_decode_attention(attn_impls[0], block=a.decode_block, loop=a.decode_loop)
+    print(f"cached attention: {attn_impls} block={attn_ops.DECODE_BLOCK} loop={attn_ops.DECODE_LOOP}", flush=True)
 
     models = {}
     for name, (base, attn) in models_8b(a.quick).items():
@@ -176,9 +190,13 @@ def main(argv=None):
         results["capacity"].append(capacity_table(name, cfg, params, hbm))
         for batch in (1, 32):
             for backend in backends if cfg.ssm_layers else ["xla"]:
-                r = bench_plain(name, cfg, params, batch, a.context, a.steps, a.reps, backend, key)
-                results["plain"].append(r)
-                print(r, flush=True)
+                for impl in attn_impls if cfg.attn_layers else attn_impls[:1]:
+                    attn_ops.set_decode_attention(impl)  # read when decode_loop's fresh jit traces
+                    r = bench_plain(name, cfg, params, batch, a.context, a.steps, a.reps, backend, key,
+                                    a.extra_capacity)
+                    results["plain"].append(r)
+                    print(r, flush=True)
+                attn_ops.set_decode_attention(attn_impls[0])
         if name != "hybrid50-mamba2":
             del models[name], params
 
@@ -189,7 +207,8 @@ def main(argv=None):
         d_base = ModelConfig.tiny(vocab_size=t_cfg.vocab_size, d_model=64, n_layers=2, dtype="bfloat16",
                                   param_dtype="bfloat16")
     d_cfg, d_params = build(d_base, None, jax.random.fold_in(key, 99))
-    step = next(r for r in results["plain"] if r["model"] == "hybrid50-mamba2" and r["batch"] == 1)
+    step = next(r for r in results["plain"] if r["model"] == "hybrid50-mamba2" and r["batch"] == 1
+                and r["attn"] == attn_impls[0])
     for k, backend in spec:
         t_round, calls = bench_spec_round(t_cfg, t_params, d_cfg, d_params, k, 8 * (k + 1), a.reps, backend, key)
         for alpha in alphas:
@@ -200,8 +219,8 @@ def main(argv=None):
         print(results["spec"][-1], flush=True)
 
     print("\n## (a) plain decoding (minimal bytes: weights + KV at context + SSM/conv state r/w)")
-    print(md_table(results["plain"], ["model", "batch", "backend", "ms_per_step", "tokens_per_s", "gb_per_step",
-                                      "roofline"]))
+    print(md_table(results["plain"], ["model", "batch", "backend", "attn", "capacity", "ms_per_step",
+                                      "tokens_per_s", "gb_per_step", "roofline"]))
     print("\n## decode state per sequence at 4k context (MiB) and the largest batch that fits")
     print(md_table(results["capacity"], ["model", "kv_mb", "ssm_mb", "conv_mb", "total_mb", "max_batch_4k"]))
     print("\n## (b) speculative round vs one plain step, 50% hybrid target, SmolLM2-shape draft, batch 1")

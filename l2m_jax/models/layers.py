@@ -9,7 +9,8 @@ from flax import nnx
 
 from ..cache import AttnCache
 from ..config import ModelConfig
-from ..ops.attention import attention_mask, gqa_attention
+from ..ops import attention as attn_ops
+from ..ops.attention import attention_mask, gqa_attention, gqa_attention_cached
 from ..ops.norms import rms_norm
 from ..ops.rope import apply_rope
 
@@ -76,6 +77,12 @@ class Attention(nnx.Module):
             k_all = cache.k.at[rows, ctx.positions].set(k.astype(cache.k.dtype), mode="drop")
             v_all = cache.v.at[rows, ctx.positions].set(v.astype(cache.v.dtype), mode="drop")
             cache = AttnCache(k_all, v_all)
+            if attn_ops.DECODE_IMPL == "blocked" and l <= attn_ops.DECODE_MAX_QUERIES:
+                # decode / verification: read only the filled slots, block by block
+                y = gqa_attention_cached(q, k_all, v_all, ctx.positions, ctx.new_lengths,
+                                         block=attn_ops.DECODE_BLOCK, sliding_window=cfg.sliding_window,
+                                         loop=attn_ops.DECODE_LOOP)
+                return self.o(y.reshape(b, l, cfg.q_dim)), cache
             s = k_all.shape[1]
             k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             k_valid = k_pos < ctx.new_lengths[:, None]

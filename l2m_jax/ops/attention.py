@@ -35,3 +35,102 @@ def gqa_attention(q, k, v, mask):
         w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         o = jnp.einsum("BGRLS,BSGP->BLGRP", w, v, preferred_element_type=jnp.float32)
     return o.reshape(b, lq, h, p).astype(q.dtype)
+
+
+# ---- decode against a KV cache: read only the filled part -------------------------------------------------------
+# The cached path (`gqa_attention_cached`) is used by Attention for calls of at most DECODE_MAX_QUERIES tokens
+# (decode steps, speculative verification); longer calls (prefill) keep the full-cache reference. These are read
+# when a model call is traced: set them before jitting. The full-cache path stays the default until the blocked
+# one is measured faster on a GPU (experiments/bench_decode.py --decode-attn blocked,full).
+DECODE_IMPL = "full"           # "blocked": gqa_attention_cached | "full": gqa_attention over the whole cache
+DECODE_BLOCK = 256             # KV slots per block of the blocked path
+DECODE_MAX_QUERIES = 16        # longest call (tokens) that takes the blocked path
+DECODE_LOOP = "dynamic"        # "dynamic": ceil(max(lengths)/block) trips | "static": S/block trips, see below
+
+
+def set_decode_attention(impl: str | None = None, *, block: int | None = None, max_queries: int | None = None,
+                         loop: str | None = None):
+    """Switch the cached attention path (takes effect for programs traced afterwards)."""
+    global DECODE_IMPL, DECODE_BLOCK, DECODE_MAX_QUERIES, DECODE_LOOP
+    if impl is not None:
+        if impl not in ("blocked", "full"):
+            raise ValueError(f"decode attention impl {impl!r}: expected 'blocked' or 'full'")
+        DECODE_IMPL = impl
+    if block is not None:
+        if block < 1:
+            raise ValueError(f"decode attention block={block} must be positive")
+        DECODE_BLOCK = int(block)
+    if max_queries is not None:
+        DECODE_MAX_QUERIES = int(max_queries)
+    if loop is not None:
+        if loop not in ("dynamic", "static"):
+            raise ValueError(f"decode attention loop {loop!r}: expected 'dynamic' or 'static'")
+        DECODE_LOOP = loop
+
+
+def gqa_attention_cached(q, k_cache, v_cache, q_positions, lengths, *, block: int = 256,
+                         sliding_window: int | None = None, loop: str = "dynamic"):
+    """Attention of a few new queries over the filled part of a KV cache (slot = position).
+
+    q [B, T, H, P], k_cache/v_cache [B, S, G, P] (the new keys already written), q_positions int [B, T],
+    lengths int [B] (filled slots after this call). Key slot s is visible to the query at position p iff
+    s <= p and s < lengths[b] (and p - s < sliding_window when set): the rule of `attention_mask`.
+
+    Loops over blocks of `block` slots with a dynamic trip count ceil(max(lengths) / block) and an online
+    (flash-style) softmax in fp32, so slots past the longest row are never read; slots read but not visible
+    (the tail of the last block) are masked in both the scores and the values, so whatever they hold
+    (stale or NaN) cannot leak in. Equals gqa_attention with the full-cache mask wherever a query sees at
+    least one key; a query that sees none (a pad) gives zeros. Returns [B, T, H, P] in q.dtype.
+
+    loop="static" runs ceil(S / block) trips instead (a while loop of known trip count: on GPU no predicate
+    goes back to the host per trip); the trips past the longest row re-slice its last block (already read,
+    likely in L2) and add nothing, so HBM traffic still stops at the filled part.
+    """
+    b, t, h, p = q.shape
+    s_cap, g = k_cache.shape[1], k_cache.shape[2]
+    if h % g:
+        raise ValueError(f"gqa_attention_cached: {h} query heads are not a multiple of {g} kv heads")
+    if loop not in ("dynamic", "static"):
+        raise ValueError(f"gqa_attention_cached: loop={loop!r}, expected 'dynamic' or 'static'")
+    r = h // g
+    blk = max(1, min(int(block), s_cap))
+    lengths = jnp.minimum(lengths.astype(jnp.int32), s_cap)
+    q_positions = q_positions.astype(jnp.int32)
+    qg = q.reshape(b, t, g, r, p)
+    scale = p ** -0.5
+    n_needed = (jnp.max(lengths) + blk - 1) // blk  # blocks past the longest row are never read
+    last_start = jnp.clip(n_needed - 1, 0, None) * blk
+    n_static = -(-s_cap // blk)
+
+    def body(i, carry):
+        m, l_sum, acc = carry                       # [B, G, R, T], [B, G, R, T], [B, G, R, T, P] fp32
+        lo = i * blk
+        start = jnp.minimum(lo, s_cap - blk)         # the last block may be shifted back when blk does not divide S
+        if loop == "static":
+            start = jnp.minimum(start, last_start)   # trips past the longest row: the last needed block again
+        kb = jax.lax.dynamic_slice_in_dim(k_cache, start, blk, axis=1).astype(q.dtype)
+        vb = jax.lax.dynamic_slice_in_dim(v_cache, start, blk, axis=1).astype(q.dtype)
+        slot = start + jnp.arange(blk, dtype=jnp.int32)                                   # [blk]
+        filled = (slot[None, :] >= lo) & (slot[None, :] < lengths[:, None])               # [B, blk], new slots only
+        vis = (slot[None, None, :] <= q_positions[:, :, None]) & filled[:, None, :]        # [B, T, blk]
+        if sliding_window is not None:
+            vis &= (q_positions[:, :, None] - slot[None, None, :]) < sliding_window
+        vb = jnp.where(filled[:, :, None, None], vb, jnp.zeros((), vb.dtype))
+        sc = jnp.einsum("BTGRP,BSGP->BGRTS", qg, kb, preferred_element_type=jnp.float32) * scale
+        vis5 = vis[:, None, None]                                                          # [B, 1, 1, T, blk]
+        sc = jnp.where(vis5, sc, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)   # a query with nothing visible yet: no NaN from inf-inf
+        pw = jnp.where(vis5, jnp.exp(sc - m_safe[..., None]), 0.0)
+        corr = jnp.exp(m - m_safe)                            # m = -inf -> 0
+        l_sum = l_sum * corr + jnp.sum(pw, axis=-1)
+        pv = jnp.einsum("BGRTS,BSGP->BGRTP", pw.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        acc = acc * corr[..., None] + pv
+        return m_new, l_sum, acc
+
+    init = (jnp.full((b, g, r, t), -jnp.inf, jnp.float32), jnp.zeros((b, g, r, t), jnp.float32),
+            jnp.zeros((b, g, r, t, p), jnp.float32))
+    with jax.named_scope("gqa_attention_cached"):
+        m, l_sum, acc = jax.lax.fori_loop(0, n_needed if loop == "dynamic" else n_static, body, init)
+        o = acc / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]                              # [B, G, R, T, P]
+    return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, t, h, p).astype(q.dtype)
