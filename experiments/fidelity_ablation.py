@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         rows_ = data[data_name]
         if stage0:
             s0 = stage_settings(OmegaConf.merge(c, {"stage0": {"steps": a.stage0_steps}}), "stage0", len(rows_["tokens"]))
-            student = (lambda r: (r.cfg, r.params))(align_stage(student, run.teacher, rows_, s0, mesh=run.mesh))
+            aligned = align_stage(student, run.teacher, rows_, s0, mesh=run.mesh)
+            student = (aligned.cfg, aligned.params)
         settings = stage_settings(OmegaConf.merge(c, {"stage1": {"steps": a.steps}}), "stage1", len(rows_["tokens"]))
         r = distill_stage(student, run.teacher, rows_, settings, kl_reduction=c.stage1.kl_reduction, mesh=run.mesh)
         after = score(run, (r.cfg, r.params), teacher_eval)

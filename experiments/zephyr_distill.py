@@ -34,7 +34,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.distill_config import Config, UsageError, check_config, check_out_dir, load_config
-from l2m_jax.recipe.data import byte_chatml_tokenizer, say  # noqa: F401  (tests build the tiny teacher with it)
+from l2m_jax.recipe.data import say
 
 
 def main(argv: list[str] | None = None) -> int:

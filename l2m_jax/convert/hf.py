@@ -16,7 +16,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..config import ModelConfig
 from ..errors import CheckpointError

@@ -87,8 +87,9 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically (a temporary file renamed over `path`): a reader never sees half a file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))    # keys in insertion order: reports keep theirs
     os.replace(tmp, path)
 
 

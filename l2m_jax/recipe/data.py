@@ -177,7 +177,7 @@ def label_examples(rows: list[dict], *, loss_on_prompts: bool) -> list:
             for r in rows]
 
 
-def _rows(c, what: str, examples: list, pad_id: int, eos_id: int) -> dict:
+def _rows(c, what: str, examples: list, pad_id: int) -> dict:
     from l2m_jax.data.packing import pack_sequences, pad_batch
 
     if c.data.packing:
@@ -197,7 +197,7 @@ def distill_rows(c, rows: list[dict], tok) -> dict:
     sources = {}
     if c.data.mix.get("chat", 0) > 0:
         sources["chat"] = _rows(c, "stage-1 chat", label_examples(rows, loss_on_prompts=c.data.loss_on_prompts),
-                                pad_id, eos_id)
+                                pad_id)
     if c.data.text and c.data.mix.get("text", 0) > 0:
         arrays, stats = text_rows(tok, list(c.data.text), c.data.seq_len, eos_id=eos_id, pad_id=pad_id,
                                   max_tokens=c.data.text_max_tokens, seed=c.seed)
@@ -217,7 +217,7 @@ def sft_rows(c, rows: list[dict], tok) -> dict:
     from l2m_jax.data.chatterbot import chatterbot_rows
     from l2m_jax.data.sources import load_rows
 
-    pad_id, eos_id = special_ids(tok)
+    pad_id, _ = special_ids(tok)
     examples = []
     for src in c.data.sft:
         if src == "pseudo_labels":
@@ -228,7 +228,7 @@ def sft_rows(c, rows: list[dict], tok) -> dict:
         examples += [encode_prompt_response(tok, r["messages"], where=f"{src} row {i}") for i, r in enumerate(data)]
     if not examples:
         raise UsageError(f"data.sft {list(c.data.sft)} gave no conversations")
-    return _rows(c, "SFT", examples, pad_id, eos_id)
+    return _rows(c, "SFT", examples, pad_id)
 
 
 def preference_rows(c, rows: list[dict], tok) -> tuple[dict, dict | None]:

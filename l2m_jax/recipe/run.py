@@ -22,15 +22,10 @@ from typing import Any
 import numpy as np
 
 from .config import UsageError
+from l2m_jax.data.jsonl import write_json
+
 from .data import (calibration_tokens, chat_rows, distill_rows, heldout_ids, load_teacher, preference_rows, say,
-                   sft_rows, special_ids, synthesis_stats)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+                   sft_rows, synthesis_stats)
 
 
 def use_compilation_cache() -> None:
@@ -108,7 +103,6 @@ class Run:
         say(f"teacher: loading {c.teacher}")
         t_cfg, t_params, self.tok = load_teacher(c)
         self.teacher = (t_cfg, t_params)
-        self.pad_id, self.eos_id = special_ids(self.tok)
         say(f"teacher: {t_cfg.n_layers} layers, d_model {t_cfg.d_model}, vocab {t_cfg.vocab_size}; "
             f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
         self.texts = heldout_ids(c, self.tok)
@@ -135,7 +129,7 @@ class Run:
     def teacher_top1(self):
         if self._teacher_top1 is None:
             result, self._teacher_top1 = evaluate(*self.teacher, self.texts, self.c.eval.window)
-            _write_json(self.out / "eval" / "teacher.json", result)
+            write_json(self.out / "eval" / "teacher.json", result)
         return self._teacher_top1
 
     def evaluate(self, name: str, cfg, params) -> dict:
@@ -144,7 +138,7 @@ class Run:
         if not path.exists():
             top1 = self.teacher_top1()
             if name != "teacher":
-                _write_json(path, evaluate(cfg, params, self.texts, self.c.eval.window, top1)[0])
+                write_json(path, evaluate(cfg, params, self.texts, self.c.eval.window, top1)[0])
         return json.loads(path.read_text())
 
 
@@ -302,7 +296,7 @@ def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:
               "n_layers": s_cfg.n_layers, "steps": settings.steps, "final_loss": final_loss(history),
               "wall_s": wall, "tokens_per_s": float(np.median(speeds)) if speeds else None,
               "peak_bytes": peak_memory_bytes(), "eval": scores, **extra}
-    _write_json(sdir / "done.json", record)
+    write_json(sdir / "done.json", record)
     if not c.keep_checkpoints:
         shutil.rmtree(sdir / "ckpt", ignore_errors=True)
     say(f"{stage.name}: done in {wall:.0f}s; final loss {record['final_loss']:.4f}; "
@@ -358,7 +352,7 @@ def export(run: Run, model, stage_name: str) -> None:
         path = run.out / "final" / fmt
         l2m_jax.save(path, cfg, params, format=fmt)
         run.tok.save_pretrained(path)
-    _write_json(marker, {"stage": stage_name, "formats": formats})
+    write_json(marker, {"stage": stage_name, "formats": formats})
     say(f"final model ({stage_name}, {cfg.pattern}) written to {run.out / 'final'} as {' and '.join(formats)}")
 
 
@@ -419,7 +413,7 @@ def write_run_report(run: Run, plan, records: list[dict]) -> Path:
              "training logs: `stages/NAME/logs` (metrics.jsonl and TensorBoard events)", tensorboard_note(out)]
     path = report.write_report(out, title=f"zephyr_distill — {c.preset}", rows=rows, plots=plots, notes=notes,
                                sections=sections)
-    _write_json(out / "report.json", report.report_json(rows, preset=c.preset, heldout_texts=texts,
+    write_json(out / "report.json", report.report_json(rows, preset=c.preset, heldout_texts=texts,
                                                         plan=[p.name for p in plan], dpo=dpo,
                                                         synthesis=synthesis_stats(out)))
     print()

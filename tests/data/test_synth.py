@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import l2m_jax
-from experiments.zephyr_distill import byte_chatml_tokenizer
+from l2m_jax.recipe.data import byte_chatml_tokenizer
 from l2m_jax.data.chat import DataError, TemplateError, encode_chat_prompt, encode_text, render_chat
 from l2m_jax.data.synth import (FILTERS, RequestFilter, filter_requests, load_requests, load_synthesized,
                                 longest_char_run, repeat_fraction, synthesize_chat, synthesize_requests,

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from experiments.zephyr_distill import byte_chatml_tokenizer
+from l2m_jax.recipe.data import byte_chatml_tokenizer
 from l2m_jax.data.chat import DataError
 from l2m_jax.data.text import mix_rows, read_documents, split_paragraphs, text_rows, tokenize_documents
 

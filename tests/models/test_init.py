@@ -1,6 +1,5 @@
 """The initialisations of hybridize beyond MiL's mapping: identity conv, calibrated output scale, their errors."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
