@@ -10,6 +10,10 @@ the preset's batch; arms differ in one thing each:
   stage0   the best init of the first group + --stage0-steps of layer-wise alignment first
   data     chatterbot (seed-prompt pseudo-labels only) | synthesised (all chat data) | synthesised + text
            (--text: plain-text files / folders, mixed 1:1 by rows), at the best setting so far
+  recipe   every --variant NAME KEY=VALUE ...: the config's init, stage 0 and --text data with the variant's
+           overrides (e.g. stage1.alpha=0 data.mix.text=3 stage1.steps=800 rounds=0.5,0.25), run as the main
+           job's progressive rounds (each round converts more layers of the previous round's student, aligns
+           them if stage0.enabled, then trains stage 1); scored after every round, with stage-1 tokens/s
 Held-out perplexity ratio and top-1 agreement on every eval text; ablation.json and ablation.md land in --out.
 """
 from __future__ import annotations
@@ -51,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--best-init", default=None, help="the init the stage0/data groups use when the init group "
                     "does not run (default: the config's)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
+    ap.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME_OR_KEY=VALUE",
+                    help="a 'recipe' arm: its name, then config overrides KEY=VALUE; rounds=F1,F2 sets its "
+                    "attention fractions (default 0.5)")
     a = ap.parse_args(argv)
     run_dir = a.run or f"runs/{a.preset}"
     c, _ = load_config([f"preset={a.preset}", f"out={run_dir}", "progress=false", *a.set])
@@ -60,12 +67,15 @@ def main(argv=None) -> int:
     run = Run(c, Path(run_dir))
     teacher_eval = run.evaluate("teacher", *run.teacher)
     rows = run.rows()
-    data = {"synthesised": distill_rows(c, rows, run.tok),
-            "chatterbot": distill_rows(c, [r for r in rows if r.get("source") == "seed"], run.tok)}
-    if a.text:
-        data["synthesised + text"] = distill_rows(OmegaConf.merge(c, {"data": {"text": a.text}}), rows, run.tok)
+    groups = a.groups.split(",")
+    data, calib = {}, None
+    if set(groups) - {"recipe"}:
+        data = {"synthesised": distill_rows(c, rows, run.tok),
+                "chatterbot": distill_rows(c, [r for r in rows if r.get("source") == "seed"], run.tok)}
+        if a.text:
+            data["synthesised + text"] = distill_rows(OmegaConf.merge(c, {"data": {"text": a.text}}), rows, run.tok)
+        calib = calibration_tokens(c, data["synthesised"])
     keep = attention_layers_for(run.teacher[0].n_layers, 0.5)
-    calib = calibration_tokens(c, data["synthesised"])
     results = []
 
     def arm(group: str, init: str, stage0: bool, data_name: str) -> dict:
@@ -92,10 +102,62 @@ def main(argv=None) -> int:
             for k, v in after.items()) + f" in {res['wall_s']:.0f}s")
         return res
 
+    built: dict = {}
+
+    def recipe_arm(name: str, overrides: list[str]) -> None:
+        rounds = [0.5]
+        dotlist = []
+        for o in overrides:
+            key, sep, value = o.partition("=")
+            if not sep:
+                ap.error(f"--variant {name}: {o!r} is not KEY=VALUE")
+            if key == "rounds":
+                rounds = [float(f) for f in value.split(",")]
+            else:
+                dotlist.append(o)
+        cv = OmegaConf.merge(c, {"stage1": {"steps": a.steps}, "stage0": {"steps": a.stage0_steps},
+                                 "data": {"text": a.text}}, OmegaConf.from_dotlist(dotlist))
+        key = (tuple(cv.data.text), tuple(sorted(cv.data.mix.items())), cv.data.seq_len)
+        if key not in built:
+            built[key] = distill_rows(cv, rows, run.tok)
+        rows_ = built[key]
+        student = run.teacher
+        for r_i, frac in enumerate(rounds):
+            t0 = time.perf_counter()
+            keep = attention_layers_for(run.teacher[0].n_layers, frac)
+            kw = {"calibration": calibration_tokens(cv, rows_)} if cv.init in ("norm", "calibrated") else {}
+            student = l2m_jax.hybridize(*student, keep, cv.mixer, jax.random.fold_in(jax.random.key(cv.seed), r_i),
+                                        init=cv.init, **kw)
+            before = score(run, student, teacher_eval)
+            if cv.stage0.enabled:
+                s0 = stage_settings(cv, "stage0", len(rows_["tokens"]))
+                aligned = align_stage(student, run.teacher, rows_, s0, mesh=run.mesh)
+                student = (aligned.cfg, aligned.params)
+            settings = stage_settings(cv, "stage1", len(rows_["tokens"]))
+            t1 = time.perf_counter()
+            r = distill_stage(student, run.teacher, rows_, settings, kl_reduction=cv.stage1.kl_reduction,
+                              mesh=run.mesh)
+            jax.block_until_ready(r.params)
+            t2 = time.perf_counter()
+            student = (r.cfg, r.params)
+            after = score(run, student, teacher_eval)
+            tokens = settings.steps * settings.batch_size * cv.data.seq_len
+            res = {"group": "recipe", "variant": name, "overrides": dotlist, "round": frac, "init": cv.init,
+                   "stage0": bool(cv.stage0.enabled), "data": f"{'+'.join(map(str, cv.data.text)) or 'chat'} "
+                   f"mix {dict(cv.data.mix)}", "steps": settings.steps, "batch_size": settings.batch_size,
+                   "stage0_steps": cv.stage0.steps if cv.stage0.enabled else 0, "rows": int(len(rows_["tokens"])),
+                   "before": before, "after": after, "final_loss": r.history[-1]["loss"] if r.history else None,
+                   "stage1_s": t2 - t1, "stage1_tokens_per_s": tokens / (t2 - t1), "wall_s": time.perf_counter() - t0}
+            results.append(res)
+            (out / "ablation.json").write_text(json.dumps({"teacher": teacher_eval, "arms": results}, indent=1))
+            say(f"[recipe] {name} round {frac}: " + "; ".join(
+                f"{k} x{v['ratio']:.3f}, top-1 {100 * v['agreement']:.1f}%" for k, v in after.items())
+                + f"; stage 1 {settings.steps} steps in {t2 - t1:.0f}s ({tokens / (t2 - t1):,.0f} tok/s); "
+                f"round {res['wall_s']:.0f}s")
+
     def mean_ratio(res):
         return sum(v["ratio"] for v in res["after"].values()) / len(res["after"])
 
-    groups = a.groups.split(",")
     best = {"init": a.best_init or c.init, "stage0": False}
     if "init" in groups:
         inits = [arm("init", i, False, "synthesised") for i in ("mil", "conv", "norm", "calibrated", "random")]
@@ -104,6 +166,11 @@ def main(argv=None) -> int:
         without = [r for r in results if r["init"] == best["init"] and not r["stage0"] and r["data"] == "synthesised"]
         without = without[0] if without else arm("stage0", best["init"], False, "synthesised")
         best["stage0"] = mean_ratio(arm("stage0", best["init"], True, "synthesised")) < mean_ratio(without)
+    if "recipe" in groups:
+        if not a.variant:
+            ap.error("--groups recipe needs at least one --variant NAME [KEY=VALUE ...]")
+        for name, *overrides in a.variant:
+            recipe_arm(name, overrides)
     if "data" in groups:
         for name in data:
             if not any(r["data"] == name and r["init"] == best["init"] and r["stage0"] == best["stage0"]
@@ -113,7 +180,8 @@ def main(argv=None) -> int:
     lines = ["| group | init | stage 0 | data | " + " | ".join(f"{t} ratio (before) | {t} top-1" for t in texts)
              + " | time (s) |", "|" + "---|" * (5 + 2 * len(texts))]
     for r in results:
-        lines.append(f"| {r['group']} | {r['init']} | {'yes' if r['stage0'] else 'no'} | {r['data']} | " + " | ".join(
+        group = f"{r['group']}: {r['variant']} @ {r['round']:g}" if r["group"] == "recipe" else r["group"]
+        lines.append(f"| {group} | {r['init']} | {'yes' if r['stage0'] else 'no'} | {r['data']} | " + " | ".join(
             f"{r['after'][t]['ratio']:.3f} ({r['before'][t]['ratio']:.4g}) | {100 * r['after'][t]['agreement']:.1f}%"
             for t in texts) + f" | {r['wall_s']:.0f} |")
     table = "\n".join(lines)

@@ -176,6 +176,7 @@ def heldout_text() -> str:
 def heldout_texts() -> dict[str, str]:
     """Every bundled held-out text by name ("persuasion", "kjv-john"; see HELDOUT_SOURCES), source notes left out.
 
-    None of them is in the training texts of experiments/fetch_texts.py (which leaves John 1-3 out of kjv.txt).
+    None of them is in the training texts of l2m_jax.data.prose / experiments/fetch_texts.py (which leaves John 1-3
+    out of kjv.txt); the recipe also drops training data sharing a 13-token span with them (data.decontaminate).
     """
     return {name: _bundled_text(filename) for name, filename in _HELDOUT_FILES.items()}

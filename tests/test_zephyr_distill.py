@@ -91,6 +91,10 @@ def test_report_json_holds_the_tables_numbers(first_run):
     assert dpo["ratio"]["persuasion"] == pytest.approx(dpo["evals"]["persuasion"]["perplexity"] / teacher)
     assert set(report["dpo"]) == {"preferences_before", "preferences_after"}
     assert 0 <= report["dpo"]["preferences_after"]["reward_accuracy"] <= 1
+    dec = report["data"]["decontamination"]                      # data.decontaminate=13 by default
+    assert dec["ngram"] == 13
+    assert {"stage-1 chat conversations", "SFT conversations", "DPO preference pairs"} <= set(dec)
+    assert "decontamination: dropped what shares a 13-token span" in (out / "report.md").read_text()
 
 
 def test_rerun_skips_finished_stages_and_resumes_the_unfinished_one(first_run):
@@ -143,3 +147,101 @@ def test_end_to_end_kd_instead_of_sft_trains_every_parameter(tmp_path):
     assert not np.array_equal(layer_before["mixer"]["q"]["kernel"], layer_after["mixer"]["q"]["kernel"])
     record = json.loads((out / "stages" / "sft-mamba50" / "done.json").read_text())
     assert record["kind"] == "sft" and record["final_loss"] >= 0
+
+
+# ------------------------------------------------------------------------- stage-1 data, in process
+def _config(seq_len=32, **data):
+    from l2m_jax.recipe import RecipeConfig
+    from l2m_jax.recipe.config import DataConfig
+
+    return RecipeConfig(teacher="tiny-random", data=DataConfig(seq_len=seq_len, **data))
+
+
+def _chat_rows(tok, n=8, answers=None):
+    from l2m_jax.data.chat import encode_chat_prompt
+
+    rows = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"question {i}?"}]
+        text = answers[i] if answers else f"answer {i} is a few words long."
+        answer = np.asarray(tok.encode(text + "<|im_end|>", add_special_tokens=False), np.int32)
+        rows.append({"messages": msgs + [{"role": "assistant", "content": text}], "finished": True, "index": i,
+                     "prompt_ids": np.asarray(encode_chat_prompt(tok, msgs, where="t"), np.int32),
+                     "response_ids": answer})
+    return rows
+
+
+def test_stage1_text_drops_a_document_with_a_13_token_heldout_span(tmp_path):
+    from l2m_jax.assets import heldout_texts
+    from l2m_jax.recipe.data import byte_chatml_tokenizer, distill_rows
+    from l2m_jax.recipe.run import data_notes
+
+    tok = byte_chatml_tokenizer()                      # one token per byte: a 13-token span is 13 characters
+    span = heldout_texts()["persuasion"][200:213]
+    assert len(tok.encode(span, add_special_tokens=False)) == 13
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("~" * 40 + span + "~" * 40)           # '~' is in no held-out text
+    (docs / "b.txt").write_text("^" * 40 + span[:12] + "^" * 40)
+    notes: dict = {}
+    rows = distill_rows(_config(text=[str(docs)], mix={"chat": 0.0, "text": 1.0}), [], tok, notes=notes)
+    stream = tok.decode(rows["tokens"].reshape(-1))
+    assert "^" in stream and "~" not in stream and span[:12] in stream
+    assert notes["decontamination"]["stage-1 text documents"] == {"dropped": 1, "of": 2, "tokens": 94}
+    assert "1 of 2 stage-1 text documents (94 tokens)" in data_notes(notes)[0]
+    kept = distill_rows(_config(text=[str(docs)], mix={"chat": 0.0, "text": 1.0}, decontaminate=0), [], tok)
+    assert "~" in tok.decode(kept["tokens"].reshape(-1))
+
+
+def test_sft_and_dpo_conversations_with_a_heldout_span_are_dropped():
+    from l2m_jax.assets import heldout_texts
+    from l2m_jax.recipe.data import byte_chatml_tokenizer, preference_rows, sft_rows
+
+    tok = byte_chatml_tokenizer()
+    span = heldout_texts()["kjv-john"][:13]                        # "In the beginn"
+    answers = [f"answer {i} is a few words long." for i in range(8)]
+    answers[3] = f"He said: {span}, said he."
+    rows = _chat_rows(tok, answers=answers)
+    notes: dict = {}
+    sft = sft_rows(_config(), rows, tok, notes=notes)
+    assert notes["decontamination"]["SFT conversations"]["dropped"] == 1
+    assert span not in tok.decode(sft["tokens"].reshape(-1)) and "answer 4" in tok.decode(sft["tokens"].reshape(-1))
+    train, held = preference_rows(_config(seq_len=128), rows, tok, notes=notes)     # long enough for the span
+    dpo = notes["decontamination"]["DPO preference pairs"]
+    assert dpo["of"] == 8 and dpo["dropped"] >= 1                  # as chosen, and wherever it is the rejected one
+    pairs = [a for arrays in (train, held) if arrays is not None for k in ("chosen_tokens", "rejected_tokens")
+             for a in arrays[k]]
+    assert len(pairs) == 2 * (8 - dpo["dropped"]) and not any(span in tok.decode(a) for a in pairs)
+
+
+def test_unavailable_prose_continues_on_chat_and_says_how_to_fix(monkeypatch, capsys):
+    from l2m_jax.data import prose
+    from l2m_jax.recipe.data import byte_chatml_tokenizer, distill_rows
+    from l2m_jax.recipe.run import data_notes
+
+    def no_apt(*args, **kw):
+        raise prose.FetchError("missing: apt-get, dpkg-deb; fetching the texts needs a Debian-like system")
+
+    monkeypatch.setattr(prose, "ensure_prose", no_apt)
+    tok = byte_chatml_tokenizer()
+    rows = _chat_rows(tok)
+    notes: dict = {}
+    got = distill_rows(_config(text=["prose"]), rows, tok, notes=notes)
+    chat_only = distill_rows(_config(text=[]), rows, tok)
+    np.testing.assert_array_equal(got["tokens"], chat_only["tokens"])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "data.text=prose is unavailable" in ln)
+    assert "missing: apt-get, dpkg-deb" in line and "python -m experiments.fetch_texts --out DIR" in line
+    assert "data.text=[] to train on chat only" in line and "continuing with chat data only" in line
+    assert notes["text_unavailable"]["error"].startswith("missing: apt-get")
+    assert any("was unavailable, stage 1 trained without it" in ln for ln in data_notes(notes))
+
+
+def test_check_config_accepts_prose_and_checks_decontaminate():
+    from l2m_jax.recipe import UsageError, check_config
+
+    for ok in (13, 4, 0, None):
+        check_config(_config(text=["prose"], decontaminate=ok))
+    for bad in (3, -1, True):
+        with pytest.raises(UsageError, match=f"data.decontaminate={bad!r} must be an n-gram length >= 4"):
+            check_config(_config(decontaminate=bad))

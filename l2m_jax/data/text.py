@@ -15,7 +15,8 @@ is distillation on raw text, there is no prompt to mask.
 
 `text_rows` packs the token stream into rows of exactly `seq_len` real tokens (no padding anywhere: the
 incomplete last row is dropped); `segment_ids` number the documents within each row and the EOS token marks
-where one ends. `mix_rows` mixes the rows of several sources by weight.
+where one ends. `mix_rows` mixes the rows of several sources by weight. `ngram_overlap` finds the token
+sequences that share an n-token span with reference texts (decontamination against held-out evaluation text).
 """
 from __future__ import annotations
 
@@ -24,14 +25,15 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from l2m_jax.data.chat import DataError
 from l2m_jax.data.packing import PackStats, pack_sequences
 
-__all__ = ["MAX_DOC_CHARS", "read_documents", "split_paragraphs", "tokenize_documents", "text_rows", "mix_rows"]
+__all__ = ["MAX_DOC_CHARS", "read_documents", "split_paragraphs", "tokenize_documents", "text_rows", "mix_rows",
+           "ngram_overlap"]
 
 MAX_DOC_CHARS = 20_000          # documents cut from a long .txt file are at most this long (when possible)
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -214,9 +216,13 @@ def tokenize_documents(tokenizer, docs: Sequence[str], *, eos_id: int) -> list[t
 # ------------------------------------------------------------------------------------------------ packing
 def text_rows(tokenizer, specs: "str | os.PathLike[str] | Iterable[str | os.PathLike[str]]", seq_len: int, *,
               eos_id: int, pad_id: int, max_tokens: int | None = None, seed: int | None = 0,
-              field: str = "text") -> tuple[dict[str, np.ndarray], PackStats]:
+              field: str = "text", doc_filter: Callable[[list[np.ndarray]], Any] | None = None
+              ) -> tuple[dict[str, np.ndarray], PackStats]:
     """Rows of exactly `seq_len` real tokens from the documents of every spec.
 
+    `doc_filter`, given the token ids (int32 [L], ending in EOS) of every document, returns a bool keep mask
+    [number of documents]; the documents it rejects are left out before anything is shuffled, cut or packed
+    (e.g. `lambda docs: ~ngram_overlap(docs, heldout)`).
     All documents (each followed by EOS) are put in one order — shuffled with `seed`, or as read when
     seed=None — concatenated and, when `max_tokens` is given, cut after the first `max_tokens` tokens; the
     stream is then packed into rows with `pack_sequences(drop_last=True)`, so the incomplete last row is
@@ -237,6 +243,12 @@ def text_rows(tokenizer, specs: "str | os.PathLike[str] | Iterable[str | os.Path
     examples = []
     for spec in specs:
         examples.extend(tokenize_documents(tokenizer, read_documents(spec, field=field), eos_id=eos_id))
+    if doc_filter is not None:
+        keep = np.asarray(doc_filter([ids for ids, _ in examples]))
+        if keep.shape != (len(examples),) or keep.dtype != bool:
+            raise DataError(f"text_rows: doc_filter returned {keep.dtype} {keep.shape}, not a bool mask of the "
+                            f"{len(examples)} documents")
+        examples = [ex for ex, k in zip(examples, keep) if k]
     if seed is not None:
         order = np.random.default_rng(seed).permutation(len(examples))
         examples = [examples[i] for i in order]
@@ -387,3 +399,79 @@ def mix_rows(sources: Mapping[str, Mapping[str, np.ndarray]], weights: Mapping[s
     info = {"rows": rows, "seq_len": seq_len, "names": names, "row_source": np.concatenate(owner)[perm],
             "sources": info_sources}
     return out, info
+
+
+# ------------------------------------------------------------------------------------------ decontamination
+_MIX = np.uint64(0x9E3779B97F4A7C15)       # odd constants of splitmix64 / a 64-bit polynomial base
+_BASE = np.uint64(0xBF58476D1CE4E5B9)
+
+
+def _flat(seqs: Sequence[np.ndarray], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(all tokens int64 [T], start offset of each sequence int64 [S + 1])."""
+    arrays = []
+    for i, s in enumerate(seqs):
+        a = np.asarray(s)
+        if a.ndim != 1 or not (a.size == 0 or np.issubdtype(a.dtype, np.integer)):
+            raise DataError(f"ngram_overlap: {what} {i} must be a 1-D array of token ids, got {a.dtype} {a.shape}")
+        arrays.append(a.astype(np.int64))
+    lengths = np.asarray([a.size for a in arrays], np.int64)
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    return flat, np.concatenate([[0], np.cumsum(lengths)])
+
+
+def _windows(flat: np.ndarray, starts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hash uint64 [M], start position int64 [M]) of every n-token window lying inside one sequence."""
+    seq_len = np.diff(starts)
+    last = starts[1:] - n                                      # the last window start of each sequence
+    ok = seq_len >= n
+    # window starts: starts[s] .. last[s] for each sequence long enough
+    counts = np.where(ok, last - starts[:-1] + 1, 0)
+    pos = np.repeat(starts[:-1] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    if pos.size == 0:
+        return np.zeros(0, np.uint64), pos.astype(np.int64)
+    with np.errstate(over="ignore"):                           # uint64 arithmetic wraps: a hash mod 2^64
+        v = flat.view(np.uint64) * _MIX
+        v ^= v >> np.uint64(29)
+        h = np.zeros(pos.size, np.uint64)
+        for j in range(n):                                     # over the window's offsets, not its positions
+            h = h * _BASE + v[pos + j]
+    return h, pos
+
+
+def ngram_overlap(sequences: Sequence[np.ndarray], references: Sequence[np.ndarray], n: int = 13) -> np.ndarray:
+    """bool [S]: True for each token sequence sharing some n-token window with any reference sequence.
+
+    Exact: the windows of `references` are hashed (a 64-bit polynomial of mixed token ids) and every
+    sequence window whose hash is one of theirs is compared token for token with each reference window of
+    that hash. A window never spans two sequences (or two references); a sequence shorter than n matches
+    nothing. Vectorised over all positions at once: Python loops run only over the n offsets of a window
+    (and over the reference windows of one hash, one unless 64-bit hashes collide).
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise DataError(f"ngram_overlap: n={n!r} must be a positive number of tokens")
+    n = int(n)
+    flat, starts = _flat(sequences, "sequence")
+    out = np.zeros(len(starts) - 1, bool)
+    rflat, rstarts = _flat(references, "reference")
+    r_hash, r_pos = _windows(rflat, rstarts, n)
+    if r_hash.size == 0 or out.size == 0:
+        return out
+    offsets = np.arange(n)
+    # distinct reference windows sorted by (hash, tokens): equal hashes of different windows stay apart
+    table = np.unique(np.column_stack([r_hash.view(np.int64), rflat[r_pos[:, None] + offsets]]), axis=0)
+    r_hash, r_windows = table[:, 0], table[:, 1:]                # [M], [M, n]
+    h, pos = _windows(flat, starts, n)
+    h = h.view(np.int64)
+    lo = np.searchsorted(r_hash, h, side="left")
+    hi = np.searchsorted(r_hash, h, side="right")
+    cand = hi > lo
+    pos, lo, hi = pos[cand], lo[cand], hi[cand]
+    seq_windows = flat[pos[:, None] + offsets]                  # [C, n]
+    found = np.zeros(pos.size, bool)
+    for k in range(int((hi - lo).max(initial=0))):             # 1 unless two distinct windows share a hash
+        live = (lo + k < hi) & ~found
+        ref = r_windows[np.minimum(lo + k, len(r_hash) - 1)]
+        found |= live & (seq_windows == ref).all(axis=1)
+    owner = np.searchsorted(starts, pos[found], side="right") - 1
+    out[owner] = True
+    return out

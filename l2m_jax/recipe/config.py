@@ -58,9 +58,11 @@ class DataConfig:
     prompts: List[str] = field(default_factory=lambda: ["chatterbot"])   # seed prompts: or l2m_jax.data.sources specs
     max_prompts: Optional[int] = 192     # the first N seed prompts (null: all)
     max_prompt_len: Optional[int] = None  # longer prompts are dropped (null: seq_len - max_new_tokens)
-    text: List[str] = field(default_factory=list)   # plain text for word-level KL: .txt files / folders / hf:NAME
+    # plain text for word-level KL: .txt files / folders / hf:NAME / prose (Debian texts, l2m_jax.data.prose)
+    text: List[str] = field(default_factory=list)
     text_max_tokens: Optional[int] = None
     mix: Dict[str, float] = field(default_factory=lambda: {"chat": 1.0, "text": 1.0})   # stage-0/1 row weights
+    decontaminate: Optional[int] = 13    # drop text / conversations sharing an n-token span with a held-out text
     loss_on_prompts: bool = True         # stage 0/1: every real token is a target (the teacher wrote the requests)
     sft: List[str] = field(default_factory=lambda: ["pseudo_labels"])
     max_sft_rows: Optional[int] = None   # per dataset source
@@ -212,10 +214,14 @@ def check_config(c) -> None:
     if any(not w >= 0 for w in weights) or not any(w > 0 for w in weights):
         problems.append(f"data.mix={dict(c.data.mix)}: weights must be >= 0 and not all zero, e.g. "
                         "data.mix.chat=1 data.mix.text=1")
-    missing_text = [t for t in c.data.text if not str(t).startswith("hf:") and not os.path.exists(t)]
+    missing_text = [t for t in c.data.text
+                    if str(t) != "prose" and not str(t).startswith("hf:") and not os.path.exists(t)]
     if missing_text:
         problems.append(f"data.text names {missing_text}, which do not exist; give .txt files, folders of them, "
-                        ".jsonl/.parquet files with a text field, or hf:NAME datasets")
+                        ".jsonl/.parquet files with a text field, hf:NAME datasets or prose (Debian texts)")
+    n = c.data.decontaminate
+    if n is not None and n != 0 and (isinstance(n, bool) or not isinstance(n, int) or n < 4):
+        problems.append(f"data.decontaminate={n!r} must be an n-gram length >= 4 (13 is usual), or 0 / null for off")
     if c.data.mix.get("text", 0) > 0 and not c.data.text and c.data.mix.get("chat", 0) <= 0:
         problems.append("data.mix gives only 'text' a weight but data.text names no source")
     if not 0 <= c.data.heldout_preferences < 1:

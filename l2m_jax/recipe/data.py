@@ -7,13 +7,19 @@ the stage-0/1, SFT and DPO rows, and the held-out evaluation texts.
     sft = sft_rows(c, rows, tok); train_pairs, heldout_pairs = preference_rows(c, rows, tok)
     texts = heldout_ids(c, tok)                                        # {name: int32 [T]}
 
-`c` is a `RecipeConfig` (or an OmegaConf view of one). Every function logs what it built through `say`.
+`c` is a `RecipeConfig` (or an OmegaConf view of one). Every function logs what it built through `say`; the
+row builders also record what the report should show (text sources unavailable, decontamination counts) in
+the dict `notes=` when one is given.
+
+With data.decontaminate = n (default 13), every text document, chat conversation and preference pair that
+shares an n-token span with a held-out evaluation text (the whole text, `heldout_references`) is dropped
+before packing.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-
+from typing import Callable
 
 import numpy as np
 
@@ -189,20 +195,101 @@ def _rows(c, what: str, examples: list, pad_id: int) -> dict:
     return {k: arrays[k] for k in ("tokens", "loss_mask")}
 
 
-def distill_rows(c, rows: list[dict], tok) -> dict:
-    """Stage-0/1 rows {"tokens", "loss_mask"} [N, seq_len]: chat data and plain text mixed by data.mix."""
+# ------------------------------------------------------------------------------------------ decontamination
+def heldout_references(tok) -> list[np.ndarray]:
+    """int32 [T] token ids of every bundled held-out text, whole (not only the eval.tokens scored)."""
+    from l2m_jax.assets import heldout_texts
+
+    return [np.asarray(tok.encode(t, add_special_tokens=False), np.int32) for t in heldout_texts().values()]
+
+
+def heldout_filter(c, tok, notes: dict | None = None) -> Callable[[str, list], np.ndarray] | None:
+    """`keep(what, items) -> bool [len(items)]` dropping the items (token arrays, or tuples of arrays) that share
+    a data.decontaminate-token span with a held-out text, logging and noting the counts; None when off."""
+    from l2m_jax.data.text import ngram_overlap
+
+    n = c.data.decontaminate
+    if not n:
+        return None
+    refs = heldout_references(tok)
+
+    def keep(what: str, items: list) -> np.ndarray:
+        parts = [x if isinstance(x, tuple) else (x,) for x in items]
+        flat = [np.asarray(a) for p in parts for a in p]
+        owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+        bad = np.zeros(len(parts), bool)
+        np.logical_or.at(bad, owner, ngram_overlap(flat, refs, n))
+        tokens = int(sum(a.size for a, o in zip(flat, owner) if bad[o]))
+        say(f"{what}: decontamination dropped {int(bad.sum())} of {len(parts)} that share a {n}-token span with "
+            f"a held-out text ({tokens} tokens)")
+        if notes is not None:
+            notes.setdefault("decontamination", {"ngram": int(n)})[what] = {
+                "dropped": int(bad.sum()), "of": len(parts), "tokens": tokens}
+        return ~bad
+
+    return keep
+
+
+def _kept(examples: list, keep: np.ndarray) -> list:
+    return [e for e, k in zip(examples, keep) if k]
+
+
+# ------------------------------------------------------------------------------------------------ rows
+PROSE_FIX = ("run `python -m experiments.fetch_texts --out DIR` and pass data.text=[DIR], or data.text=[] to "
+             "train on chat only")
+
+
+def text_specs(c, notes: dict | None = None) -> list[str]:
+    """data.text with the entry `prose` replaced by `ensure_prose()`'s files; without them (a FetchError) the
+    entry is left out with one logged line, and notes["text_unavailable"] says why."""
+    from l2m_jax.data.prose import FetchError, ensure_prose
+
+    if notes is not None:
+        notes.pop("text_unavailable", None)    # a note of an earlier build
+    specs = []
+    for spec in c.data.text:
+        if str(spec) != "prose":
+            specs.append(str(spec))
+            continue
+        try:
+            specs += [str(p) for p in ensure_prose()]
+        except FetchError as e:
+            why = " ".join(str(e).split())
+            rest = "the other data.text sources" if len(c.data.text) > 1 else "chat data only"
+            say(f"stage-1 text data: data.text=prose is unavailable ({why}); to fix: {PROSE_FIX}; continuing with "
+                f"{rest}")
+            if notes is not None:
+                notes["text_unavailable"] = {"spec": "prose", "error": why, "fix": PROSE_FIX}
+    return specs
+
+
+def distill_rows(c, rows: list[dict], tok, notes: dict | None = None) -> dict:
+    """Stage-0/1 rows {"tokens", "loss_mask"} [N, seq_len]: chat data and plain text mixed by data.mix.
+
+    data.text's entry `prose` is `ensure_prose()`'s files; when they cannot be fetched the run goes on without
+    them (`text_specs`). Conversations and documents overlapping a held-out text are dropped (`heldout_filter`).
+    """
     from l2m_jax.data.text import mix_rows, text_rows
 
     pad_id, eos_id = special_ids(tok)
+    keep = heldout_filter(c, tok, notes)
     sources = {}
     if c.data.mix.get("chat", 0) > 0:
-        sources["chat"] = _rows(c, "stage-1 chat", label_examples(rows, loss_on_prompts=c.data.loss_on_prompts),
-                                pad_id)
-    if c.data.text and c.data.mix.get("text", 0) > 0:
-        arrays, stats = text_rows(tok, list(c.data.text), c.data.seq_len, eos_id=eos_id, pad_id=pad_id,
-                                  max_tokens=c.data.text_max_tokens, seed=c.seed)
-        say(f"stage-1 text data ({', '.join(c.data.text)}): {stats.summary()}")
+        examples = label_examples(rows, loss_on_prompts=c.data.loss_on_prompts)
+        if keep:
+            examples = _kept(examples, keep("stage-1 chat conversations", [ids for ids, _ in examples]))
+        sources["chat"] = _rows(c, "stage-1 chat", examples, pad_id)
+    specs = text_specs(c, notes) if c.data.text and c.data.mix.get("text", 0) > 0 else []
+    if specs:
+        doc_filter = (lambda docs: keep("stage-1 text documents", docs)) if keep else None
+        arrays, stats = text_rows(tok, specs, c.data.seq_len, eos_id=eos_id, pad_id=pad_id,
+                                  max_tokens=c.data.text_max_tokens, seed=c.seed, doc_filter=doc_filter)
+        say(f"stage-1 text data ({', '.join(specs)}): {stats.summary()}")
         sources["text"] = {k: arrays[k] for k in ("tokens", "loss_mask")}
+    if not sources:
+        raise UsageError(f"stage 1 has no data: data.mix={dict(c.data.mix)} weighs only text, and data.text "
+                         f"{list(c.data.text)} gave none; run `python -m experiments.fetch_texts --out DIR` and "
+                         "pass data.text=[DIR], or give chat a weight (data.mix.chat=1)")
     if len(sources) == 1:
         return next(iter(sources.values()))
     mixed, info = mix_rows(sources, {k: float(c.data.mix[k]) for k in sources}, seed=c.seed)
@@ -211,7 +298,7 @@ def distill_rows(c, rows: list[dict], tok) -> dict:
     return mixed
 
 
-def sft_rows(c, rows: list[dict], tok) -> dict:
+def sft_rows(c, rows: list[dict], tok, notes: dict | None = None) -> dict:
     """SFT rows: the teacher's answers (response tokens are targets) and any chat datasets named."""
     from l2m_jax.data.chat import encode_prompt_response
     from l2m_jax.data.chatterbot import chatterbot_rows
@@ -228,10 +315,15 @@ def sft_rows(c, rows: list[dict], tok) -> dict:
         examples += [encode_prompt_response(tok, r["messages"], where=f"{src} row {i}") for i, r in enumerate(data)]
     if not examples:
         raise UsageError(f"data.sft {list(c.data.sft)} gave no conversations")
+    keep = heldout_filter(c, tok, notes)
+    if keep:
+        examples = _kept(examples, keep("SFT conversations", [ids for ids, _ in examples]))
+        if not examples:
+            raise UsageError(f"data.sft {list(c.data.sft)}: every conversation overlaps a held-out text")
     return _rows(c, "SFT", examples, pad_id)
 
 
-def preference_rows(c, rows: list[dict], tok) -> tuple[dict, dict | None]:
+def preference_rows(c, rows: list[dict], tok, notes: dict | None = None) -> tuple[dict, dict | None]:
     """(DPO arrays, held-out DPO arrays or None): data.heldout_preferences of the pairs never train."""
     from l2m_jax.data.chat import DataError
     from l2m_jax.data.preference import encode_preference, synthetic_preferences
@@ -260,6 +352,9 @@ def preference_rows(c, rows: list[dict], tok) -> tuple[dict, dict | None]:
             raise DataError(f"{src} preference row {i}: {err}") from err
         cut += e["truncated_prompt"] or e["truncated_response"]
         encoded.append(e)
+    keep = heldout_filter(c, tok, notes)
+    if keep:
+        encoded = _kept(encoded, keep("DPO preference pairs", [(e["chosen_ids"], e["rejected_ids"]) for e in encoded]))
     order = np.random.default_rng([c.seed, 7]).permutation(len(encoded))
     n_held = int(round(c.data.heldout_preferences * len(encoded)))
     if n_held and len(encoded) - n_held < c.dpo.batch_size:

@@ -108,6 +108,10 @@ class Run:
         self.texts = heldout_ids(c, self.tok)
         self._rows = self._teacher_top1 = None
         self._data: dict[str, Any] = {}
+        # what the data builders noted for the report (a text source unavailable, decontamination counts);
+        # kept in out/data_notes.json so that a resumed run that builds no data still reports it
+        notes = self.out / "data_notes.json"
+        self.notes: dict[str, Any] = json.loads(notes.read_text()) if notes.exists() else {}
 
     def rows(self) -> list[dict]:
         """The teacher's chat data, generated (or read back) on first use."""
@@ -120,10 +124,9 @@ class Run:
         if kind == "stage0" or (kind == "sft" and self.c.sft.loss == "kd"):
             kind = "stage1"
         if kind not in self._data:
-            build = {"stage1": lambda: distill_rows(self.c, self.rows(), self.tok),
-                     "sft": lambda: sft_rows(self.c, self.rows(), self.tok),
-                     "dpo": lambda: preference_rows(self.c, self.rows(), self.tok)}[kind]
-            self._data[kind] = build()
+            build = {"stage1": distill_rows, "sft": sft_rows, "dpo": preference_rows}[kind]
+            self._data[kind] = build(self.c, self.rows(), self.tok, notes=self.notes)
+            write_json(self.out / "data_notes.json", self.notes)
         return self._data[kind]
 
     def teacher_top1(self):
@@ -365,6 +368,22 @@ def tensorboard_note(out: Path) -> str:
     return f"TensorBoard event files: {links}; view them with `tensorboard --logdir {out / 'stages'}`"
 
 
+def data_notes(notes: dict) -> list[str]:
+    """The report's lines on the training data: a text source that was unavailable, decontamination."""
+    lines = []
+    gone = notes.get("text_unavailable")
+    if gone:
+        lines.append(f"stage-1 text: data.text={gone['spec']} was unavailable, stage 1 trained without it "
+                     f"({gone['error']}); to fix: {gone['fix']}")
+    dec = notes.get("decontamination")
+    if dec:
+        parts = [f"{v['dropped']} of {v['of']} {what} ({v['tokens']} tokens)" for what, v in dec.items()
+                 if isinstance(v, dict)]
+        lines.append(f"decontamination: dropped what shares a {dec['ngram']}-token span with a held-out text: "
+                     + "; ".join(parts))
+    return lines
+
+
 def write_run_report(run: Run, plan, records: list[dict]) -> Path:
     """report.md (table, DPO evaluation, plots) and report.json (every number) in the run's folder."""
     from l2m_jax.assets import HELDOUT_SOURCES
@@ -409,13 +428,14 @@ def write_run_report(run: Run, plan, records: list[dict]) -> Path:
              "held-out texts (no stage trains on them): " + "; ".join(
                  f"{name}: {src}, first {teacher_eval[name]['tokens'] + 1} tokens" for name, src in texts.items())
              + f"; windows of {c.eval.window}",
+             *data_notes(run.notes),
              "checkpoints: `final/l2m`, `final/mil` (with the tokenizer); per stage: `stages/NAME/model`; "
              "training logs: `stages/NAME/logs` (metrics.jsonl and TensorBoard events)", tensorboard_note(out)]
     path = report.write_report(out, title=f"zephyr_distill — {c.preset}", rows=rows, plots=plots, notes=notes,
                                sections=sections)
     write_json(out / "report.json", report.report_json(rows, preset=c.preset, heldout_texts=texts,
                                                         plan=[p.name for p in plan], dpo=dpo,
-                                                        synthesis=synthesis_stats(out)))
+                                                        synthesis=synthesis_stats(out), data=run.notes))
     print()
     print(report.markdown_table(rows))
     print()

@@ -7,7 +7,8 @@ import pytest
 
 from l2m_jax.recipe.data import byte_chatml_tokenizer
 from l2m_jax.data.chat import DataError
-from l2m_jax.data.text import mix_rows, read_documents, split_paragraphs, text_rows, tokenize_documents
+from l2m_jax.data.text import (mix_rows, ngram_overlap, read_documents, split_paragraphs, text_rows,
+                               tokenize_documents)
 
 EOS, PAD = 2, 0
 
@@ -165,6 +166,68 @@ def test_text_rows_errors(tmp_path, tok):
         text_rows(tok, f, 64, eos_id=EOS, pad_id=PAD, max_tokens=10)
     with pytest.raises(DataError, match=r"'.*absent' does not exist"):
         text_rows(tok, [f, tmp_path / "absent"], 4, eos_id=EOS, pad_id=PAD)
+
+
+def test_text_rows_doc_filter_drops_documents_before_packing(tmp_path, tok):
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i in range(6):
+        (d / f"{i}.txt").write_text(f"doc{i} " + "words " * 10)
+    seen = []
+
+    def drop_odd(docs):
+        seen.extend(docs)
+        return np.asarray([i % 2 == 0 for i in range(len(docs))])
+
+    arrays, stats = text_rows(tok, d, 16, eos_id=EOS, pad_id=PAD, seed=None, doc_filter=drop_odd)
+    assert len(seen) == 6 and all(ids[-1] == EOS for ids in seen)          # every document, each ending in EOS
+    stream = np.concatenate([seen[i] for i in (0, 2, 4)])
+    np.testing.assert_array_equal(arrays["tokens"].reshape(-1), stream[: stats.rows * 16])
+    with pytest.raises(DataError, match="doc_filter returned"):
+        text_rows(tok, d, 16, eos_id=EOS, pad_id=PAD, doc_filter=lambda docs: [1] * len(docs))
+
+
+# ------------------------------------------------------------------------------------------ ngram_overlap
+def _overlap_brute(seqs, refs, n) -> list[bool]:
+    grams = {tuple(r[i:i + n]) for r in map(list, refs) for i in range(len(r) - n + 1)}
+    return [any(tuple(s[i:i + n]) in grams for i in range(len(s) - n + 1)) for s in map(list, seqs)]
+
+
+def test_ngram_overlap_equals_brute_force_on_random_sequences():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n, vocab = int(rng.integers(1, 9)), int(rng.integers(2, 6))     # small vocabularies: many matches
+        refs = [rng.integers(0, vocab, int(rng.integers(0, 25))) for _ in range(int(rng.integers(0, 4)))]
+        seqs = [rng.integers(0, vocab, int(rng.integers(0, 25))).astype(np.int32)
+                for _ in range(int(rng.integers(0, 7)))]
+        got = ngram_overlap(seqs, refs, n)
+        assert got.dtype == bool and got.shape == (len(seqs),)
+        assert got.tolist() == _overlap_brute(seqs, refs, n), trial
+
+
+def test_ngram_overlap_span_lengths_and_boundaries():
+    rng = np.random.default_rng(1)
+    ref = rng.integers(1000, 50_000, 300)
+
+    def filler(k):                                                       # ids never in the reference
+        return rng.integers(60_000, 70_000, k)
+
+    exact = np.concatenate([filler(20), ref[100:113], filler(20)])      # 13 tokens of the reference
+    short = np.concatenate([filler(20), ref[100:112], filler(20)])      # 12
+    alone = ref[50:63]                                                   # the whole sequence is the window
+    tiny = ref[:12]                                                      # shorter than n: never matches
+    # the two halves of a window are the end of one sequence and the start of the next: no match
+    split = [ref[200:207], ref[207:213]]
+    got = ngram_overlap([exact, short, alone, tiny, *split, np.zeros(0, np.int32)], [ref], 13)
+    assert got.tolist() == [True, False, True, False, False, False, False]
+    # a window across two references does not count either
+    assert not ngram_overlap([ref[10:23]], [ref[:16], ref[16:]], 13)[0]
+    assert ngram_overlap([ref[10:23]], [ref[:16], ref[16:]], 6)[0]
+    assert ngram_overlap([exact], [], 13).tolist() == [False] and ngram_overlap([], [ref]).shape == (0,)
+    with pytest.raises(DataError, match="1-D array"):
+        ngram_overlap([np.zeros((2, 2), np.int32)], [ref])
+    with pytest.raises(DataError, match="n=0"):
+        ngram_overlap([ref], [ref], 0)
 
 
 # ------------------------------------------------------------------------------------------------ mix_rows
