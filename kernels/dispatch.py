@@ -1,8 +1,9 @@
-"""One entry point per job, `ssm_update` and `ssm_verify`, dispatching to a backend:
+"""One entry point per job, `ssm_update`, `ssm_verify` and `ssd` (Mamba-2's chunked scan), dispatching to a
+backend:
 
   "xla"     the pure-JAX reference (reference.py); runs anywhere, moves the state once per step.
   "pallas"  jax.experimental.pallas kernels (pallas_ssm.py); on a GPU through Pallas' Triton lowering,
-            anywhere with interpret=True (slow; for tests).
+            anywhere with interpret=True (slow; for tests). SSD: pallas_ssd.py (fused forward, XLA backward).
   "triton"  @triton.jit kernels called through jax-triton 0.3.1 (triton_ssm_update.py,
             triton_ssm_verify.py); CUDA GPU only. triton and jax_triton are imported only here, on demand.
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 
 from . import checks, pallas_ssm, reference
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "ssm_update", "ssm_verify"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "ssd", "ssm_update", "ssm_verify"]
 
 BACKENDS = ("xla", "pallas", "triton")
 
@@ -192,3 +193,54 @@ def ssm_verify(
         fn = triton_ssm_verify.mamba2_verify if variant == "mamba2" else triton_ssm_verify.mamba_verify
         outs = fn(h_ckpt, cache, n_replay, x, dt, B, C, A=A, D=D, dt_bias=dt_bias)
     return (*outs, (x, dt, B))
+
+
+def _resolve_ssd(backend: str, interpret: bool, fallback: bool) -> str:
+    if backend != "triton":
+        return _resolve(backend, interpret, fallback)
+    if interpret:
+        raise ValueError("interpret=True applies to backend='pallas' only; the triton backend has no interpreter")
+    message = "backend='triton' has no SSD kernel: only 'xla' and 'pallas' exist for ssd."
+    if not fallback:
+        raise BackendUnavailableError(message + " Pass backend='pallas', or fallback=True to run 'xla' instead.")
+    warnings.warn(message + " Falling back to backend='xla'.", RuntimeWarning, stacklevel=3)
+    return "xla"
+
+
+def ssd(
+    x: jax.Array,  # [B, L, H, P]
+    dt: jax.Array,  # [B, L, H], already softplus-ed
+    A: jax.Array,  # [H], negative
+    B: jax.Array,  # [B, L, G, N]
+    C: jax.Array,  # [B, L, G, N]
+    D: jax.Array | None = None,  # [H]
+    *,
+    chunk: int,
+    h0: jax.Array | None = None,  # [B, H, P, N] fp32
+    mask: jax.Array | None = None,  # [B, L] bool
+    backend: str = "xla",
+    interpret: bool = False,
+    fallback: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Mamba-2's chunked SSD scan (semantics: `l2m_jax.ops.ssm.ssd_chunked`) on a backend.
+
+    "xla" runs `ssd_chunked`; "pallas" the fused forward of pallas_ssd.py (its gradients are the XLA
+    reference's VJP; chunk, P and N must be powers of two >= 16). There is no "triton" SSD kernel.
+
+    Returns:
+      y: [B, L, H, P] in x's dtype; h_last: [B, H, P, N] fp32.
+    """
+    from l2m_jax.ops import ssm as ssm_ops  # lazily: the decode kernels above need no l2m_jax
+
+    x, dt, A, B, C = map(jnp.asarray, (x, dt, A, B, C))
+    D, h0, mask = (None if a is None else jnp.asarray(a) for a in (D, h0, mask))
+    ssm_ops._check_ssd(x, dt, A, B, C, D, h0, mask, time_axis=True)
+    ssm_ops._check_chunk(chunk)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = _resolve_ssd(backend, interpret, fallback)
+    if backend == "xla":
+        return ssm_ops.ssd_chunked(x, dt, A, B, C, chunk=chunk, D=D, h0=h0, mask=mask)
+    from . import pallas_ssd
+
+    return pallas_ssd.ssd_chunked_pallas(x, dt, A, B, C, D, chunk=chunk, h0=h0, mask=mask, interpret=interpret)

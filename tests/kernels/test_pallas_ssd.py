@@ -1,0 +1,179 @@
+"""The fused Pallas SSD forward (interpret=True on CPU) against the XLA reference `ssd_chunked`: outputs and
+final states for fp32 and bf16 inputs, h0, masks, L not a multiple of the chunk, several heads per group,
+gradients of every input through the custom_vjp, and the errors for shapes the kernels cannot tile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from l2m_jax.kernels import BackendUnavailableError
+from l2m_jax.kernels.dispatch import ssd
+from l2m_jax.kernels.pallas_ssd import ssd_chunked_pallas
+from l2m_jax.ops.ssm import ssd_chunked
+
+# B=2, L=40 (chunk 32: one full chunk and a padded one), H=4 heads in G=2 groups, P=32, N=16; block_rows=16
+# gives two row blocks per chunk (so the causal loop runs over one and two column blocks) and two P blocks
+DIMS = dict(batch=2, length=40, heads=4, groups=2, head_dim=32, dstate=16)
+CHUNK, ROWS = 32, 16
+# fp32: the kernels sum in another order than the reference (cumsum differences vs segment sums), nothing more.
+# bf16: y is rounded to bf16 (as the reference's is), and the kernels also round the dot operands (decay- and
+# dt-weighted B for the state, C·B weights for y, C and the entering state for the inter-chunk term) to bf16,
+# the way mamba_ssm feeds its tensor cores; the reference keeps those products in fp32.
+TOL = {
+    jnp.float32: dict(y=dict(rtol=1e-5, atol=1e-5), h=dict(rtol=1e-5, atol=1e-5), rel=1e-6),
+    jnp.bfloat16: dict(y=dict(rtol=2e-2, atol=5e-2), h=dict(rtol=2e-2, atol=2e-2), rel=1e-2),
+}
+
+
+def _problem(seed, dtype=jnp.float32, *, batch, length, heads, groups, head_dim, dstate):
+    rng = np.random.default_rng(seed)
+    normal = lambda *s: rng.standard_normal(s, np.float32)  # noqa: E731
+    return dict(
+        x=jnp.asarray(normal(batch, length, heads, head_dim), dtype),
+        # softplus-ed step sizes from ~0.01 to ~2, decays -0.5..-4: chunk log-decays from ~-0.2 to ~-250
+        dt=jnp.asarray(rng.uniform(0.01, 2.0, (batch, length, heads)).astype(np.float32)),
+        A=jnp.asarray(-rng.uniform(0.5, 4.0, heads).astype(np.float32)),
+        B=jnp.asarray(normal(batch, length, groups, dstate), dtype),
+        C=jnp.asarray(normal(batch, length, groups, dstate), dtype),
+        D=jnp.asarray(normal(heads)),
+        h0=jnp.asarray(normal(batch, heads, head_dim, dstate)),
+    )
+
+
+def _mask(batch, length):
+    mask = np.ones((batch, length), bool)
+    mask[0, 5:9] = False  # a gap inside the first chunk
+    mask[1, 30:] = False  # a tail across the chunk boundary
+    return jnp.asarray(mask)
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _close(got, want, tol, rel):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+    assert _rel(got, want) < rel
+
+
+CASES = {
+    "plain": dict(),
+    "h0": dict(h0=True),
+    "mask": dict(mask=True),
+    "h0-mask-noD": dict(h0=True, mask=True, D=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_forward_matches_reference(dtype, case):
+    flags = CASES[case]
+    p = _problem(1, dtype, **DIMS)
+    kw = dict(
+        chunk=CHUNK,
+        D=p["D"] if flags.get("D", True) else None,
+        h0=p["h0"] if flags.get("h0") else None,
+        mask=_mask(DIMS["batch"], DIMS["length"]) if flags.get("mask") else None,
+    )
+    args = tuple(p[k] for k in ("x", "dt", "A", "B", "C"))
+    if kw["mask"] is not None:  # garbage at masked steps must not leak (the reference zeroes them too)
+        x = np.array(args[0], np.float32)
+        x[~np.asarray(kw["mask"])] = np.nan
+        args = (jnp.asarray(x, dtype),) + args[1:]
+    y_ref, h_ref = ssd_chunked(*args, **kw)
+    D = kw.pop("D")
+    y, h = ssd_chunked_pallas(*args, D, interpret=True, block_rows=ROWS, **kw)
+    assert y.dtype == dtype and h.dtype == jnp.float32
+    tol = TOL[dtype]
+    _close(y, y_ref, tol["y"], tol["rel"])
+    _close(h, h_ref, tol["h"], tol["rel"])
+
+
+def test_default_tiles_and_one_head_per_group():
+    """chunk 16 with the default block (one row block), G = H, through the dispatch and under jit."""
+    dims = dict(DIMS, groups=DIMS["heads"], head_dim=16)
+    p = _problem(2, **dims)
+    args = tuple(p[k] for k in ("x", "dt", "A", "B", "C", "D"))
+    run = jax.jit(lambda *a: ssd(*a, chunk=16, h0=p["h0"], backend="pallas", interpret=True))
+    y, h = run(*args)
+    y_ref, h_ref = ssd(*args, chunk=16, h0=p["h0"], backend="xla")
+    _close(y, y_ref, TOL[jnp.float32]["y"], TOL[jnp.float32]["rel"])
+    _close(h, h_ref, TOL[jnp.float32]["h"], TOL[jnp.float32]["rel"])
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_gradients_equal_the_reference(masked):
+    p = _problem(3, **DIMS)
+    mask = _mask(DIMS["batch"], DIMS["length"]) if masked else None
+    names = ("x", "dt", "A", "B", "C", "D", "h0")
+    primals = tuple(p[k] for k in names)
+    rng = np.random.default_rng(4)
+    y_ct = jnp.asarray(rng.standard_normal(p["x"].shape, np.float32))
+    h_ct = jnp.asarray(rng.standard_normal(p["h0"].shape, np.float32))
+
+    def loss(fn):
+        def f(x, dt, A, B, C, D, h0):
+            y, h = fn(x, dt, A, B, C, D, h0)
+            return jnp.sum(y * y_ct) + jnp.sum(h * h_ct)
+
+        return f
+
+    def fused(x, dt, A, B, C, D, h0):
+        return ssd_chunked_pallas(x, dt, A, B, C, D, chunk=CHUNK, h0=h0, mask=mask, interpret=True, block_rows=ROWS)
+
+    def reference(x, dt, A, B, C, D, h0):
+        return ssd_chunked(x, dt, A, B, C, chunk=CHUNK, D=D, h0=h0, mask=mask)
+
+    argnums = tuple(range(len(names)))
+    got = jax.grad(loss(fused), argnums=argnums)(*primals)
+    want = jax.grad(loss(reference), argnums=argnums)(*primals)
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert np.abs(np.asarray(w)).max() > 0, name  # every input really gets a gradient
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(chunk=24), r"chunk to be a power of two >= 16.*got chunk=24; pass chunk=64"),
+        (dict(chunk=8), r"chunk to be a power of two >= 16.*or use backend='xla'"),
+        (dict(block_rows=8), r"block_rows must be a power of two in \[16, chunk=32\]"),
+        (dict(block_rows=64), r"block_rows must be a power of two in \[16, chunk=32\]"),
+        (dict(head_dim=12), r"P \(head dim of x\) to be a power of two >= 16 .* got 12; use backend='xla'"),
+        (dict(dstate=8), r"N \(state size of B/C\) to be a power of two >= 16"),
+        (dict(groups=3), "the group count G=3 of B/C must divide the head count H=4"),
+    ],
+)
+def test_bad_inputs_name_the_fix(change, match):
+    change = dict(change)
+    kw = dict(chunk=change.pop("chunk", CHUNK), block_rows=change.pop("block_rows", None))
+    p = _problem(5, **dict(DIMS, length=8, **change))
+    args = tuple(p[k] for k in ("x", "dt", "A", "B", "C"))
+    with pytest.raises(ValueError, match=match):
+        ssd_chunked_pallas(*args, interpret=True, **kw)
+    if kw["block_rows"] is None:  # the dispatch raises the same errors
+        with pytest.raises(ValueError, match=match):
+            ssd(*args, chunk=kw["chunk"], backend="pallas", interpret=True)
+
+
+def test_dispatch_backends():
+    p = _problem(6, **dict(DIMS, length=8))
+    args = tuple(p[k] for k in ("x", "dt", "A", "B", "C"))
+    with pytest.raises(BackendUnavailableError, match="only 'xla' and 'pallas' exist for ssd"):
+        ssd(*args, chunk=CHUNK, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ssd(*args, chunk=CHUNK, backend="cuda")
+    with pytest.raises(ValueError, match="interpret=True applies to backend='pallas' only"):
+        ssd(*args, chunk=CHUNK, backend="triton", interpret=True)
+    with pytest.warns(RuntimeWarning, match="Falling back to backend='xla'"):
+        got = ssd(*args, chunk=CHUNK, backend="triton", fallback=True)
+    want = ssd_chunked(*args, chunk=CHUNK)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    if jax.default_backend() == "cpu":
+        with pytest.raises(BackendUnavailableError, match="pallas needs a CUDA GPU .* or interpret=True"):
+            ssd(*args, chunk=CHUNK, backend="pallas")
