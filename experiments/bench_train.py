@@ -2,6 +2,7 @@
 
     python -m experiments.bench_train                  # 1B-scale shapes + the Llama-3-8B stage-1 fit check
     python -m experiments.bench_train --quick          # tiny shapes: a CPU smoke run of the same code
+    python -m experiments.bench_train --attn-impl reference,xla,cudnn --skip-8b   # attention impls side by side
 
 Stage 1 (MIL_SPEC §2.2): frozen bf16 teacher + a 50% Mamba2 student that shares the teacher's frozen
 embeddings, MLPs, norms and attention layers; only the Mamba mixers train (fp32 masters, AdamW), loss
@@ -10,10 +11,14 @@ Model FLOPs per step: forward = 2·(matmul params)·tokens + causal attention (2
 layer) + SSD (H·(2QN + 2QP + 4NP) per token per Mamba2 layer); stage 1 = teacher fwd + student fwd + student
 input-gradients (≈ its fwd) + weight gradients of the trainable mixers; full = 3 × student fwd.
 MFU against the datasheet 989 TFLOP/s (dense bf16) and against the measured 812 TFLOP/s matmul rate.
+--attn-impl times the teacher's forward, the stage-1 step and the full step once per full-sequence attention
+implementation (l2m_jax.ops.attention.set_attention), each traced afresh; one that cannot run here (cudnn without
+a GPU) gets a row saying why. Peak memory is the process's peak so far, so it only grows down the table.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -22,7 +27,8 @@ import numpy as np
 
 from l2m_jax.config import ModelConfig, default_ssm_config
 from l2m_jax.convert.hybridize import attention_layers_for
-from l2m_jax.models import bind, init_params
+from l2m_jax.models import bind, forward, init_params
+from l2m_jax.ops.attention import ATTN_IMPLS, attention_impl
 from l2m_jax.train.losses import sft_loss
 from l2m_jax.train.optim import make_optimizer, merge, split_trainable, trainable_mask
 from l2m_jax.train.stages import distill_loss_fn
@@ -156,6 +162,27 @@ def bench_full(s_cfg, batch, seq, reps, key):
                 mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss))
 
 
+def bench_forward(t_cfg, batch, seq, reps, key):
+    """The bf16 teacher's full-sequence forward (no remat): the call where attention is the largest share."""
+    params = jax.jit(init_params, static_argnums=0)(t_cfg, key)
+    tokens = jax.random.randint(key, (batch, seq), 0, t_cfg.vocab_size, jnp.int32)
+    fwd = jax.jit(functools.partial(forward, t_cfg, checked=False))
+    step = lambda state, tokens: (state, fwd(state, tokens)[0][:, -1])  # noqa: E731  a [B, V] slice to wait on
+    t, _ = time_steps(step, params, (tokens,), reps)
+    n_tok = batch * seq
+    flops = forward_flops(t_cfg, params, n_tok, seq)
+    return dict(step="teacher forward", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,
+                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float("nan"))
+
+
+def attn_impls(text: str) -> list[str]:
+    impls = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in impls if x not in ATTN_IMPLS]
+    if bad or not impls:
+        raise argparse.ArgumentTypeError(f"--attn-impl {text!r}: a comma-separated list of {', '.join(ATTN_IMPLS)}")
+    return impls
+
+
 def peak_gb():
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 1e9
@@ -169,6 +196,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-8b", action="store_true")
     ap.add_argument("--only-8b", action="store_true", help="just the Llama-3-8B stage-1 fit check")
+    ap.add_argument("--attn-impl", type=attn_impls, default=["reference"],
+                    help="full-sequence attention implementations to time side by side, comma-separated "
+                         f"({','.join(ATTN_IMPLS)}); the 8B fit check uses the first")
     a = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
@@ -176,22 +206,42 @@ def main(argv=None):
     t_cfg = shapes("tiny" if a.quick else "1b")
     s_cfg = student_cfg(t_cfg)
     batch, seq = (2, 64) if a.quick else (a.batch, a.seq)
-    rows = [] if a.only_8b else [bench_stage1(t_cfg, s_cfg, batch, seq, a.reps, key)]
-    if rows:
-        print(rows[-1], f"peak {peak_gb():.1f} GB", flush=True)
-        rows.append(bench_full(s_cfg, batch, seq, a.reps, key))
-        print(rows[-1], f"peak {peak_gb():.1f} GB", flush=True)
-    print("\n| step | shapes | tokens/step | s/step | tokens/s | TFLOP/s | MFU (989) | MFU (812 measured) |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for impl in [] if a.only_8b else a.attn_impl:
+        with attention_impl(impl):
+            for bench in (lambda: bench_forward(t_cfg, batch, seq, a.reps, key),
+                          lambda: bench_stage1(t_cfg, s_cfg, batch, seq, a.reps, key),
+                          lambda: bench_full(s_cfg, batch, seq, a.reps, key)):
+                try:
+                    r = dict(bench(), attn=impl, peak=peak_gb())
+                except Exception as e:  # an implementation this machine cannot run: say so, time the others
+                    if impl == "reference":
+                        raise
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    print(f"attention {impl}: skipped ({why})", flush=True)
+                    rows.append(dict(attn=impl, skipped=why))
+                    break
+                print(r, flush=True)
+                rows.append(r)
+    shape = "tiny" if a.quick else "1B (Llama-3.2-1B)"
+    print("\n| step | attention | shapes | tokens/step | s/step | tokens/s | TFLOP/s | MFU (989) | MFU (812 measured) "
+          "| peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['step']} | {'tiny' if a.quick else '1B (Llama-3.2-1B)'} 50% Mamba2 | {r['tokens']} | "
-              f"{r['s']:.3f} | {r['tok_per_s']:.0f} | {r['tflops']:.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} |")
+        if "skipped" in r:
+            print(f"| all | {r['attn']} | {shape} | skipped: {r['skipped']} |||||||")
+            continue
+        model = shape + ("" if r["step"] == "teacher forward" else " 50% Mamba2")
+        print(f"| {r['step']} | {r['attn']} | {model} | {r['tokens']} | {r['s']:.3f} | {r['tok_per_s']:.0f} | "
+              f"{r['tflops']:.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} | {r['peak']:.1f} |")
     if not a.quick and not a.skip_8b:
         t8 = shapes("8b")
-        r = bench_stage1(t8, student_cfg(t8), 1, 2048, 2, key)
-        print(f"\nLlama-3-8B shapes stage-1 step (bf16 teacher + 50% Mamba2 student, MLPs frozen, remat, 1x2048): "
-              f"{r['s']:.2f} s/step, {r['tok_per_s']:.0f} tok/s, MFU {r['mfu']:.1%}, peak memory {peak_gb():.1f} GB "
-              f"of {(dev.memory_stats() or {}).get('bytes_limit', 0) / 1e9:.0f} GB", flush=True)
+        with attention_impl(a.attn_impl[0]):
+            r = bench_stage1(t8, student_cfg(t8), 1, 2048, 2, key)
+        print(f"\nLlama-3-8B shapes stage-1 step (bf16 teacher + 50% Mamba2 student, MLPs frozen, remat, 1x2048, "
+              f"attention {a.attn_impl[0]}): {r['s']:.2f} s/step, {r['tok_per_s']:.0f} tok/s, MFU {r['mfu']:.1%}, "
+              f"peak memory {peak_gb():.1f} GB of {(dev.memory_stats() or {}).get('bytes_limit', 0) / 1e9:.0f} GB",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Grouped-query causal attention over an explicit key/value set (a sequence or a KV cache)."""
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -35,6 +37,110 @@ def gqa_attention(q, k, v, mask):
         w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         o = jnp.einsum("BGRLS,BSGP->BLGRP", w, v, preferred_element_type=jnp.float32)
     return o.reshape(b, lq, h, p).astype(q.dtype)
+
+
+# ---- full-sequence attention (training, scoring, prefill): one switch between implementations ----------------
+# Read when a model call is traced, like the decode switch below: set it before jitting (a program already traced
+# keeps the implementation it was traced with). "reference" (gqa_attention on a materialised mask) stays the
+# default and is what the others are tested against.
+#   "reference"  gqa_attention with attention_mask
+#   "xla"        jax.nn.dot_product_attention(implementation="xla"): the same math, masks built from lengths
+#   "cudnn"      jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention (GPU, bf16/fp16)
+ATTN_IMPLS = ("reference", "xla", "cudnn")
+ATTN_IMPL = "reference"
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attention impl {impl!r}: expected one of {', '.join(map(repr, ATTN_IMPLS))}")
+    return impl
+
+
+def set_attention(impl: str) -> None:
+    """Switch the full-sequence attention implementation (takes effect for programs traced afterwards)."""
+    global ATTN_IMPL
+    ATTN_IMPL = _check_impl(impl)
+
+
+@contextlib.contextmanager
+def attention_impl(impl: str):
+    """`with attention_impl("cudnn"): ...` traces the calls inside with `impl`, then restores the previous one."""
+    saved = ATTN_IMPL
+    set_attention(impl)
+    try:
+        yield
+    finally:
+        set_attention(saved)
+
+
+def _check_cudnn(q, k, v) -> None:
+    """One error listing everything that keeps cuDNN flash attention from running here, with the fix."""
+    problems = []
+    if jax.default_backend() != "gpu":
+        problems.append(f"it runs on a GPU only (this process runs on {jax.default_backend()!r})")
+    dts = sorted({str(x.dtype) for x in (q, k, v)})
+    if any(d not in ("bfloat16", "float16") for d in dts):
+        problems.append(f"it takes bfloat16/float16 inputs only (got {'/'.join(dts)}; set ModelConfig "
+                        "dtype='bfloat16')")
+    if problems:
+        raise ValueError("attention impl 'cudnn' cannot run: " + "; ".join(problems)
+                         + ". Use set_attention('xla') or set_attention('reference') instead.")
+
+
+def right_padding(mask):
+    """mask bool [B, L] -> (lengths int32 [B], ok bool []): ok iff every row is lengths[b] real tokens then pads."""
+    lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    expect = jnp.arange(mask.shape[1], dtype=jnp.int32)[None] < lengths[:, None]
+    return lengths, jnp.all(mask == expect)
+
+
+def causal_attention(q, k, v, *, kv_lengths=None, sliding_window: int | None = None, impl: str | None = None):
+    """Causal GQA self-attention over one sequence: q [B, L, H, P], k/v [B, L, G, P] -> [B, L, H, P] in q.dtype.
+
+    Query i and key i sit at position i (a stateless call, or a prefill into an empty cache). Key j is visible
+    to query i iff j <= i, j < kv_lengths[b] (int [B], right padding; None: every key is real) and, with a
+    sliding window (Mistral), i - j < sliding_window: the rule of `attention_mask`. impl (None: ATTN_IMPL):
+      "reference"  gqa_attention on that mask.
+      "xla"        jax.nn.dot_product_attention(is_causal=True, key_value_seq_lengths=kv_lengths,
+                   local_window_size=(sliding_window - 1, 0), implementation="xla"). GQA is native there (head
+                   h reads kv group h // (H // G), HF's order), so nothing is repeated. It equals the reference at
+                   every position, pads included: a query that sees no key gets the uniform average of all L
+                   values in both (finite large negatives, no -inf).
+      "cudnn"      the same call with implementation="cudnn" (flash attention: no [L, L] scores in memory, the
+                   masked blocks skipped). GPU and bf16/fp16 only: anything else raises one ValueError naming the
+                   fix. With kv_lengths the pad queries (i >= kv_lengths[b]) are passed as query_seq_lengths too
+                   and come back as zeros (the reference gives them a finite average; no real position reads a
+                   pad query's output).
+    An arbitrary boolean mask cannot be given here (these calls cannot express one without materialising it);
+    the model falls back to gqa_attention for masks that are not right padding (see models/layers.py).
+    """
+    impl = ATTN_IMPL if impl is None else _check_impl(impl)
+    b, l, h, p = q.shape
+    g = k.shape[2]
+    if h % g:
+        raise ValueError(f"causal_attention: {h} query heads are not a multiple of {g} kv heads")
+    if k.shape[1] != l or v.shape != k.shape:
+        raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape}: k and v need q's length")
+    if impl == "reference":
+        pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        valid = jnp.ones((b, l), bool) if kv_lengths is None else pos < kv_lengths[:, None]
+        return gqa_attention(q, k, v, attention_mask(pos, pos, valid, sliding_window=sliding_window))
+    if impl == "cudnn":
+        _check_cudnn(q, k, v)
+    kw = dict(is_causal=True, implementation=impl)
+    if sliding_window is not None:
+        kw["local_window_size"] = (int(sliding_window) - 1, 0)  # q - k <= left: HF's q - k < window
+    if kv_lengths is not None:
+        kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+        kw["key_value_seq_lengths"] = kv_lengths
+        if impl == "cudnn":
+            kw["query_seq_lengths"] = kv_lengths
+    with jax.named_scope(f"causal_attention_{impl}"):
+        o = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), **kw)
+    if impl == "cudnn" and kv_lengths is not None:
+        real = jnp.arange(l, dtype=jnp.int32)[None] < kv_lengths[:, None]               # [B, L]
+        o = jnp.where(real[:, :, None, None], o, jnp.zeros((), o.dtype))  # where, not *: no NaN from a pad row
+    return o.astype(q.dtype)
 
 
 # ---- decode against a KV cache: read only the filled part -------------------------------------------------------
