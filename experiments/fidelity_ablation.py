@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                 s0 = stage_settings(cv, "stage0", len(rows_["tokens"]))
                 aligned = align_stage(student, run.teacher, rows_, s0, mesh=run.mesh)
                 student = (aligned.cfg, aligned.params)
-            settings = stage_settings(cv, "stage1", len(rows_["tokens"]))
+            settings = stage_settings(cv, "stage1", len(rows_["tokens"]), round_index=r_i)
             t1 = time.perf_counter()
             r = distill_stage(student, run.teacher, rows_, settings, kl_reduction=cv.stage1.kl_reduction,
                               mesh=run.mesh)

@@ -245,3 +245,24 @@ def test_check_config_accepts_prose_and_checks_decontaminate():
     for bad in (3, -1, True):
         with pytest.raises(UsageError, match=f"data.decontaminate={bad!r} must be an n-gram length >= 4"):
             check_config(_config(decontaminate=bad))
+
+
+def test_round_steps_give_each_stage1_round_its_own_steps():
+    from l2m_jax.recipe import UsageError, check_config
+    from l2m_jax.recipe.config import RecipeConfig, SftConfig, Stage1Config
+    from l2m_jax.recipe.run import make_plan, stage1_round, stage_settings
+
+    c = RecipeConfig(teacher="tiny-random", stage1=Stage1Config(attn_fractions=[0.5, 0.25], steps=7,
+                                                                 round_steps=[5, 3]),
+                     sft=SftConfig(attn_fractions=[0.25]))
+    check_config(c)
+    plan = make_plan(c, 8)
+    steps = {p.name: stage_settings(c, p.kind, 100, round_index=stage1_round(c, 8, p)).steps for p in plan}
+    assert steps["stage1-mamba50"] == 5 and steps["stage1-mamba75"] == 3
+    assert all(n == c.stage0.steps for name, n in steps.items() if name.startswith("align-"))
+    c.stage1.round_steps = None
+    assert stage_settings(c, "stage1", 100, round_index=1).steps == 7
+    for bad in ([5], [5, 0], [5, 2.5]):
+        c.stage1.round_steps = bad
+        with pytest.raises(UsageError, match="stage1.round_steps"):
+            check_config(c)

@@ -105,6 +105,7 @@ class Stage1Config(StageConfig):
     attn_fractions: List[float] = field(default_factory=lambda: [0.75, 0.5])   # [] skips stage 1
     stepwise: bool = False               # one layer per round (MiL's stepwise order) instead
     steps: Optional[int] = 64            # per round
+    round_steps: Optional[List[int]] = None   # steps of each round (one per attn_fraction), instead of steps
     lr: float = 1e-3
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     clip_norm: Optional[float] = 0.1
@@ -188,6 +189,15 @@ def check_config(c) -> None:
         problems.append(f"sft.loss={c.sft.loss!r}: choose 'ce' (cross-entropy on answers) or 'kd' (end-to-end KD)")
     if c.dpo.reference not in ("teacher", "sft"):
         problems.append(f"dpo.reference={c.dpo.reference!r}: choose 'teacher' or 'sft'")
+    rs = c.stage1.round_steps
+    if rs is not None:
+        if c.stage1.stepwise:
+            problems.append("stage1.round_steps applies to the rounds of stage1.attn_fractions, not to "
+                            "stage1.stepwise=true; set stage1.steps instead")
+        elif len(rs) != len(c.stage1.attn_fractions) or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in rs):
+            problems.append(f"stage1.round_steps={list(rs)} must give one positive step count per round of "
+                            f"stage1.attn_fractions={list(c.stage1.attn_fractions)} (or null: stage1.steps each)")
     for name in STAGE_KINDS:
         s = getattr(c, name)
         if s.steps is not None and s.steps < 1:

@@ -166,12 +166,24 @@ def make_plan(c, n_layers: int):
                     dpo=c.dpo.enabled, stepwise=c.stage1.stepwise, align=c.stage0.enabled)
 
 
-def stage_settings(c, kind: str, rows: int):
+def stage1_round(c, n_layers: int, stage) -> int | None:
+    """The 0-based index of a stage-1 stage among the plan's stage-1 rounds (None for other kinds)."""
+    if stage.kind != "stage1":
+        return None
+    rounds = [p.name for p in make_plan(c, n_layers) if p.kind == "stage1"]
+    return rounds.index(stage.name)
+
+
+def stage_settings(c, kind: str, rows: int, round_index: int | None = None):
+    """The StageSettings of a stage kind; `round_index` (the stage-1 round, 0-based) picks stage1.round_steps."""
     from l2m_jax.train.optim import StagePreset
     from l2m_jax.train.stages import StageSettings
 
     s = getattr(c, kind)
-    steps = s.steps or max(1, rows // (s.batch_size * s.accum_steps))
+    steps = s.steps
+    if kind == "stage1" and round_index is not None and getattr(s, "round_steps", None):
+        steps = int(s.round_steps[round_index])
+    steps = steps or max(1, rows // (s.batch_size * s.accum_steps))
     distills = kind == "stage1" or (kind == "sft" and s.loss == "kd")
     preset = StagePreset(lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay,
                          clip_norm=s.clip_norm, warmup_steps=s.warmup_steps, warmup_ratio=s.warmup_ratio,
@@ -273,7 +285,7 @@ def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:
             extra["preferences_before"] = preference_eval((s_cfg, s_params), reference, heldout, c.dpo.beta,
                                                           c.dpo.batch_size)
     rows = len(data["tokens"] if "tokens" in data else data["chosen_tokens"])
-    settings = stage_settings(c, stage.kind, rows)
+    settings = stage_settings(c, stage.kind, rows, round_index=stage1_round(c, run.teacher[0].n_layers, stage))
     say(f"{stage.name}: {len(s_cfg.ssm_layers)} of {s_cfg.n_layers} layers {c.mixer} ({s_cfg.pattern}); "
         f"{settings.steps} steps of {settings.batch_size}x{settings.preset.accum_steps} rows of {rows}")
     t0 = time.perf_counter()
