@@ -125,6 +125,38 @@ def _speculate(t_params, d_params, tokens, lens, key, *, t_cfg: ModelConfig, d_c
     return c[5], c[6], c[9], c[10], c[11]
 
 
+def speculative_positions(longest_prompt: int, max_new_tokens: int, k: int) -> int:
+    """Positions a speculative run may reach: the prompt, max_new_tokens and one last round of K drafts + 1."""
+    return longest_prompt + max_new_tokens + k + 1
+
+
+def check_speculative_fits(cfg: ModelConfig, longest_prompt: int, max_new_tokens: int, k: int, *,
+                           model: str = "the target") -> None:
+    """Raise if K drafts per round would run past `model`'s context (attention layers: max_position_embeddings).
+
+    speculative_generate applies the same bound with the generic message of forward and generate; call this
+    first (as `l2m_jax.recipe.draft.acceptance` does) for an error that names the model and the largest k that
+    fits. The last round may start one token short of max_new_tokens and still verify K drafts + 1, so the run
+    needs `speculative_positions` positions; a pure-Mamba model has no limit. model: how the error names it.
+    """
+    needed = speculative_positions(longest_prompt, max_new_tokens, k)
+    limit = cfg.max_position_embeddings
+    if not cfg.attn_layers or needed <= limit:
+        return
+    room = limit - longest_prompt - max_new_tokens - 1          # the largest k that fits
+    new_room = limit - longest_prompt - 2                        # the largest max_new_tokens with k=1
+    if room >= 1:
+        fix = f"use k <= {room}, or lower max_new_tokens"
+    elif new_room >= 1:
+        fix = f"even k=1 does not fit: lower max_new_tokens to at most {new_room}"
+    else:
+        fix = "the prompt alone fills it: shorten the prompt"
+    raise ValueError(f"k={k} does not fit the context of {model}: speculative decoding of a {longest_prompt}-token "
+                     f"prompt with max_new_tokens={max_new_tokens} needs {needed} positions (prompt + "
+                     f"max_new_tokens + k + 1: the last round verifies k drafts past the last token) but the "
+                     f"attention layers of {model} run {limit} (max_position_embeddings); {fix}")
+
+
 def speculative_generate(target, draft, prompts, max_new_tokens: int, k: int = 4, sampling: Sampling | None = None,
                          key=None, *, eos_id: int | None = None, backend: str = "xla", fallback: bool = False):
     """Speculative decoding: (target_cfg, target_params), (draft_cfg, draft_params) -> (new tokens, SpecStats).
@@ -145,7 +177,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int, k: int = 4
                          f"{t_cfg.vocab_size}, eos {d_cfg.eos_token_id} vs {t_cfg.eos_token_id}): they must "
                          "share one tokenizer")
     tokens, lens = pad_prompts(t_cfg, prompts)
-    needed = int(lens.max()) + max_new_tokens + k + 1
+    # the one length rule of forward and generate (one message); `check_speculative_fits` says which k fits
+    needed = speculative_positions(int(lens.max()), max_new_tokens, k)
     check_length(t_cfg, needed)
     check_length(d_cfg, needed)
     capacity = _round_up(tokens.shape[1] + max_new_tokens + k + 1, 16)

@@ -360,6 +360,7 @@ class Trainer:
         self._step = 0
         self._allow_config_change = allow_config_change
         self.restore_info: dict[str, Any] = {"step": None, "quarantined": [], "config_changes": []}
+        self.stopped_by_budget = False         # the last fit stopped at its wall-clock budget
         self.ckpt_dir = None if ckpt_dir is None else os.path.abspath(os.fspath(ckpt_dir))
         self.log_dir = None if log_dir is None or jax.process_index() != 0 else os.fspath(log_dir)
         self._mngr = self._jsonl = self._tb = None
@@ -567,14 +568,20 @@ class Trainer:
             meta=ocp.args.JsonSave(meta)), force=True)
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, data: BatchSource, num_steps: int) -> list[dict[str, float]]:
+    def fit(self, data: BatchSource, num_steps: int, *, seconds: float | None = None) -> list[dict[str, float]]:
         """Train until `num_steps` steps in total are done (a resumed run continues where it stopped).
 
         A step is one optimizer call on one batch (one micro-batch when the optimizer accumulates).
         Returns the host metrics of the steps run by this call: the loss_fn's metrics plus "loss",
         "grad_norm" (of this batch's gradient, before clipping), "lr" (for `make_optimizer` optimizers),
-        "tokens_per_s" and "step" (steps done after it). Stops early, with a checkpoint, if `data` runs out.
+        "tokens_per_s" and "step" (steps done after it). Stops early, with a checkpoint, if `data` runs out,
+        or once `seconds` of wall clock (compilation included) have passed since the call began: no step
+        starts after the budget, and `self.stopped_by_budget` says it happened. Each process reads its own
+        clock, so multi-host runs should bound themselves by steps.
         """
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"seconds={seconds} must be a positive wall-clock budget (or None)")
+        self.stopped_by_budget = False
         if self._mngr is not None and not isinstance(data, BatchSource):
             raise TypeError(f"data ({type(data).__name__}) must have state()/restore() (the BatchSource "
                             "protocol) so its position can be checkpointed; see ArrayBatches")
@@ -585,8 +592,13 @@ class Trainer:
         start = self.step
         bar = tqdm(total=num_steps, initial=start, desc="train", disable=not self._progress, dynamic_ncols=True)
         try:
-            t_last = time.perf_counter()
+            t_last = t_start = time.perf_counter()
             while self.step < num_steps:
+                if seconds is not None and time.perf_counter() - t_start >= seconds:
+                    log.info("wall-clock budget of %.0f s reached after step %d of %d", seconds, self.step,
+                             num_steps)
+                    self.stopped_by_budget = True
+                    break
                 try:
                     batch = next(data)
                 except StopIteration:

@@ -123,7 +123,8 @@ class StageSettings:
     """How long and how a stage trains; the optimizer and loss weights come from `preset`.
 
     steps counts optimizer updates; each takes preset.accum_steps micro-batches of batch_size rows (global,
-    split over the mesh's devices).
+    split over the mesh's devices). seconds: a wall-clock budget; the stage stops cleanly (with a checkpoint)
+    before the first step that would start after it (distill_stage's StageResult.stopped_by_budget says so).
     """
     steps: int
     batch_size: int
@@ -132,6 +133,7 @@ class StageSettings:
     save_every: int = 1000
     progress: bool = True
     allow_config_change: bool = False   # resume a checkpoint made with other optimizer settings or steps
+    seconds: float | None = None        # wall-clock budget of this call (compilation included); None: none
 
 
 @dataclasses.dataclass
@@ -141,6 +143,7 @@ class StageResult:
     history: list[dict[str, float]]  # metrics of the steps this call ran (empty if it resumed at the end)
     start_step: int                 # micro-steps already done when this call began (> 0: resumed)
     restore: dict = dataclasses.field(default_factory=dict)   # what resuming found: Trainer.restore_info
+    stopped_by_budget: bool = False  # distill_stage: settings.seconds ran out before settings.steps were done
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -206,7 +209,7 @@ def _run(name: str, loss_fn: Callable, params: dict, mask: dict, data: dict[str,
                  save_every=settings.save_every, rng=settings.seed, progress=settings.progress,
                  allow_config_change=settings.allow_config_change) as trainer:
         start = trainer.step
-        history = trainer.fit(batches, settings.steps * accum)
+        history = trainer.fit(batches, settings.steps * accum, seconds=settings.seconds)
         return trainer.params, history, start, trainer.restore_info
 
 
@@ -283,7 +286,9 @@ def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray]
         config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
                 "kl_reduction": kl_reduction, "temperature": temperature,
                 "trains": trains, "extra": config})
-    return StageResult(s_cfg, _like(trained["student"], s_params), history, start, restore)
+    short = settings.seconds is not None and start + len(history) < settings.steps * settings.preset.accum_steps
+    return StageResult(s_cfg, _like(trained["student"], s_params), history, start, restore,
+                       stopped_by_budget=short)
 
 
 def sft_loss_fn(cfg: ModelConfig, *, loss_chunk: int | None = None) -> Callable:

@@ -80,3 +80,19 @@ def test_bad_inputs(models):
         l2m_jax.speculative_generate((cfg, params), (other, l2m_jax.init_params(other, 0)), PROMPTS, 4)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         l2m_jax.speculative_generate((cfg, params), (cfg, params), [[]], 4)
+
+
+def test_k_past_the_context_names_the_model_and_the_largest_k(models):
+    from l2m_jax.infer.speculative import check_speculative_fits
+
+    cfg, params = models["teacher"]
+    limit, new, k = cfg.max_position_embeddings, 8, 4
+    fits = limit - new - k - 1                       # the longest prompt this k and max_new_tokens leave room for
+    check_speculative_fits(cfg, fits, new, k)
+    with pytest.raises(ValueError, match=rf"k=4 does not fit the context of the draft: .* needs {limit + 1} "
+                                         rf"positions .* run {limit} \(max_position_embeddings\); use k <= 3"):
+        check_speculative_fits(cfg, fits + 1, new, k, model="the draft")
+    # speculative_generate refuses the same prompt (with the one length rule's message), before compiling
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        l2m_jax.speculative_generate((cfg, params), (cfg, params), [[1] * (fits + 1)], new, k=k)
+    check_speculative_fits(models["mamba2"][0], limit, new, k)     # a pure-Mamba model has no limit
