@@ -50,17 +50,14 @@ def peak_memory_bytes() -> int | None:
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate(cfg, params, texts: dict[str, np.ndarray], window: int, teacher_top1=None) -> tuple[dict, dict]:
     """({text: {"perplexity", "tokens", "agreement"}}, {text: top-1 predictions}) on the held-out texts."""
-    from l2m_jax.eval.agreement import top1_agreement, top1_predictions
-    from l2m_jax.eval.perplexity import perplexity
+    from l2m_jax.eval.agreement import top1_agreement
+    from l2m_jax.eval.heldout import score_texts
 
     scores, preds = {}, {}
-    for name, ids in texts.items():
-        w = min(window, ids.size, cfg.max_position_embeddings)
-        n, ppl = perplexity(cfg, params, ids, window=w)
-        rows = ids.size // w
-        preds[name] = top1_predictions(cfg, params, ids[:rows * w].reshape(rows, w))        # [N, W]
+    for name, r in score_texts(cfg, params, texts, window).items():   # one compiled forward for all texts
+        preds[name] = r["top1"]                                              # [N, W]
         agreement = None if teacher_top1 is None else top1_agreement(preds[name], teacher_top1[name])
-        scores[name] = {"perplexity": ppl, "tokens": n, "agreement": agreement}
+        scores[name] = {"perplexity": r["perplexity"], "tokens": r["tokens"], "agreement": agreement}
     return scores, preds
 
 

@@ -1,0 +1,87 @@
+"""Perplexity and top-1 predictions of several held-out texts from one compiled forward pass.
+
+    scores = score_texts(cfg, params, {"persuasion": ids_a, "kjv-john": ids_b}, window=256)
+    scores["persuasion"] -> {"tokens": 1624, "perplexity": 61.2, "top1": int32 [rows, W]}
+
+The same numbers as `perplexity.perplexity` (windows of `window` tokens overlapping by one, each token after
+the first scored once with the context of its own window) and `agreement.top1_predictions` on the text cut into
+disjoint rows of `window` tokens, but every window of every text goes through the model in fixed-size batches
+of one padded shape: one compilation per model instead of one per call shape, and one launch per batch instead
+of one per window. Padding sits after each window's real tokens, so causality keeps it from changing them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from ..models import forward
+
+__all__ = ["score_texts"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(cfg: ModelConfig, params, tokens):
+    """tokens int32 [N, W] -> (nll of tokens[:, 1:] float32 [N, W-1], argmax int32 [N, W])."""
+    logits = forward(cfg, params, tokens)[0].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return nll, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _check_ids(name: str, ids: np.ndarray, vocab: int) -> None:
+    if ids.ndim != 1 or ids.size < 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"text {name!r}: token ids must be a 1-D integer array of at least 2 ids, got shape "
+                         f"{ids.shape}, dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"text {name!r}: token ids must lie in [0, {vocab}) (the model's vocab); got min "
+                         f"{ids.min()}, max {ids.max()}: was it encoded with the model's tokenizer?")
+
+
+def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: int, *,
+                batch_rows: int = 16) -> dict[str, dict]:
+    """{name: {"tokens", "perplexity", "top1"}} for every text (int [T] token ids).
+
+    Per text the window is w = min(window, T, cfg.max_position_embeddings); "tokens" and "perplexity" equal
+    `perplexity(cfg, params, ids, window=w)`, "top1" equals `top1_predictions(cfg, params, rows)` with rows
+    = ids[: (T // w) * w].reshape(-1, w). batch_rows: rows per forward pass (the last batch is padded).
+    """
+    if not texts:
+        raise ValueError("score_texts: no texts given")
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows={batch_rows} must be >= 1")
+    if int(window) < 2:
+        raise ValueError(f"window={window} must be >= 2")
+    window = min(int(window), cfg.max_position_embeddings)
+    plans = {}
+    for name, ids in texts.items():
+        ids = np.asarray(ids)
+        _check_ids(name, ids, cfg.vocab_size)
+        w = min(window, ids.size)
+        ppl_windows = [ids[s:s + w] for s in range(0, ids.size - 1, w - 1)]
+        rows = ids.size // w
+        plans[name] = (w, ppl_windows, [ids[r * w:(r + 1) * w] for r in range(rows)])
+    width = max(w for w, _, _ in plans.values())
+    chunks = [c for _, p, t in plans.values() for c in (*p, *t)]
+    n = -(-len(chunks) // batch_rows) * batch_rows
+    batch = np.zeros((n, width), np.int32)
+    for i, c in enumerate(chunks):
+        batch[i, :c.size] = c
+    nll, top1 = [], []
+    for s in range(0, n, batch_rows):
+        a, b = _score(cfg, params, jnp.asarray(batch[s:s + batch_rows]))
+        nll.append(np.asarray(a, np.float64))
+        top1.append(np.asarray(b))
+    nll, top1 = np.concatenate(nll), np.concatenate(top1)
+    out, i = {}, 0
+    for name, (w, ppl_windows, rows) in plans.items():
+        total = sum(float(np.sum(nll[i + j, :c.size - 1])) for j, c in enumerate(ppl_windows))
+        scored = sum(c.size - 1 for c in ppl_windows)
+        i += len(ppl_windows)
+        out[name] = {"tokens": scored, "perplexity": math.exp(total / scored), "top1": top1[i:i + len(rows), :w]}
+        i += len(rows)
+    return out

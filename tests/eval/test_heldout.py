@@ -1,0 +1,48 @@
+"""score_texts: the perplexity and top-1 predictions of several texts from one batched forward equal the
+per-window `perplexity` and `top1_predictions` they replace."""
+import jax
+import numpy as np
+import pytest
+
+import l2m_jax
+from l2m_jax.eval.agreement import top1_predictions
+from l2m_jax.eval.heldout import score_texts
+from l2m_jax.eval.perplexity import perplexity
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = l2m_jax.ModelConfig.tiny(vocab_size=97, max_position_embeddings=64)
+    return cfg, l2m_jax.init_params(cfg, jax.random.key(3))
+
+
+def test_equals_per_window_perplexity_and_top1(model):
+    cfg, params = model
+    rng = np.random.default_rng(0)
+    texts = {"long": rng.integers(0, 97, 150).astype(np.int32),     # several windows, a ragged last one
+             "exact": rng.integers(0, 97, 64).astype(np.int32),     # 64 = 2 windows of 32 at stride 31 + 2
+             "short": rng.integers(0, 97, 20).astype(np.int32)}     # shorter than the window: w = 20
+    got = score_texts(cfg, params, texts, window=32, batch_rows=4)
+    for name, ids in texts.items():
+        w = min(32, ids.size)
+        n, ppl = perplexity(cfg, params, ids, window=w)
+        rows = ids.size // w
+        want_top1 = top1_predictions(cfg, params, ids[:rows * w].reshape(rows, w))
+        assert got[name]["tokens"] == n == ids.size - 1
+        np.testing.assert_allclose(got[name]["perplexity"], ppl, rtol=1e-5)
+        assert got[name]["top1"].shape == want_top1.shape
+        np.testing.assert_array_equal(got[name]["top1"], want_top1)
+
+
+def test_window_is_clamped_to_the_context_and_bad_input_is_named(model):
+    cfg, params = model
+    ids = np.arange(100, dtype=np.int32) % 97
+    got = score_texts(cfg, params, {"t": ids}, window=1000)
+    n, ppl = perplexity(cfg, params, ids, window=64)
+    np.testing.assert_allclose(got["t"]["perplexity"], ppl, rtol=1e-5)
+    with pytest.raises(ValueError, match="text 'bad'.*vocab"):
+        score_texts(cfg, params, {"bad": np.array([1, 200], np.int32)}, window=32)
+    with pytest.raises(ValueError, match="window=1 must be >= 2"):
+        score_texts(cfg, params, {"t": ids}, window=1)
+    with pytest.raises(ValueError, match="at least 2 ids"):
+        score_texts(cfg, params, {"one": np.array([5], np.int32)}, window=32)
