@@ -43,7 +43,7 @@ def _check_ids(name: str, ids: np.ndarray, vocab: int) -> None:
 
 
 def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: int, *,
-                batch_rows: int = 16) -> dict[str, dict]:
+                batch_rows: int = 8) -> dict[str, dict]:
     """{name: {"tokens", "perplexity", "top1"}} for every text (int [T] token ids).
 
     Per text the window is w = min(window, T, cfg.max_position_embeddings); "tokens" and "perplexity" equal
