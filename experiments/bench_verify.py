@@ -19,6 +19,7 @@ Prints a markdown table last; writes results.json to --out (default $OUT when se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -60,6 +61,7 @@ def _load_kernels():
 K = _load_kernels()
 inputs = importlib.import_module(K.__name__ + ".inputs")
 reference = importlib.import_module(K.__name__ + ".reference")
+pallas_ssm = importlib.import_module(K.__name__ + ".pallas_ssm")
 
 
 def _params(p):
@@ -94,15 +96,29 @@ def _reference64(p, variant):
             return run(np.float32)
 
 
+UNROLLED = "pallas-unrolled"  # the pallas backend with its token loops unrolled (pallas_ssm.set_unroll)
+
+
+@contextlib.contextmanager
+def kernel_backend(name):
+    """The dispatch backend for a benchmark backend name, with the Pallas loops unrolled for UNROLLED."""
+    unrolled = name == UNROLLED
+    pallas_ssm.set_unroll(unrolled)
+    try:
+        yield "pallas" if unrolled else name
+    finally:
+        pallas_ssm.set_unroll(False)
+
+
 def check(backends, batch=4, tokens=5):
     print(f"\n## Checks: relative error vs float64 reference (batch {batch}, T={tokens}, replay counts 0..T)")
     rows, ok = [], True
     for variant in SHAPES:
-        fns = {
-            b: (jax.jit(lambda *a, b=b, **kw: K.ssm_update(*a, variant=variant, backend=b, **kw)),
-                jax.jit(lambda *a, b=b, **kw: K.ssm_verify(*a, variant=variant, backend=b, **kw)[:3]))
-            for b in backends
-        }
+        fns = {}
+        for name in backends:
+            with kernel_backend(name) as b:
+                fns[name] = (jax.jit(lambda *a, b=b, **kw: K.ssm_update(*a, variant=variant, backend=b, **kw)),
+                             jax.jit(lambda *a, b=b, **kw: K.ssm_verify(*a, variant=variant, backend=b, **kw)[:3]))
         for dtype in ("float32", "bfloat16"):
             for seed in (1, 2):  # a second fresh problem: stale buffers from the first cannot pass
                 p = inputs.random_problem(
@@ -111,9 +127,10 @@ def check(backends, batch=4, tokens=5):
                 ref_step, ref_verify = _reference64(p, variant)
                 for backend, (step_fn, verify_fn) in fns.items():
                     try:
-                        step = step_fn(*inputs.step_args(p), **_params(p))
-                        args = (p["h"], p["cache"], p["n_replay"], p["x"], p["dt"], p["B"], p["C"])
-                        verify = verify_fn(*args, **_params(p))
+                        with kernel_backend(backend):           # traced (first call) with its loop setting
+                            step = step_fn(*inputs.step_args(p), **_params(p))
+                            args = (p["h"], p["cache"], p["n_replay"], p["x"], p["dt"], p["B"], p["C"])
+                            verify = verify_fn(*args, **_params(p))
                         errs = [_rel(a, b) for a, b in zip([*step, *verify], [*ref_step, *ref_verify])]
                     except Exception as e:  # noqa: BLE001 - report and carry on with the other backends
                         print(f"  {variant} {dtype} {backend}: FAILED {type(e).__name__}: {str(e)[:1500]}")
@@ -161,29 +178,30 @@ def bench(backends, batches, ks, budget_s, reps):
             layers = int(max(4, min(32, (256 << 20) // state_bytes)))
             states = [p["h"] + i for i in range(layers)]  # distinct states, like distinct layers
             for backend in backends:
-                kw = dict(variant=variant, backend=backend, **_params(p))
                 row = dict(variant=variant, batch=batch, backend=backend, layers=layers, state_bytes=state_bytes)
                 if time.time() - start > budget_s:
                     print(f"  (budget of {budget_s} s spent: skipping {variant} B={batch} {backend})")
                     continue
                 try:
-                    # one inner jit per op: its lowering (and its Triton kernel) is shared by every layer
-                    op = jax.jit(lambda h, x, dt, B, C: K.ssm_update(h, x, dt, B, C, **kw))
-                    step_args = inputs.step_args(p)[1:]
-                    run = jax.jit(lambda hs, *a: [op(h, *a) for h in hs])
-                    row["step_us"] = _time(run, (states, *step_args), reps) / layers * 1e6
-                    one = {n: p[n][:, :1] for n in ("x", "dt", "B", "C")}
-                    row["step_bytes"] = _min_bytes({**p, **one}, variant, False)
-                    for k in ks:
-                        sub = {n: p[n][:, :k] for n in ("x", "dt", "B", "C")}
-                        cache = tuple(a[:, :k] for a in p["cache"])
-                        n_rep = jnp.full((batch,), k, jnp.int32)
-                        vop = jax.jit(lambda h, c, n, x, dt, B, C: K.ssm_verify(h, c, n, x, dt, B, C, **kw)[:3])
-                        vrun = jax.jit(lambda hs, *a: [vop(h, *a) for h in hs])
-                        args = (states, cache, n_rep, sub["x"], sub["dt"], sub["B"], sub["C"])
-                        row[f"verify{k}_us"] = _time(vrun, args, reps) / layers * 1e6
-                        problem = {**p, **sub, "cache": cache, "n_replay": n_rep}
-                        row[f"verify{k}_bytes"] = _min_bytes(problem, variant, True)
+                    with kernel_backend(backend) as dispatch_backend:
+                        kw = dict(variant=variant, backend=dispatch_backend, **_params(p))
+                        # one inner jit per op: its lowering (and its Triton kernel) is shared by every layer
+                        op = jax.jit(lambda h, x, dt, B, C: K.ssm_update(h, x, dt, B, C, **kw))
+                        step_args = inputs.step_args(p)[1:]
+                        run = jax.jit(lambda hs, *a: [op(h, *a) for h in hs])
+                        row["step_us"] = _time(run, (states, *step_args), reps) / layers * 1e6
+                        one = {n: p[n][:, :1] for n in ("x", "dt", "B", "C")}
+                        row["step_bytes"] = _min_bytes({**p, **one}, variant, False)
+                        for k in ks:
+                            sub = {n: p[n][:, :k] for n in ("x", "dt", "B", "C")}
+                            cache = tuple(a[:, :k] for a in p["cache"])
+                            n_rep = jnp.full((batch,), k, jnp.int32)
+                            vop = jax.jit(lambda h, c, n, x, dt, B, C: K.ssm_verify(h, c, n, x, dt, B, C, **kw)[:3])
+                            vrun = jax.jit(lambda hs, *a: [vop(h, *a) for h in hs])
+                            args = (states, cache, n_rep, sub["x"], sub["dt"], sub["B"], sub["C"])
+                            row[f"verify{k}_us"] = _time(vrun, args, reps) / layers * 1e6
+                            problem = {**p, **sub, "cache": cache, "n_replay": n_rep}
+                            row[f"verify{k}_bytes"] = _min_bytes(problem, variant, True)
                 except Exception as e:  # noqa: BLE001 - report and carry on
                     row["error"] = f"{type(e).__name__}: {str(e)[:800]}"
                     print(f"  {variant} B={batch} {backend}: FAILED {row['error']}")
@@ -243,11 +261,15 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new timings after this many seconds")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--backends", default="", help="comma-separated subset (default: all available)")
+    ap.add_argument("--pallas-unroll", action="store_true",
+                    help=f"also time the pallas kernels with unrolled token loops (as backend {UNROLLED!r})")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
 
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     backends = [b for b in K.available_backends() if not args.backends or b in args.backends.split(",")]
+    if args.pallas_unroll and "pallas" in backends:
+        backends.insert(backends.index("pallas") + 1, UNROLLED)
     missing = [b for b in K.BACKENDS if b not in K.available_backends()]
     print(f"backends: {backends}; unavailable here: {missing or 'none'}")
     batches, ks = ((1, 64), (1, 4, 8)) if args.quick else ((1, 16, 64), tuple(range(1, 9)))

@@ -10,6 +10,12 @@ So the big state crosses HBM once in and once (update) or twice (verify) out.
 
 On GPU this lowers through Pallas' Triton backend (tiles must then be powers of two); on CPU it runs with
 interpret=True. Inputs are assumed validated by dispatch.py.
+
+`set_unroll(True)` (read when a kernel is traced) unrolls both token loops into straight-line code: every
+per-token load then has a static address the compiler can issue ahead of the state updates, and the replay of
+the verification runs all T cached steps with the ones past n_replay masked out (jnp.where) instead of a loop
+of data-dependent length. Same results; which is faster is a GPU measurement (experiments/bench_verify.py
+--pallas-unroll), so the loops stay the default.
 """
 
 from __future__ import annotations
@@ -22,9 +28,18 @@ from jax.experimental import pallas as pl
 
 from . import tiling
 
-__all__ = ["mamba2_update", "mamba2_verify", "mamba_update", "mamba_verify"]
+__all__ = ["mamba2_update", "mamba2_verify", "mamba_update", "mamba_verify", "set_unroll"]
 
 _F32 = jnp.float32
+UNROLL = False  # see set_unroll
+
+
+def set_unroll(unroll: bool) -> None:
+    """Unroll the per-token loops of the kernels traced from now on (module docstring)."""
+    global UNROLL
+    if not isinstance(unroll, bool):
+        raise TypeError(f"set_unroll takes True or False, got {unroll!r}")
+    UNROLL = unroll
 
 
 def _softplus(v):
@@ -51,11 +66,11 @@ def _check_pow2(interpret: bool, **sizes: int) -> None:
             )
 
 
-def _token_loops(refs, length, replay, make_step):
+def _token_loops(refs, length, replay, make_step, unroll=False):
     """The kernel body shared by both variants: replay (verify only), checkpoint, new tokens, final state.
 
     make_step(A_ref, D_ref, dt_bias_ref) -> (advance, output) with advance(h, x, dt, B) -> (h, x_fp32)
-    and output(h, x_fp32, C) -> y.
+    and output(h, x_fp32, C) -> y. unroll: straight-line loops (module docstring).
     """
     if replay:
         n_ref, h_ref, cx_ref, cdt_ref, cb_ref, *refs = refs
@@ -70,13 +85,23 @@ def _token_loops(refs, length, replay, make_step):
         return h
 
     h = h_ref[...]
-    if replay:
+    if replay and unroll:
+        n = n_ref[0]
+        for t in range(cx_ref.shape[0]):      # every cached step, the ones past n_replay masked out
+            h = jnp.where(t < n, advance(h, cx_ref[t], cdt_ref[t], cb_ref[t])[0], h)
+        state_outs[0][...] = h
+    elif replay:
         h = jax.lax.fori_loop(0, n_ref[0], lambda t, h: advance(h, cx_ref[t], cdt_ref[t], cb_ref[t])[0], h)
         state_outs[0][...] = h
-    state_outs[-1][...] = jax.lax.fori_loop(0, length, new_token, h)
+    if unroll:
+        for t in range(length):
+            h = new_token(t, h)
+        state_outs[-1][...] = h
+    else:
+        state_outs[-1][...] = jax.lax.fori_loop(0, length, new_token, h)
 
 
-def _mamba2_kernel(length: int, replay: bool):
+def _mamba2_kernel(length: int, replay: bool, unroll: bool):
     def make_step(a_ref, d_ref, bias_ref):
         a, d, bias = a_ref[0].astype(_F32), d_ref[0].astype(_F32), bias_ref[0].astype(_F32)
 
@@ -90,7 +115,7 @@ def _mamba2_kernel(length: int, replay: bool):
 
         return advance, output
 
-    return lambda *refs: _token_loops(refs, length, replay, make_step)
+    return lambda *refs: _token_loops(refs, length, replay, make_step, unroll)
 
 
 # ----------------------------------------------------------------------------------------------- Mamba-2
@@ -122,7 +147,7 @@ def _mamba2_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
         n_states = 2
     state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
     outs = pl.pallas_call(
-        _mamba2_kernel(length, replay_args is not None),
+        _mamba2_kernel(length, replay_args is not None, UNROLL),
         out_shape=(jax.ShapeDtypeStruct((batch, length, heads, hdim), x.dtype),) + (state_shape,) * n_states,
         grid=(batch, heads, hdim // bp),
         in_specs=in_specs,
@@ -148,7 +173,7 @@ def mamba2_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, interp
 # ----------------------------------------------------------------------------------------------- Mamba-1
 
 
-def _mamba_kernel(length: int, replay: bool):
+def _mamba_kernel(length: int, replay: bool, unroll: bool):
     def make_step(a_ref, d_ref, bias_ref):
         a = a_ref[...].astype(_F32)  # [bc, N]
         d, bias = d_ref[...].astype(_F32), bias_ref[...].astype(_F32)  # [bc]
@@ -163,7 +188,7 @@ def _mamba_kernel(length: int, replay: bool):
 
         return advance, output
 
-    return lambda *refs: _token_loops(refs, length, replay, make_step)
+    return lambda *refs: _token_loops(refs, length, replay, make_step, unroll)
 
 
 def _mamba_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
@@ -192,7 +217,7 @@ def _mamba_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
         n_states = 2
     state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
     return pl.pallas_call(
-        _mamba_kernel(length, replay_args is not None),
+        _mamba_kernel(length, replay_args is not None, UNROLL),
         out_shape=(jax.ShapeDtypeStruct((batch, length, channels), x.dtype),) + (state_shape,) * n_states,
         grid=(batch, channels // bc),
         in_specs=in_specs,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2m_jax.kernels import ssm_update, ssm_verify, tiling
+from l2m_jax.kernels import pallas_ssm, ssm_update, ssm_verify, tiling
 from l2m_jax.kernels.inputs import random_problem, step_args
 
 # B=3, T=3; dims chosen so the grid has several tiles per row (see tiling.py) and groups differ per input
@@ -32,9 +32,16 @@ def test_tiles_split_the_state():
     assert tiling.mamba_block_c(3, 16, 8, aligned_to=4) < 16
 
 
+@pytest.fixture(params=[False, True], ids=["loops", "unrolled"])
+def unroll(request):
+    pallas_ssm.set_unroll(request.param)
+    yield request.param
+    pallas_ssm.set_unroll(False)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", ["mamba2", "mamba"])
-def test_pallas_matches_reference(variant, dtype):
+def test_pallas_matches_reference(variant, dtype, unroll):
     p = random_problem(7, variant, batch=3, tokens=3, dtype=dtype, **DIMS[variant])
     kw = dict(variant=variant, **_params(p))
 
@@ -52,3 +59,8 @@ def test_pallas_matches_reference(variant, dtype):
     # the replay really ran: rows replaying nothing keep the checkpoint, rows replaying T moved it
     np.testing.assert_array_equal(np.asarray(got[1][0]), np.asarray(p["h"][0]))
     assert np.abs(np.asarray(got[1][1]) - np.asarray(p["h"][1])).max() > 1e-3
+
+
+def test_set_unroll_takes_a_bool():
+    with pytest.raises(TypeError, match="True or False"):
+        pallas_ssm.set_unroll(1)
