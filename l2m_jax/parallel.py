@@ -204,6 +204,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def fsdp_gather(mesh: Mesh):
+    """The ZeRO-3 all-gather as a function of a parameter pytree: every array leaf constrained to be whole
+    (replicated) on every device, for `CausalLM.hidden(gather=...)` to apply to one layer's weights where that
+    layer runs (inside its rematerialised call, so the backward pass gathers them again).
+
+    Without it XLA's partitioner is free to keep an fsdp-sharded weight split and move the activations instead:
+    for weights split along d_model it gathers every row of the batch onto each device and all-reduces partial
+    sums, so per-device activations grow with the fsdp size instead of shrinking. The identity when the mesh
+    has no fsdp split (parameters are then whole already).
+    """
+    if mesh.shape[FSDP] == 1:
+        return lambda tree: tree
+    whole = replicated(mesh)
+    return lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), tree)
+
+
 def shard_params(params: Any, shardings: Any) -> Any:
     """Place (or re-place) every leaf of `params` with its sharding."""
     return jax.device_put(params, shardings)

@@ -71,6 +71,14 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache, u, h
 
 
+def _gathered(layer: nnx.Module, gather) -> nnx.Module:
+    """`layer` with `gather` applied to its parameters (the layer itself when gather is None)."""
+    if gather is None:
+        return layer
+    graphdef, state = nnx.split(layer)
+    return nnx.merge(graphdef, gather(state))
+
+
 class CausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -100,23 +108,27 @@ class CausalLM(nnx.Module):
         return Context(positions, mask, new_lengths, inv_freq, has_mask, state.n_replay if spec else None, backend)
 
     def hidden(self, tokens, *, state: DecodeState | SpecState | None = None, mask=None, backend: str = "xla",
-               remat: bool | str | None = False):
+               remat: bool | str | None = False, gather=None):
         """tokens int32 [B, L] -> (final hidden [B, L, D] after the final norm, new state).
 
         remat: a rematerialisation policy for full-sequence calls (state=None), see REMAT_POLICIES.
+        gather: None, or a function of one layer's parameter pytree applied where that layer runs (inside its
+        rematerialised call), and to the embedding, e.g. `parallel.fsdp_gather(mesh)`: only one layer's
+        all-gathered weights are live, and the activations keep the rows' sharding of `tokens`.
 
         A SpecState runs the speculative verifier: every token is real (no mask), Mamba layers replay and
         checkpoint; the returned lengths count all L tokens (the caller commits the accepted ones).
         """
         use_remat, policy = remat_policy(remat)
         ctx = self._context(tokens, state, mask, backend)
-        x = self.embed(tokens)
+        x = _gathered(self.embed, gather)(tokens)
         caches = []
         for i, layer in enumerate(self.layers):
             if use_remat and state is None:
-                x, c = jax.checkpoint(lambda h, layer=layer: layer(h, ctx, None), policy=policy)(x)
+                run = lambda h, layer=layer: _gathered(layer, gather)(h, ctx, None)  # noqa: E731
+                x, c = jax.checkpoint(run, policy=policy)(x)
             else:
-                x, c = layer(x, ctx, None if state is None else state.layers[i])
+                x, c = _gathered(layer, gather)(x, ctx, None if state is None else state.layers[i])
             caches.append(c)
         x = self.final_norm(x)
         if state is None:
@@ -146,14 +158,16 @@ class CausalLM(nnx.Module):
         """Layer i's mixer on its normalised input u [B, L, D] -> [B, L, D] (a full sequence, no cache)."""
         return self.layers[i].mixer(u, self._context(u[..., 0], None, mask, "xla"), None)[0]
 
-    def logits(self, x):
-        """x [..., D] -> fp32 logits [..., V]."""
+    def logits(self, x, gather=None):
+        """x [..., D] -> fp32 logits [..., V]. gather: as in `hidden`, applied to the head."""
         w = self.embed.embedding[...].T if self.cfg.tie_embeddings else self.lm_head.kernel[...]
+        w = w if gather is None else gather(w)
         return jnp.einsum("...D,DV->...V", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens, *, state=None, mask=None, backend: str = "xla", remat: bool | str | None = False):
-        x, state = self.hidden(tokens, state=state, mask=mask, backend=backend, remat=remat)
-        return self.logits(x), state
+    def __call__(self, tokens, *, state=None, mask=None, backend: str = "xla", remat: bool | str | None = False,
+                 gather=None):
+        x, state = self.hidden(tokens, state=state, mask=mask, backend=backend, remat=remat, gather=gather)
+        return self.logits(x, gather), state
 
 
 @functools.lru_cache(maxsize=64)
@@ -252,7 +266,7 @@ def _check_inputs(cfg: ModelConfig, tokens, state, mask) -> None:
 
 
 def forward(cfg: ModelConfig, params, tokens, state: DecodeState | None = None, *, mask=None,
-            remat: bool | str | None = False, checked: bool = True):
+            remat: bool | str | None = False, checked: bool = True, gather=None):
     """Logits float32 [B, L, V] for tokens int32 [B, L] and the advanced state.
 
     state=None: a plain full-sequence forward (training, scoring); returns (logits, None).
@@ -269,10 +283,12 @@ def forward(cfg: ModelConfig, params, tokens, state: DecodeState | None = None, 
     (two scalars to the host per call), so the jitted call raises jax.errors.JaxRuntimeError carrying the
     same message instead of returning NaN logits for ids >= V or silently wrapping negative ids.
     checked=False adds nothing to the program: for inputs already validated (by the data pipeline, say).
+    gather: None, or `parallel.fsdp_gather(mesh)` on an fsdp mesh: each layer all-gathers its own weights where
+    it runs (see `CausalLM.hidden`); the values are the same either way.
     """
     if checked:
         _check_inputs(cfg, tokens, state, mask)
-    return bind(cfg, params)(jnp.asarray(tokens, jnp.int32), state=state, mask=mask, remat=remat)
+    return bind(cfg, params)(jnp.asarray(tokens, jnp.int32), state=state, mask=mask, remat=remat, gather=gather)
 
 
 def mixer_io(cfg: ModelConfig, params, tokens, layers, *, mask=None, checked: bool = True):

@@ -31,6 +31,7 @@ from . import losses
 
 
 def hidden_and_head(cfg: ModelConfig, params: Any, tokens: jax.Array, *, remat: bool | str | None = False,
+                    gather: Callable | None = None,
                     ) -> tuple[jax.Array, jax.Array]:   # hidden [B, L, D] in cfg.dtype, head [D, V]
     """(final-normed hidden states, LM head) of `cfg`'s model for tokens int [B, L]: what `forward` turns
     into logits, without the logits.
@@ -39,11 +40,12 @@ def hidden_and_head(cfg: ModelConfig, params: Any, tokens: jax.Array, *, remat: 
     lm_head.kernel, in its parameter dtype; the chunked functions cast it to the hidden states' dtype per
     chunk, as `CausalLM.logits` does (so the head's gradient is summed over chunks in the parameter dtype,
     float32 for the Trainer's master weights). No id or length check (forward's checked=False).
+    gather: as in `CausalLM.hidden` (e.g. `parallel.fsdp_gather(mesh)`), applied to each layer and to the head.
     """
     model = bind(cfg, params)
-    hidden, _ = model.hidden(jnp.asarray(tokens, jnp.int32), remat=remat)       # [B, L, D]
+    hidden, _ = model.hidden(jnp.asarray(tokens, jnp.int32), remat=remat, gather=gather)       # [B, L, D]
     head = model.embed.embedding[...].T if cfg.tie_embeddings else model.lm_head.kernel[...]   # [D, V]
-    return hidden, head
+    return hidden, head if gather is None else gather(head)
 
 
 # ------------------------------------------------------------------------------------------------ chunking
