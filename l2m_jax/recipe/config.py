@@ -161,6 +161,8 @@ class RecipeConfig:
     save_every: int = 200
     keep_checkpoints: bool = False       # keep a finished stage's optimizer checkpoint
     resume_with_changes: bool = False    # resume `out` with changed optimisation settings (CHANGEABLE_ON_RESUME)
+    compile_ahead: bool = True           # with JAX's persistent compilation cache on: compile later stages' train
+                                         # steps in a background thread while earlier stages run
     mesh: MeshConfig = field(default_factory=MeshConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)

@@ -216,6 +216,121 @@ def convert(run: Run, index: int, stage, student):
     return s_cfg, s_params
 
 
+def abstract_model(model):
+    """(cfg, params as jax.ShapeDtypeStructs): the shapes and dtypes of a model, no weights."""
+    import jax
+
+    cfg, params = model
+    return cfg, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+
+def convert_abstract(c, index: int, stage, student):
+    """What `convert` makes of `student` (cfg, params; abstract or not), as jax.ShapeDtypeStructs: the same
+    config, tree, shapes and dtypes, traced through `hybridize` without computing a weight."""
+    import jax
+
+    import l2m_jax
+
+    s_cfg, s_params = student
+    if s_cfg.attn_layers == stage.attn_layers:
+        return abstract_model(student)
+    key = jax.random.fold_in(jax.random.key(c.seed), index)
+    # calibrating rescales the converted weights in their dtypes, from data; the tree is that of the same
+    # init without it
+    init = {"calibrated": "conv", "norm": "mil"}.get(c.init, c.init)
+    out = {}
+
+    def converted(params):
+        out["cfg"], new = l2m_jax.hybridize(s_cfg, params, stage.attn_layers, c.mixer, key, init=init)
+        return new
+
+    params = jax.eval_shape(converted, abstract_model(student)[1])
+    return out["cfg"], params
+
+
+def compile_ahead_enabled(c) -> bool:
+    """c.compile_ahead, and JAX's persistent compilation cache on (without it nothing could be reused)."""
+    import jax
+
+    return bool(getattr(c, "compile_ahead", True)) and bool(jax.config.jax_compilation_cache_dir)
+
+
+class CompileAhead:
+    """Compiles the train steps of the planned stages after plan[first], in order, in one daemon thread.
+
+    While stage `first` runs, each later stage's step is lowered from abstract inputs through the code its
+    real run uses (`convert_abstract`, `stage_inputs`, `stage_setup`, `stages.precompile_stage`) and compiled
+    into JAX's persistent compilation cache, so the stage's own jit finds the executable there. It only ever
+    saves time: a failure is said and ignored (that stage compiles when it starts), and a stage that starts
+    before the thread reached it is left to compile itself. The data of every planned stage is built here,
+    in the calling thread (the stages would build it later anyway), for the batch shapes and step counts.
+    """
+
+    def __init__(self, run: Run, plan, first: int, student):
+        import threading
+
+        stage_inputs(run, plan[first])                      # the first stage's data first
+        self._jobs = []
+        for i in range(first + 1, len(plan)):
+            data, _, settings = stage_inputs(run, plan[i])
+            self._jobs.append((i, plan[i], settings, {k: (v.shape, v.dtype) for k, v in data.items()}))
+        self._state: dict[str, str] = {}        # stage name -> "running" | "done" | "failed" | "started"
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._work, args=(run, plan[first], first, student),
+                                        name="compile-ahead", daemon=True)
+        self._thread.start()
+
+    def _work(self, run: Run, first_stage, first: int, student) -> None:
+        from l2m_jax.train.stages import precompile_stage, stage_batch
+
+        c = run.c
+        try:
+            teacher = abstract_model(run.teacher)
+            model = convert_abstract(c, first, first_stage, student)
+            for i, stage, settings, shapes in self._jobs:
+                model = convert_abstract(c, i, stage, model)
+                with self._cond:
+                    if stage.name in self._state:          # the stage has started: it compiles itself
+                        continue
+                    self._state[stage.name] = "running"
+                outcome, t0 = "failed", time.perf_counter()
+                try:
+                    reference = teacher if c.dpo.reference == "teacher" else model
+                    setup = stage_setup(c, stage, model, teacher, settings, reference)
+                    data = {k: np.empty((0, *shape[1:]), dtype) for k, (shape, dtype) in shapes.items()}
+                    precompile_stage(setup, settings, stage_batch(setup, settings, data), mesh=run.mesh)
+                    outcome = "done"
+                    say(f"compile ahead: {stage.name} train step compiled in {time.perf_counter() - t0:.1f}s")
+                except Exception as e:                      # never fails the run
+                    say(f"compile ahead: {stage.name} not compiled ahead ({type(e).__name__}: {e}); it compiles "
+                        "when it starts")
+                finally:
+                    with self._cond:
+                        self._state[stage.name] = outcome
+                        self._cond.notify_all()
+        except Exception as e:
+            say(f"compile ahead stopped ({type(e).__name__}: {e}); the later stages compile when they start")
+
+    def claim(self, name: str) -> None:
+        """Stage `name` starts: wait for its step if it is compiling ahead now, else keep the thread off it."""
+        t0 = time.perf_counter()
+        with self._cond:
+            self._state.setdefault(name, "started")
+            while self._state[name] == "running":
+                self._cond.wait()
+        if time.perf_counter() - t0 > 1.0:
+            say(f"{name}: waited {time.perf_counter() - t0:.0f}s for its train step to finish compiling ahead")
+
+    def stop(self) -> None:
+        """Compile nothing more (a stage in progress finishes in the background)."""
+        with self._cond:
+            for _, stage, _, _ in self._jobs:
+                self._state.setdefault(stage.name, "started")
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+
 def nonfinite_message(c, stage, e) -> str:
     """What a NaN/inf stage-training metric means for the run and what to change (e: a NonFiniteError)."""
     k, s = stage.kind, getattr(c, stage.kind)
@@ -242,30 +357,52 @@ def _say_restore(name: str, restore: dict) -> None:
         say(f"{name}: resumed step {restore['step']} with changed settings: {'; '.join(restore['config_changes'])}")
 
 
-def _train(run: Run, stage, student, data, settings, dirs: dict, reference=None):
-    """The stage's training call (l2m_jax.train.stages / align) for its kind."""
+def stage_setup(c, stage, student, teacher, settings, reference=None):
+    """The stage's `StageSetup` (l2m_jax.train.stages / align) for its kind: its loss, params and trainable mask.
+
+    The one place the recipe's settings become a stage's training program: the real stage (`_train`) and the
+    compilation ahead of it (`CompileAhead`) both call it; the models may be abstract (jax.ShapeDtypeStructs).
+    """
     from l2m_jax.train import stages
-    from l2m_jax.train.align import align_stage
+    from l2m_jax.train.align import align_setup
 
-    c = run.c
     if stage.kind == "stage0":
-        return align_stage(student, run.teacher, data, settings, **dirs)
-    chunk = {"loss_chunk": getattr(c, stage.kind).loss_chunk}
-    if stage.kind == "stage1":
-        return stages.distill_stage(student, run.teacher, data, settings, kl_reduction=c.stage1.kl_reduction,
-                                    temperature=c.stage1.temperature, **chunk, **dirs)
-    if stage.kind == "sft" and c.sft.loss == "kd":     # MiL's end-to-end KD: every parameter, against the teacher
-        return stages.distill_stage(student, run.teacher, data, settings, kl_reduction=c.stage1.kl_reduction,
-                                    temperature=c.stage1.temperature, trains="kd", **chunk, **dirs)
+        return align_setup(student, teacher)
+    chunk = getattr(c, stage.kind).loss_chunk
+    if stage.kind == "stage1" or (stage.kind == "sft" and c.sft.loss == "kd"):
+        # sft.loss="kd" is MiL's end-to-end KD: every parameter trains, against the teacher
+        return stages.distill_setup(student, teacher, settings, kl_reduction=c.stage1.kl_reduction,
+                                    temperature=c.stage1.temperature, loss_chunk=chunk,
+                                    trains="stage1" if stage.kind == "stage1" else "kd")
     if stage.kind == "sft":
-        return stages.sft_stage(student, data, settings, **chunk, **dirs)
-    return stages.dpo_stage(student, reference, data, settings, **chunk, **dirs)
+        return stages.sft_setup(student, settings, loss_chunk=chunk)
+    return stages.dpo_setup(student, reference, settings, loss_chunk=chunk)
 
 
-def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:
+def _train(run: Run, stage, student, data, settings, dirs: dict, reference=None):
+    """The stage's training call (l2m_jax.train.stages.run_setup) for its kind."""
+    from l2m_jax.train.stages import run_setup
+
+    return run_setup(stage_setup(run.c, stage, student, run.teacher, settings, reference), data, settings, **dirs)
+
+
+def stage_inputs(run: Run, stage):
+    """(data, held-out preference pairs or None, StageSettings) of a planned stage."""
+    c = run.c
+    data, heldout = run.data(stage.kind), None
+    if stage.kind == "dpo":
+        data, heldout = data
+    rows = len(data["tokens"] if "tokens" in data else data["chosen_tokens"])
+    settings = stage_settings(c, stage.kind, rows, round_index=stage1_round(c, run.teacher[0].n_layers, stage))
+    return data, heldout, settings
+
+
+def run_stage(run: Run, index: int, stage, student, ahead: "CompileAhead | None" = None) -> tuple[dict, Any]:
     """Train one planned stage from `student` (cfg, params); saves its model, returns (record, model).
 
     A NaN/inf metric raises NonFiniteError with `nonfinite_message`: the stage, step, metric and the fix.
+    ahead: the run's `CompileAhead`, told that this stage starts (it waits for the stage's step if that is
+    compiling ahead right now).
     """
     import l2m_jax
     from l2m_jax.train.loop import NonFiniteError
@@ -273,16 +410,16 @@ def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:
 
     c, sdir = run.c, run.out / "stages" / stage.name
     s_cfg, s_params = convert(run, index, stage, student)
-    data = run.data(stage.kind)
+    data, heldout, settings = stage_inputs(run, stage)
+    rows = len(data["tokens"] if "tokens" in data else data["chosen_tokens"])
     extra: dict[str, Any] = {}
     if stage.kind == "dpo":
-        data, heldout = data
         reference = run.teacher if c.dpo.reference == "teacher" else (s_cfg, s_params)
         if heldout is not None:
             extra["preferences_before"] = preference_eval((s_cfg, s_params), reference, heldout, c.dpo.beta,
                                                           c.dpo.batch_size)
-    rows = len(data["tokens"] if "tokens" in data else data["chosen_tokens"])
-    settings = stage_settings(c, stage.kind, rows, round_index=stage1_round(c, run.teacher[0].n_layers, stage))
+    if ahead is not None:
+        ahead.claim(stage.name)
     say(f"{stage.name}: {len(s_cfg.ssm_layers)} of {s_cfg.n_layers} layers {c.mixer} ({s_cfg.pattern}); "
         f"{settings.steps} steps of {settings.batch_size}x{settings.preset.accum_steps} rows of {rows}")
     t0 = time.perf_counter()
@@ -322,7 +459,11 @@ def run_stage(run: Run, index: int, stage, student) -> tuple[dict, Any]:
 
 
 def pipeline(c, out: Path) -> Path:
-    """The whole recipe into `out`; finished stages are skipped, an interrupted one resumes. Returns report.md."""
+    """The whole recipe into `out`; finished stages are skipped, an interrupted one resumes. Returns report.md.
+
+    With JAX's persistent compilation cache on (`use_compilation_cache`: GPUs) and c.compile_ahead, the later
+    stages' train steps compile in a background thread while the first stage trains (`CompileAhead`).
+    """
     import l2m_jax
 
     say(f"recipe: preset {c.preset}, out {out}")
@@ -334,19 +475,25 @@ def pipeline(c, out: Path) -> Path:
     say("plan: " + " -> ".join(p.name for p in plan))
     teacher_eval = run.evaluate("teacher", *run.teacher)
     say(f"teacher: {describe(teacher_eval)}")
-    records, student, source = [], run.teacher, None
-    for i, stage in enumerate(plan):
-        done = out / "stages" / stage.name / "done.json"
-        if done.exists():
-            records.append(json.loads(done.read_text()))
-            student, source = None, out / "stages" / stage.name / "model"
-            say(f"{stage.name}: finished in an earlier run, skipped")
-            continue
-        if student is None:
-            student = l2m_jax.load(source)
-        record, student = run_stage(run, i, stage, student)
-        records.append(record)
-        source = out / "stages" / stage.name / "model"
+    records, student, source, ahead = [], run.teacher, None, None
+    try:
+        for i, stage in enumerate(plan):
+            done = out / "stages" / stage.name / "done.json"
+            if done.exists():
+                records.append(json.loads(done.read_text()))
+                student, source = None, out / "stages" / stage.name / "model"
+                say(f"{stage.name}: finished in an earlier run, skipped")
+                continue
+            if student is None:
+                student = l2m_jax.load(source)
+            if ahead is None and i + 1 < len(plan) and compile_ahead_enabled(c):
+                ahead = CompileAhead(run, plan, i, student)
+            record, student = run_stage(run, i, stage, student, ahead)
+            records.append(record)
+            source = out / "stages" / stage.name / "model"
+    finally:
+        if ahead is not None:
+            ahead.stop()
     export(run, lambda: student if student is not None else l2m_jax.load(source), plan[-1].name)
     return write_run_report(run, plan, records)
 

@@ -26,8 +26,8 @@ from jax.sharding import Mesh
 from ..config import ModelConfig
 from ..models import apply_mixer, mixer_io
 from .optim import trainable_mask
-from .stages import (DISTILL_KEYS, Model, StageError, StageResult, StageSettings, _all, _check_data, _check_pair,
-                     _like, _run)
+from .stages import (DISTILL_KEYS, Model, StageError, StageResult, StageSettings, StageSetup, _all, _check_pair,
+                     run_setup)
 
 
 def aligned_layers(student: ModelConfig, reference: ModelConfig) -> tuple[int, ...]:
@@ -72,6 +72,20 @@ def align_loss_fn(student_cfg: ModelConfig, reference_cfg: ModelConfig, layers: 
     return loss_fn
 
 
+def align_setup(student: Model, teacher: Model) -> StageSetup:
+    """`align_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the models."""
+    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
+    _check_pair(s_cfg, t_cfg, "teacher")
+    if s_cfg.n_layers != t_cfg.n_layers or s_cfg.d_model != t_cfg.d_model:
+        raise StageError(f"stage 0: the student ({s_cfg.n_layers} layers, d_model {s_cfg.d_model}) was not made "
+                         f"from this teacher ({t_cfg.n_layers} layers, d_model {t_cfg.d_model})")
+    layers = aligned_layers(s_cfg, t_cfg)
+    mask = {"student": trainable_mask(s_params, s_cfg, "stage1"), "teacher": _all(t_params, False)}
+    return StageSetup("stage0", "stage 0", DISTILL_KEYS, s_cfg, align_loss_fn(s_cfg, t_cfg, layers),
+                      {"student": s_params, "teacher": t_params}, mask, "student",
+                      {"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(), "layers": list(layers)})
+
+
 def align_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
                 mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
     """Stage 0: train the student's Mamba mixers to reproduce the teacher's attention outputs layer by layer.
@@ -79,18 +93,5 @@ def align_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], 
     data: the stage-1 schema {"tokens", "loss_mask"} (the mask marks the positions scored). Resumable like
     every stage. Returns the student with aligned mixers; everything else is untouched.
     """
-    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
-    _check_pair(s_cfg, t_cfg, "teacher")
-    if s_cfg.n_layers != t_cfg.n_layers or s_cfg.d_model != t_cfg.d_model:
-        raise StageError(f"stage 0: the student ({s_cfg.n_layers} layers, d_model {s_cfg.d_model}) was not made "
-                         f"from this teacher ({t_cfg.n_layers} layers, d_model {t_cfg.d_model})")
-    layers = aligned_layers(s_cfg, t_cfg)
-    arrays = _check_data(data, DISTILL_KEYS, stage="stage 0", cfg=s_cfg, settings=settings, mesh=mesh)
-    params = {"student": s_params, "teacher": t_params}
-    mask = {"student": trainable_mask(s_params, s_cfg, "stage1"), "teacher": _all(t_params, False)}
-    trained, history, start, restore = _run(
-        "stage0", align_loss_fn(s_cfg, t_cfg, layers), params, mask, arrays, settings,
-        mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
-        config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
-                "layers": list(layers), "extra": config})
-    return StageResult(s_cfg, _like(trained["student"], s_params), history, start, restore)
+    return run_setup(align_setup(student, teacher), data, settings, mesh=mesh, ckpt_dir=ckpt_dir,
+                     log_dir=log_dir, config=config)

@@ -9,6 +9,11 @@ only w.r.t. the trainable subtree (see `optim.split_trainable`). Large inputs th
 teacher's parameters) belong in `params` with a False mask, e.g. params={"student": ..., "teacher": ...},
 so they enter the step as sharded arguments instead of being baked into the compiled program.
 
+The jitted step, its shardings and the abstract train state come from `step_program`, which reads only
+shapes and dtypes: `precompile_step(loss_fn, abstract_params, mask, optimizer, mesh, batch)` lowers and
+compiles the very program a Trainer with those arguments runs, without weights (with JAX's persistent
+compilation cache on, that Trainer's first step then loads it instead of compiling).
+
 A checkpoint at step k holds the state after k updates: trainable params, optimizer state, step and RNG
 (arrays) plus the data position, a config fingerprint and the parameter structure (JSON). Frozen params are
 not saved: they come from wherever the caller loaded them. Resuming restores the latest step into the
@@ -292,6 +297,116 @@ def _batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ the step program
+def base_key(rng: int | jax.Array) -> jax.Array:
+    """The typed base key of a seed, a typed key or a legacy uint32 PRNGKey."""
+    key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else jnp.asarray(rng)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return key
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    rng_impl: Any) -> Callable[[TrainState, Any, dict], tuple[TrainState, dict]]:
+    """The (unjitted) train step: (state, frozen, batch) -> (new state, metrics)."""
+
+    def _train_step(state: TrainState, frozen: Any, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=rng_impl), state.step)
+
+        def objective(trainable):
+            return loss_fn(merge(trainable, frozen), batch, key)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        lr = current_lr(opt_state)
+        if lr is not None:
+            metrics["lr"] = lr
+        return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
+    return _train_step
+
+
+def _check_trainable(trainable: Any) -> None:
+    leaves = jax.tree_util.tree_flatten_with_path(trainable)[0]
+    if not leaves:
+        raise ValueError("the trainable mask selects no parameters; nothing would train")
+    bad = [parallel.path_str(p) for p, x in leaves if not jnp.issubdtype(x.dtype, jnp.floating)]
+    if bad:
+        raise ValueError(f"non-float parameters cannot train: {bad}; set their mask entries to False")
+
+
+class StepProgram(NamedTuple):
+    """What a Trainer jits, derived from shapes and dtypes alone (`step_program`)."""
+    step_fn: Any             # jax.jit of the train step: donated state, explicit in/out shardings
+    state_sh: TrainState     # shardings of the train state
+    frozen_sh: Any           # shardings of the frozen tree (None where a leaf trains)
+    state: TrainState        # the train state as jax.ShapeDtypeStruct leaves (fp32 trainable), with shardings
+    frozen: Any              # the frozen tree as jax.ShapeDtypeStruct leaves, with shardings
+
+
+def _abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=getattr(x, "weak_type", False))
+
+
+def step_program(loss_fn: LossFn, params: Any, mask: Any, optimizer: optax.GradientTransformation, mesh: Mesh,
+                 *, rng: int | jax.Array = 0, rules=parallel.DEFAULT_RULES,
+                 min_shard_size: int = 2 ** 12) -> StepProgram:
+    """The Trainer's jitted step with its shardings and abstract state, for `params` as arrays or as
+    jax.ShapeDtypeStructs (`jax.eval_shape`, `models.abstract_params`): only shapes and dtypes are read, so
+    the program a Trainer compiles can be lowered, and compiled ahead (`precompile_step`), without weights."""
+    key = base_key(rng)
+    trainable, frozen = split_trainable(params, mask)
+    _check_trainable(trainable)
+    shard = lambda tree: parallel.param_shardings(tree, mesh, rules, min_size=min_shard_size)  # noqa: E731
+    train_sh, frozen_sh = shard(trainable), shard(frozen)
+    # the trainable leaves as the Trainer holds them: fp32 master weights
+    train = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=sh), trainable, train_sh)
+    opt = jax.eval_shape(optimizer.init, train)
+    opt_sh = shard(opt)
+    rep = parallel.replicated(mesh)
+    state_sh = TrainState(rep, train_sh, opt_sh, rep)
+    rng_data = jax.random.key_data(key)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), train, jax.tree.map(_abstract, opt, opt_sh),
+                       jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=rep))
+    step_fn = jax.jit(make_train_step(loss_fn, optimizer, jax.random.key_impl(key)), donate_argnums=(0,),
+                      in_shardings=(state_sh, frozen_sh, parallel.batch_sharding(mesh)),
+                      out_shardings=(state_sh, rep))
+    return StepProgram(step_fn, state_sh, frozen_sh, state, jax.tree.map(_abstract, frozen, frozen_sh))
+
+
+def batch_spec(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step receives for process-local batches like `batch` (arrays or anything with
+    .shape and .dtype, [B_local, ...]), as `Trainer` puts them on the mesh."""
+    sh = parallel.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]),
+                                    jax.dtypes.canonicalize_dtype(v.dtype), sharding=sh) for k, v in batch.items()}
+
+
+def precompile_step(loss_fn: LossFn, params: Any, mask: Any, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    batch: Mapping[str, Any], *, rng: int | jax.Array = 0, rules=parallel.DEFAULT_RULES,
+                    min_shard_size: int = 2 ** 12) -> list:
+    """Lower and compile the train step a `Trainer(loss_fn, params, mask, optimizer, mesh, rng=rng, ...)` will
+    run on batches like `batch` (process-local, [B, ...]; see `batch_spec`); params may be abstract.
+
+    With JAX's persistent compilation cache on, the Trainer's first step then loads the executable instead of
+    compiling it. Returns the compiled executables: one, or two where the state a step returns differs from
+    the initial one in weak types (a second signature the Trainer also compiles at its second step).
+    """
+    program = step_program(loss_fn, params, mask, optimizer, mesh, rng=rng, rules=rules,
+                           min_shard_size=min_shard_size)
+    spec = batch_spec(mesh, batch)
+    compiled = [program.step_fn.lower(program.state, program.frozen, spec).compile()]
+    out_state = jax.tree.map(_abstract, compiled[0].out_info[0], program.state_sh)
+    if _signature(out_state) != _signature(program.state):
+        compiled.append(program.step_fn.lower(out_state, program.frozen, spec).compile())
+    return compiled
+
+
+def _signature(tree: Any) -> list:
+    return [(x.shape, x.dtype, x.weak_type) for x in jax.tree.leaves(tree)]
+
+
 class Trainer:
     """Trains the `mask`-selected part of `params` with `optimizer` on `mesh`. See the module docstring.
 
@@ -325,31 +440,24 @@ class Trainer:
         if save_every < 1:
             raise ValueError(f"save_every={save_every} must be >= 1")
         self.mesh = parallel.make_mesh() if mesh is None else mesh
-        self._loss_fn, self._optimizer, self._progress = loss_fn, optimizer, progress
+        self._progress = progress
         self.save_every = save_every
-        key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else jnp.asarray(rng)
-        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.wrap_key_data(key)                     # a legacy uint32 PRNGKey
-        self._rng_impl = jax.random.key_impl(key)
-
+        key = base_key(rng)
+        program = step_program(loss_fn, params, mask, optimizer, self.mesh, rng=key, rules=rules,
+                               min_shard_size=min_shard_size)
         trainable, frozen = split_trainable(params, mask)
-        self._check_trainable(trainable)
-        shard = lambda tree: parallel.param_shardings(tree, self.mesh, rules, min_size=min_shard_size)
-        train_sh, frozen_sh = shard(trainable), shard(frozen)
+        train_sh, frozen_sh = program.state_sh.trainable, program.frozen_sh
+        rep = parallel.replicated(self.mesh)
         # fp32 master weights (a lossless upcast for bf16 checkpoints; the model casts to cfg.dtype), in
         # fresh buffers: the step donates them, and the caller's arrays must survive that
         trainable = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t),
                             out_shardings=train_sh)(trainable)
-        opt_sh = shard(jax.eval_shape(optimizer.init, trainable))
-        rep = parallel.replicated(self.mesh)
         self._frozen = parallel.shard_params(frozen, frozen_sh)
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
-        self._state_sh = TrainState(rep, train_sh, opt_sh, rep)
+        opt_state = jax.jit(optimizer.init, out_shardings=program.state_sh.opt_state)(trainable)
+        self._state_sh = program.state_sh
         self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), trainable, opt_state,
                                 jax.device_put(jax.random.key_data(key), rep))
-        self._step_fn = jax.jit(self._train_step, donate_argnums=(0,),
-                                in_shardings=(self._state_sh, frozen_sh, parallel.batch_sharding(self.mesh)),
-                                out_shardings=(self._state_sh, rep))
+        self._step_fn = program.step_fn
         self._log_params(params, mask, train_sh, frozen_sh)
 
         self._structure = [[parallel.path_str(p), list(x.shape), str(x.dtype)]
@@ -398,15 +506,6 @@ class Trainer:
         return merge(self.state.trainable, self._frozen)
 
     # ------------------------------------------------------------------ set-up helpers
-    @staticmethod
-    def _check_trainable(trainable: Any) -> None:
-        leaves = jax.tree_util.tree_flatten_with_path(trainable)[0]
-        if not leaves:
-            raise ValueError("the trainable mask selects no parameters; nothing would train")
-        bad = [parallel.path_str(p) for p, x in leaves if not jnp.issubdtype(x.dtype, jnp.floating)]
-        if bad:
-            raise ValueError(f"non-float parameters cannot train: {bad}; set their mask entries to False")
-
     def _log_params(self, params, mask, train_sh, frozen_sh) -> None:
         shardings = merge(train_sh, frozen_sh)
         n_train = n_total = 0
@@ -420,21 +519,6 @@ class Trainer:
                  100.0 * n_train / max(n_total, 1))
 
     # ------------------------------------------------------------------ the step
-    def _train_step(self, state: TrainState, frozen: Any, batch: dict) -> tuple[TrainState, dict]:
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=self._rng_impl), state.step)
-
-        def objective(trainable):
-            return self._loss_fn(merge(trainable, frozen), batch, key)
-
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
-        updates, opt_state = self._optimizer.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-        lr = current_lr(opt_state)
-        if lr is not None:
-            metrics["lr"] = lr
-        return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
-
     def _put_batch(self, batch: Mapping[str, np.ndarray]) -> dict:
         n = self.mesh.size // max(1, jax.process_count())
         out = {}

@@ -22,6 +22,10 @@ Batch schemas (numpy arrays with N rows of L tokens, right-padded):
                  (`preference_arrays` builds them from `data.preference.encode_preference` outputs)
 Masks mark target tokens (aligned with the tokens; the losses shift). Each stage is resumable: give it a
 ckpt_dir and call it again after an interruption.
+
+Each stage function is `run_setup(<kind>_setup(models, settings, ...), data, settings, ...)`; a `StageSetup`
+(loss, params, trainable mask) can be built from abstract models too, and `precompile_stage(setup, settings,
+stage_batch(setup, settings, data))` compiles the stage's train step ahead of its run.
 """
 from __future__ import annotations
 
@@ -34,13 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from .. import parallel
 from ..config import ModelConfig
 from ..convert.hybridize import attention_layers_for, stepwise_order
 from ..data.chat import DataError
 from ..data.packing import BatchIterator
 from ..models import forward
 from . import chunked, losses
-from .loop import Trainer
+from .loop import Trainer, precompile_step
 from .optim import StagePreset, trainable_mask
 
 Model = tuple[ModelConfig, Any]     # (cfg, params)
@@ -194,6 +199,25 @@ def _all(tree: Any, value: bool) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ running
+@dataclasses.dataclass(frozen=True)
+class StageSetup:
+    """Everything a stage hands the Trainer but the data: its loss, parameters and trainable mask.
+
+    Built by `distill_setup`, `sft_setup`, `dpo_setup` (and `align.align_setup`) from models whose parameters
+    are arrays or jax.ShapeDtypeStructs, so that `run_setup` (the real run) and `precompile_stage` (the
+    program alone, ahead of time) go through the same construction.
+    """
+    name: str                   # "stage0" | "stage1" | "sft" | "dpo": the stage in the run config
+    label: str                  # how errors name the stage ("stage 1", "SFT", ...)
+    keys: tuple[str, ...]       # the batch arrays the loss reads (DISTILL_KEYS or DPO_KEYS)
+    cfg: ModelConfig            # the trained model's config (the data's token ids are checked against it)
+    loss_fn: Callable
+    params: dict                # the Trainer's params: the trained model, plus a frozen teacher/reference
+    mask: dict
+    part: str | None            # the key of params holding the trained model (None: params is the model)
+    config: dict                # the stage's settings, recorded in its checkpoints' config
+
+
 def _run(name: str, loss_fn: Callable, params: dict, mask: dict, data: dict[str, np.ndarray],
          settings: StageSettings, *, mesh: Mesh | None, ckpt_dir, log_dir,
          config: Any) -> tuple[Any, list, int, dict]:
@@ -211,6 +235,39 @@ def _run(name: str, loss_fn: Callable, params: dict, mask: dict, data: dict[str,
         start = trainer.step
         history = trainer.fit(batches, settings.steps * accum, seconds=settings.seconds)
         return trainer.params, history, start, trainer.restore_info
+
+
+def run_setup(setup: StageSetup, data: Mapping[str, np.ndarray], settings: StageSettings, *,
+              mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
+    """Train a stage set up by `*_setup` on `data` (its `keys`); `config` is recorded as the run's "extra"."""
+    arrays = _check_data(data, setup.keys, stage=setup.label, cfg=setup.cfg, settings=settings, mesh=mesh)
+    trained, history, start, restore = _run(setup.name, setup.loss_fn, setup.params, setup.mask, arrays, settings,
+                                            mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
+                                            config={**setup.config, "extra": config})
+    model, before = ((trained, setup.params) if setup.part is None
+                     else (trained[setup.part], setup.params[setup.part]))
+    short = settings.seconds is not None and start + len(history) < settings.steps * settings.preset.accum_steps
+    return StageResult(setup.cfg, _like(model, before), history, start, restore, stopped_by_budget=short)
+
+
+def stage_batch(setup: StageSetup, settings: StageSettings, data: Mapping[str, Any]) -> dict:
+    """The micro-batch the stage's step receives (process-local: settings.batch_size rows), as
+    jax.ShapeDtypeStructs, from `data` shaped like the stage's dataset (arrays, or anything with .shape
+    [N, L] and .dtype: only the row length and dtypes are read)."""
+    missing = [k for k in setup.keys if k not in data]
+    if missing:
+        raise StageError(f"{setup.label}: the data lacks {missing}; it needs arrays {list(setup.keys)}")
+    return {k: jax.ShapeDtypeStruct((settings.batch_size, *data[k].shape[1:]), np.dtype(data[k].dtype))
+            for k in setup.keys}
+
+
+def precompile_stage(setup: StageSetup, settings: StageSettings, batch: Mapping[str, Any], *,
+                     mesh: Mesh | None = None) -> list:
+    """Compile the train step `run_setup(setup, data, settings, mesh=mesh)` will run, without data or
+    weights (setup's params may be abstract); batch: `stage_batch(...)`. With JAX's persistent compilation
+    cache on, the real stage then loads the executable instead of compiling it (`loop.precompile_step`)."""
+    return precompile_step(setup.loss_fn, setup.params, setup.mask, settings.preset.make_optimizer(settings.steps),
+                           parallel.make_mesh() if mesh is None else mesh, batch, rng=settings.seed)
 
 
 def _like(new: Any, old: Any) -> Any:
@@ -255,6 +312,26 @@ def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha
     return loss_fn
 
 
+def distill_setup(student: Model, teacher: Model, settings: StageSettings, *, kl_reduction: str = "token_mean",
+                  temperature: float = 1.0, trains: str = "stage1", loss_chunk: int | None = None) -> StageSetup:
+    """`distill_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the settings."""
+    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
+    _check_pair(s_cfg, t_cfg, "teacher")
+    alpha, beta = settings.preset.ce_weight, settings.preset.kl_weight
+    if alpha is None or beta is None:
+        raise StageError("stage 1 needs loss weights: set ce_weight (α) and kl_weight (β) in its StagePreset")
+    if kl_reduction not in losses.KL_REDUCTIONS:
+        raise StageError(f"kl_reduction={kl_reduction!r}; choose one of {losses.KL_REDUCTIONS}")
+    if trains not in ("stage1", "kd"):
+        raise StageError(f"trains={trains!r}; choose 'stage1' (Mamba mixers only) or 'kd' (everything)")
+    loss_fn = distill_loss_fn(s_cfg, t_cfg, alpha=alpha, beta=beta, kl_reduction=kl_reduction,
+                              temperature=temperature, loss_chunk=loss_chunk)
+    mask = {"student": trainable_mask(s_params, s_cfg, trains), "teacher": _all(t_params, False)}
+    return StageSetup("stage1", "stage 1", DISTILL_KEYS, s_cfg, loss_fn, {"student": s_params, "teacher": t_params},
+                      mask, "student", {"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
+                                        "kl_reduction": kl_reduction, "temperature": temperature, "trains": trains})
+
+
 def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
                   kl_reduction: str = "token_mean", temperature: float = 1.0, mesh: Mesh | None = None,
                   ckpt_dir=None, log_dir=None, config: Any = None, trains: str = "stage1",
@@ -266,29 +343,9 @@ def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray]
     trains="kd" trains every student parameter instead (MiL's later end-to-end KD; also how a draft model
     for speculative decoding is distilled). loss_chunk: see `distill_loss_fn` (None: whole logits).
     """
-    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
-    _check_pair(s_cfg, t_cfg, "teacher")
-    alpha, beta = settings.preset.ce_weight, settings.preset.kl_weight
-    if alpha is None or beta is None:
-        raise StageError("stage 1 needs loss weights: set ce_weight (α) and kl_weight (β) in its StagePreset")
-    if kl_reduction not in losses.KL_REDUCTIONS:
-        raise StageError(f"kl_reduction={kl_reduction!r}; choose one of {losses.KL_REDUCTIONS}")
-    arrays = _check_data(data, DISTILL_KEYS, stage="stage 1", cfg=s_cfg, settings=settings, mesh=mesh)
-    params = {"student": s_params, "teacher": t_params}
-    if trains not in ("stage1", "kd"):
-        raise StageError(f"trains={trains!r}; choose 'stage1' (Mamba mixers only) or 'kd' (everything)")
-    mask = {"student": trainable_mask(s_params, s_cfg, trains), "teacher": _all(t_params, False)}
-    loss_fn = distill_loss_fn(s_cfg, t_cfg, alpha=alpha, beta=beta, kl_reduction=kl_reduction,
-                              temperature=temperature, loss_chunk=loss_chunk)
-    trained, history, start, restore = _run(
-        "stage1", loss_fn, params, mask, arrays, settings, mesh=mesh,
-        ckpt_dir=ckpt_dir, log_dir=log_dir,
-        config={"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
-                "kl_reduction": kl_reduction, "temperature": temperature,
-                "trains": trains, "extra": config})
-    short = settings.seconds is not None and start + len(history) < settings.steps * settings.preset.accum_steps
-    return StageResult(s_cfg, _like(trained["student"], s_params), history, start, restore,
-                       stopped_by_budget=short)
+    setup = distill_setup(student, teacher, settings, kl_reduction=kl_reduction, temperature=temperature,
+                          trains=trains, loss_chunk=loss_chunk)
+    return run_setup(setup, data, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
 
 
 def sft_loss_fn(cfg: ModelConfig, *, loss_chunk: int | None = None) -> Callable:
@@ -304,19 +361,21 @@ def sft_loss_fn(cfg: ModelConfig, *, loss_chunk: int | None = None) -> Callable:
     return loss_fn
 
 
+def sft_setup(student: Model, settings: StageSettings, *, loss_chunk: int | None = None) -> StageSetup:
+    """`sft_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs)."""
+    cfg, params = student
+    return StageSetup("sft", "SFT", DISTILL_KEYS, cfg, sft_loss_fn(cfg, loss_chunk=loss_chunk), params,
+                      trainable_mask(params, cfg, "sft"), None, {"student": cfg.to_dict()})
+
+
 def sft_stage(student: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
               mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None,
               loss_chunk: int | None = None) -> StageResult:
     """Stage 2 (or a further SFT round): next-token CE on the response tokens; every parameter trains.
 
     loss_chunk: see `distill_loss_fn` (None: whole logits)."""
-    cfg, params = student
-    arrays = _check_data(data, DISTILL_KEYS, stage="SFT", cfg=cfg, settings=settings, mesh=mesh)
-    trained, history, start, restore = _run(
-        "sft", sft_loss_fn(cfg, loss_chunk=loss_chunk), params, trainable_mask(params, cfg, "sft"), arrays,
-        settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
-        config={"student": cfg.to_dict(), "extra": config})
-    return StageResult(cfg, _like(trained, params), history, start, restore)
+    return run_setup(sft_setup(student, settings, loss_chunk=loss_chunk), data, settings, mesh=mesh,
+                     ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
 
 
 def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float,
@@ -345,6 +404,20 @@ def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float,
     return loss_fn
 
 
+def dpo_setup(policy: Model, reference: Model, settings: StageSettings, *,
+              loss_chunk: int | None = None) -> StageSetup:
+    """`dpo_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the settings."""
+    (p_cfg, p_params), (r_cfg, r_params) = policy, reference
+    _check_pair(p_cfg, r_cfg, "reference")
+    if settings.preset.dpo_beta is None:
+        raise StageError("DPO needs dpo_beta in its StagePreset")
+    mask = {"policy": trainable_mask(p_params, p_cfg, "dpo"), "reference": _all(r_params, False)}
+    return StageSetup("dpo", "DPO", DPO_KEYS, p_cfg,
+                      dpo_loss_fn(p_cfg, r_cfg, beta=settings.preset.dpo_beta, loss_chunk=loss_chunk),
+                      {"policy": p_params, "reference": r_params}, mask, "policy",
+                      {"policy": p_cfg.to_dict(), "reference": r_cfg.to_dict()})
+
+
 def dpo_stage(policy: Model, reference: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
               mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None,
               loss_chunk: int | None = None) -> StageResult:
@@ -353,19 +426,8 @@ def dpo_stage(policy: Model, reference: Model, data: Mapping[str, np.ndarray], s
     β is settings.preset.dpo_beta. The reference's parameters are a frozen part of the Trainer's params.
     loss_chunk: see `distill_loss_fn` (None: whole logits).
     """
-    (p_cfg, p_params), (r_cfg, r_params) = policy, reference
-    _check_pair(p_cfg, r_cfg, "reference")
-    if settings.preset.dpo_beta is None:
-        raise StageError("DPO needs dpo_beta in its StagePreset")
-    arrays = _check_data(data, DPO_KEYS, stage="DPO", cfg=p_cfg, settings=settings, mesh=mesh)
-    params = {"policy": p_params, "reference": r_params}
-    mask = {"policy": trainable_mask(p_params, p_cfg, "dpo"), "reference": _all(r_params, False)}
-    trained, history, start, restore = _run(
-        "dpo", dpo_loss_fn(p_cfg, r_cfg, beta=settings.preset.dpo_beta, loss_chunk=loss_chunk), params,
-        mask, arrays, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
-        config={"policy": p_cfg.to_dict(), "reference": r_cfg.to_dict(),
-                "extra": config})
-    return StageResult(p_cfg, _like(trained["policy"], p_params), history, start, restore)
+    return run_setup(dpo_setup(policy, reference, settings, loss_chunk=loss_chunk), data, settings, mesh=mesh,
+                     ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
 
 
 # ------------------------------------------------------------------------------------------------ DPO data
