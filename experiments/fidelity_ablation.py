@@ -13,7 +13,9 @@ the preset's batch; arms differ in one thing each:
   recipe   every --variant NAME KEY=VALUE ...: the config's init, stage 0 and --text data with the variant's
            overrides (e.g. stage1.alpha=0 data.mix.text=3 stage1.steps=800 rounds=0.5,0.25), run as the main
            job's progressive rounds (each round converts more layers of the previous round's student, aligns
-           them if stage0.enabled, then trains stage 1); scored after every round, with stage-1 tokens/s
+           them if stage0.enabled, then trains stage 1); a round written sft:F (rounds=0.5,sft:0.25,sft:0.125)
+           is one of MiL's SFT rounds instead: convert, then end-to-end KD of every parameter with the sft.*
+           settings (sft.steps, sft.lr), no stage 0; scored after every round, with tokens/s
 Held-out perplexity ratio and top-1 agreement on every eval text; ablation.json and ablation.md land in --out.
 """
 from __future__ import annotations
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
             if not sep:
                 ap.error(f"--variant {name}: {o!r} is not KEY=VALUE")
             if key == "rounds":
-                rounds = [float(f) for f in value.split(",")]
+                rounds = value.split(",")
             else:
                 dotlist.append(o)
         cv = OmegaConf.merge(c, {"stage1": {"steps": a.steps}, "stage0": {"steps": a.stage0_steps},
@@ -122,37 +124,45 @@ def main(argv=None) -> int:
             built[key] = distill_rows(cv, rows, run.tok)
         rows_ = built[key]
         student = run.teacher
-        for r_i, frac in enumerate(rounds):
+        n_stage1 = 0
+        for r_i, spec in enumerate(rounds):
             t0 = time.perf_counter()
+            sft = spec.startswith("sft:")      # MiL's SFT round: convert, then KD of every parameter, no stage 0
+            frac = float(spec[4:] if sft else spec)
             keep = attention_layers_for(run.teacher[0].n_layers, frac)
             kw = {"calibration": calibration_tokens(cv, rows_)} if cv.init in ("norm", "calibrated") else {}
             student = l2m_jax.hybridize(*student, keep, cv.mixer, jax.random.fold_in(jax.random.key(cv.seed), r_i),
                                         init=cv.init, **kw)
             before = score(run, student, teacher_eval)
-            if cv.stage0.enabled:
+            if cv.stage0.enabled and not sft:
                 s0 = stage_settings(cv, "stage0", len(rows_["tokens"]))
                 aligned = align_stage(student, run.teacher, rows_, s0, mesh=run.mesh)
                 student = (aligned.cfg, aligned.params)
-            settings = stage_settings(cv, "stage1", len(rows_["tokens"]), round_index=r_i)
+            if sft:
+                settings = stage_settings(OmegaConf.merge(cv, {"sft": {"loss": "kd"}}), "sft", len(rows_["tokens"]))
+            else:
+                settings = stage_settings(cv, "stage1", len(rows_["tokens"]), round_index=n_stage1)
+                n_stage1 += 1
             t1 = time.perf_counter()
             r = distill_stage(student, run.teacher, rows_, settings, kl_reduction=cv.stage1.kl_reduction,
-                              mesh=run.mesh)
+                              mesh=run.mesh, trains="kd" if sft else "stage1")
             jax.block_until_ready(r.params)
             t2 = time.perf_counter()
             student = (r.cfg, r.params)
             after = score(run, student, teacher_eval)
             tokens = settings.steps * settings.batch_size * cv.data.seq_len
-            res = {"group": "recipe", "variant": name, "overrides": dotlist, "round": frac, "init": cv.init,
-                   "stage0": bool(cv.stage0.enabled), "data": f"{'+'.join(map(str, cv.data.text)) or 'chat'} "
+            res = {"group": "recipe", "variant": name, "overrides": dotlist, "round": frac, "kind": "sft" if sft
+                   else "stage1", "init": cv.init,
+                   "stage0": bool(cv.stage0.enabled) and not sft, "data": f"{'+'.join(map(str, cv.data.text)) or 'chat'} "
                    f"mix {dict(cv.data.mix)}", "steps": settings.steps, "batch_size": settings.batch_size,
-                   "stage0_steps": cv.stage0.steps if cv.stage0.enabled else 0, "rows": int(len(rows_["tokens"])),
+                   "stage0_steps": cv.stage0.steps if cv.stage0.enabled and not sft else 0, "rows": int(len(rows_["tokens"])),
                    "before": before, "after": after, "final_loss": r.history[-1]["loss"] if r.history else None,
                    "stage1_s": t2 - t1, "stage1_tokens_per_s": tokens / (t2 - t1), "wall_s": time.perf_counter() - t0}
             results.append(res)
             (out / "ablation.json").write_text(json.dumps({"teacher": teacher_eval, "arms": results}, indent=1))
-            say(f"[recipe] {name} round {frac}: " + "; ".join(
+            say(f"[recipe] {name} {'SFT' if sft else 'stage-1'} round {frac}: " + "; ".join(
                 f"{k} x{v['ratio']:.3f}, top-1 {100 * v['agreement']:.1f}%" for k, v in after.items())
-                + f"; stage 1 {settings.steps} steps in {t2 - t1:.0f}s ({tokens / (t2 - t1):,.0f} tok/s); "
+                + f"; {settings.steps} steps in {t2 - t1:.0f}s ({tokens / (t2 - t1):,.0f} tok/s); "
                 f"round {res['wall_s']:.0f}s")
 
     def mean_ratio(res):
@@ -180,7 +190,9 @@ def main(argv=None) -> int:
     lines = ["| group | init | stage 0 | data | " + " | ".join(f"{t} ratio (before) | {t} top-1" for t in texts)
              + " | time (s) |", "|" + "---|" * (5 + 2 * len(texts))]
     for r in results:
-        group = f"{r['group']}: {r['variant']} @ {r['round']:g}" if r["group"] == "recipe" else r["group"]
+        group = r["group"]
+        if group == "recipe":
+            group = f"recipe: {r['variant']} {'SFT ' if r.get('kind') == 'sft' else ''}@ {r['round']:g}"
         lines.append(f"| {group} | {r['init']} | {'yes' if r['stage0'] else 'no'} | {r['data']} | " + " | ".join(
             f"{r['after'][t]['ratio']:.3f} ({r['before'][t]['ratio']:.4g}) | {100 * r['after'][t]['agreement']:.1f}%"
             for t in texts) + f" | {r['wall_s']:.0f} |")

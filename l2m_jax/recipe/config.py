@@ -62,7 +62,9 @@ class DataConfig:
     text: List[str] = field(default_factory=list)
     text_max_tokens: Optional[int] = None
     mix: Dict[str, float] = field(default_factory=lambda: {"chat": 1.0, "text": 1.0})   # stage-0/1 row weights
-    decontaminate: Optional[int] = 13    # drop text / conversations sharing an n-token span with a held-out text
+    # drop text / conversations sharing an n-token span with a held-out text (13 BPE tokens ~ 10 words; a
+    # byte-level tokenizer needs a larger n, e.g. 64, or it drops most English text)
+    decontaminate: Optional[int] = 13
     loss_on_prompts: bool = True         # stage 0/1: every real token is a target (the teacher wrote the requests)
     sft: List[str] = field(default_factory=lambda: ["pseudo_labels"])
     max_sft_rows: Optional[int] = None   # per dataset source
