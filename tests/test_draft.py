@@ -124,19 +124,9 @@ def test_k_past_the_context_is_refused_naming_the_model(setup):
 
 def _other_tokenizer():
     """The tiny byte tokenizer with its special tokens in another order: same size, other ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from l2m_jax.recipe.data import byte_chatml_tokenizer
 
-    from l2m_jax.recipe.data import CHATML
-
-    specials = ["<|im_end|>", "<|im_start|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", chat_template=CHATML)
+    return byte_chatml_tokenizer(specials=("<|im_end|>", "<|im_start|>", "<|endoftext|>"))
 
 
 def test_a_draft_of_another_vocabulary_or_tokenizer_is_refused(setup, tmp_path):

@@ -39,12 +39,13 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def byte_chatml_tokenizer():
-    """Byte-level tokenizer (3 ChatML specials + 256 bytes, no merges) for the tiny random teacher."""
+def byte_chatml_tokenizer(specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
+    """Byte-level tokenizer (3 ChatML specials, ids 0-2 in this order, + 256 bytes, no merges) for the tiny
+    random teacher."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = list(specials)
     vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
