@@ -16,6 +16,7 @@ layer's output scale. Only the Mamba mixers train (`trainable_mask(…, "stage1"
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -53,17 +54,24 @@ def normalised_mse(pred: jax.Array, target: jax.Array, mask: jax.Array | None) -
     return mse / jnp.maximum(jax.lax.stop_gradient(var), 1e-12)
 
 
-def align_loss_fn(student_cfg: ModelConfig, reference_cfg: ModelConfig, layers: Sequence[int]) -> Callable:
-    """Stage-0 loss over params {"student", "teacher"} and a distill batch; metrics per layer too."""
+def align_loss_fn(student_cfg: ModelConfig, reference_cfg: ModelConfig, layers: Sequence[int], *,
+                  gather: Callable | None = None) -> Callable:
+    """Stage-0 loss over params {"student", "teacher"} and a distill batch; metrics per layer too.
+
+    gather: None, or `parallel.fsdp_gather(mesh)` on an fsdp mesh (`stages.weight_gather`): the weights the
+    loss uses (the teacher's embedding and layers, the student's aligned mixers) are gathered whole, so the
+    activations keep the rows' sharding instead of every device gathering the batch."""
     layers = tuple(sorted(int(i) for i in layers))
 
     def loss_fn(params, batch, rng):
         tokens = batch["tokens"]                                                      # [B, L]
         mask = batch.get("loss_mask")
-        inputs, outputs = jax.lax.stop_gradient(mixer_io(reference_cfg, params["teacher"], tokens, layers,
-                                                             checked=False))
-        terms = jnp.stack([normalised_mse(apply_mixer(student_cfg, params["student"], i, inputs[i]), outputs[i],
-                                          mask) for i in layers])                  # [n_layers]
+        teacher, student = params["teacher"], params["student"]
+        if gather is not None:              # leaves the loss does not read are dropped with their gathers
+            teacher, student = gather(teacher), gather(student)
+        inputs, outputs = jax.lax.stop_gradient(mixer_io(reference_cfg, teacher, tokens, layers, checked=False))
+        terms = jnp.stack([normalised_mse(apply_mixer(student_cfg, student, i, inputs[i]), outputs[i], mask)
+                           for i in layers])                                        # [n_layers]
         loss = jnp.mean(terms)
         metrics = {"loss": loss, "nmse_max": jnp.max(terms), "nmse_min": jnp.min(terms),
                    "tokens": jnp.float32(tokens.size) if mask is None else jnp.sum(mask.astype(jnp.float32))}
@@ -81,7 +89,7 @@ def align_setup(student: Model, teacher: Model) -> StageSetup:
                          f"from this teacher ({t_cfg.n_layers} layers, d_model {t_cfg.d_model})")
     layers = aligned_layers(s_cfg, t_cfg)
     mask = {"student": trainable_mask(s_params, s_cfg, "stage1"), "teacher": _all(t_params, False)}
-    return StageSetup("stage0", "stage 0", DISTILL_KEYS, s_cfg, align_loss_fn(s_cfg, t_cfg, layers),
+    return StageSetup("stage0", "stage 0", DISTILL_KEYS, s_cfg, functools.partial(align_loss_fn, s_cfg, t_cfg, layers),
                       {"student": s_params, "teacher": t_params}, mask, "student",
                       {"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(), "layers": list(layers)})
 

@@ -26,10 +26,15 @@ ckpt_dir and call it again after an interruption.
 Each stage function is `run_setup(<kind>_setup(models, settings, ...), data, settings, ...)`; a `StageSetup`
 (loss, params, trainable mask) can be built from abstract models too, and `precompile_stage(setup, settings,
 stage_batch(setup, settings, data))` compiles the stage's train step ahead of its run.
+A setup holds its loss as a function of the mesh's weight gathering (`StageSetup.loss_on(mesh)`): on a mesh
+with fsdp > 1 every forward of the loss (teacher, student, policy, reference) all-gathers each layer's weights
+where the layer runs (`parallel.fsdp_gather`), so activations keep the rows' sharding; on other meshes the loss
+is the plain one.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -211,11 +216,24 @@ class StageSetup:
     label: str                  # how errors name the stage ("stage 1", "SFT", ...)
     keys: tuple[str, ...]       # the batch arrays the loss reads (DISTILL_KEYS or DPO_KEYS)
     cfg: ModelConfig            # the trained model's config (the data's token ids are checked against it)
-    loss_fn: Callable
+    make_loss: Callable         # make_loss(gather=None | fn) -> loss_fn(params, batch, rng); see `loss_on`
     params: dict                # the Trainer's params: the trained model, plus a frozen teacher/reference
     mask: dict
     part: str | None            # the key of params holding the trained model (None: params is the model)
     config: dict                # the stage's settings, recorded in its checkpoints' config
+
+    def loss_on(self, mesh: Mesh | None) -> Callable:
+        """The stage's loss_fn for a step on `mesh` (None: the Trainer's default mesh, all devices on "data"):
+        with `weight_gather(mesh)`, so on an fsdp mesh each layer gathers its weights instead of the batch."""
+        return self.make_loss(gather=weight_gather(mesh))
+
+
+def weight_gather(mesh: Mesh | None) -> Callable | None:
+    """`parallel.fsdp_gather(mesh)` where the mesh splits parameters over "fsdp" (size > 1); else None, and
+    the stages' losses are exactly the ones without gathering (single-device and data-parallel programs)."""
+    if mesh is None or dict(mesh.shape).get(parallel.FSDP, 1) == 1:
+        return None
+    return parallel.fsdp_gather(mesh)
 
 
 def _run(name: str, loss_fn: Callable, params: dict, mask: dict, data: dict[str, np.ndarray],
@@ -241,8 +259,8 @@ def run_setup(setup: StageSetup, data: Mapping[str, np.ndarray], settings: Stage
               mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
     """Train a stage set up by `*_setup` on `data` (its `keys`); `config` is recorded as the run's "extra"."""
     arrays = _check_data(data, setup.keys, stage=setup.label, cfg=setup.cfg, settings=settings, mesh=mesh)
-    trained, history, start, restore = _run(setup.name, setup.loss_fn, setup.params, setup.mask, arrays, settings,
-                                            mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
+    trained, history, start, restore = _run(setup.name, setup.loss_on(mesh), setup.params, setup.mask, arrays,
+                                            settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir,
                                             config={**setup.config, "extra": config})
     model, before = ((trained, setup.params) if setup.part is None
                      else (trained[setup.part], setup.params[setup.part]))
@@ -266,8 +284,9 @@ def precompile_stage(setup: StageSetup, settings: StageSettings, batch: Mapping[
     """Compile the train step `run_setup(setup, data, settings, mesh=mesh)` will run, without data or
     weights (setup's params may be abstract); batch: `stage_batch(...)`. With JAX's persistent compilation
     cache on, the real stage then loads the executable instead of compiling it (`loop.precompile_step`)."""
-    return precompile_step(setup.loss_fn, setup.params, setup.mask, settings.preset.make_optimizer(settings.steps),
-                           parallel.make_mesh() if mesh is None else mesh, batch, rng=settings.seed)
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    return precompile_step(setup.loss_on(mesh), setup.params, setup.mask,
+                           settings.preset.make_optimizer(settings.steps), mesh, batch, rng=settings.seed)
 
 
 def _like(new: Any, old: Any) -> Any:
@@ -283,13 +302,15 @@ def _check_loss_chunk(loss_chunk: int | None) -> None:
 
 def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha: float, beta: float,
                     kl_reduction: str = "token_mean", temperature: float = 1.0, remat: bool = False,
-                    loss_chunk: int | None = None) -> Callable:
+                    loss_chunk: int | None = None, gather: Callable | None = None) -> Callable:
     """Stage-1 loss over params {"student", "teacher"} and a distill batch (see `losses.stage1_loss`).
 
     A batch without "loss_mask" makes every token a target; remat rematerialises both models' layers.
     Token ids are not range-checked inside the step: the stages check their data once (`_check_data`).
     loss_chunk: None computes whole [B, L, V] logits; an int computes the loss from the hidden states in chunks
     of that many positions (`chunked.stage1_loss_chunked`: the same loss, no [B, L, V] float32 tensor).
+    gather: None, or `parallel.fsdp_gather(mesh)` on an fsdp mesh (`weight_gather`): both models gather each
+    layer's weights (and the embedding and head) where they are used, as in `forward`.
     """
     _check_loss_chunk(loss_chunk)
 
@@ -298,14 +319,17 @@ def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha
         if loss_chunk is not None:
             targets, target_mask = losses.shift_for_next_token(tokens, batch.get("loss_mask"))
             t_hidden, t_head = jax.lax.stop_gradient(
-                chunked.hidden_and_head(teacher_cfg, params["teacher"], tokens, remat=remat))  # [B, L, Dt], [Dt, V]
-            s_hidden, s_head = chunked.hidden_and_head(student_cfg, params["student"], tokens,
-                                                       remat=remat)                # [B, L, D], [D, V]
+                chunked.hidden_and_head(teacher_cfg, params["teacher"], tokens, remat=remat,
+                                        gather=gather))                          # [B, L, Dt], [Dt, V]
+            s_hidden, s_head = chunked.hidden_and_head(student_cfg, params["student"], tokens, remat=remat,
+                                                       gather=gather)              # [B, L, D], [D, V]
             return chunked.stage1_loss_chunked(s_hidden, t_hidden, s_head, t_head, targets, target_mask,
                                                alpha=alpha, beta=beta, kl_reduction=kl_reduction,
                                                temperature=temperature, chunk=loss_chunk)
-        t_logits, _ = forward(teacher_cfg, params["teacher"], tokens, remat=remat, checked=False)  # [B, L, V]
-        s_logits, _ = forward(student_cfg, params["student"], tokens, remat=remat, checked=False)  # [B, L, V]
+        t_logits, _ = forward(teacher_cfg, params["teacher"], tokens, remat=remat, checked=False,
+                              gather=gather)                                        # [B, L, V]
+        s_logits, _ = forward(student_cfg, params["student"], tokens, remat=remat, checked=False,
+                              gather=gather)                                        # [B, L, V]
         targets, target_mask = losses.shift_for_next_token(tokens, batch.get("loss_mask"))
         return losses.stage1_loss(s_logits, jax.lax.stop_gradient(t_logits), targets, target_mask, alpha=alpha,
                                   beta=beta, kl_reduction=kl_reduction, temperature=temperature)
@@ -324,10 +348,11 @@ def distill_setup(student: Model, teacher: Model, settings: StageSettings, *, kl
         raise StageError(f"kl_reduction={kl_reduction!r}; choose one of {losses.KL_REDUCTIONS}")
     if trains not in ("stage1", "kd"):
         raise StageError(f"trains={trains!r}; choose 'stage1' (Mamba mixers only) or 'kd' (everything)")
-    loss_fn = distill_loss_fn(s_cfg, t_cfg, alpha=alpha, beta=beta, kl_reduction=kl_reduction,
-                              temperature=temperature, loss_chunk=loss_chunk)
+    _check_loss_chunk(loss_chunk)
+    make_loss = functools.partial(distill_loss_fn, s_cfg, t_cfg, alpha=alpha, beta=beta, kl_reduction=kl_reduction,
+                                  temperature=temperature, loss_chunk=loss_chunk)
     mask = {"student": trainable_mask(s_params, s_cfg, trains), "teacher": _all(t_params, False)}
-    return StageSetup("stage1", "stage 1", DISTILL_KEYS, s_cfg, loss_fn, {"student": s_params, "teacher": t_params},
+    return StageSetup("stage1", "stage 1", DISTILL_KEYS, s_cfg, make_loss, {"student": s_params, "teacher": t_params},
                       mask, "student", {"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
                                         "kl_reduction": kl_reduction, "temperature": temperature, "trains": trains})
 
@@ -348,15 +373,16 @@ def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray]
     return run_setup(setup, data, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
 
 
-def sft_loss_fn(cfg: ModelConfig, *, loss_chunk: int | None = None) -> Callable:
-    """SFT loss (`losses.sft_loss`); loss_chunk as in `distill_loss_fn` (`chunked.sft_loss_chunked`)."""
+def sft_loss_fn(cfg: ModelConfig, *, loss_chunk: int | None = None, gather: Callable | None = None) -> Callable:
+    """SFT loss (`losses.sft_loss`); loss_chunk as in `distill_loss_fn` (`chunked.sft_loss_chunked`), gather
+    too."""
     _check_loss_chunk(loss_chunk)
 
     def loss_fn(params, batch, rng):
         if loss_chunk is not None:
-            hidden, head = chunked.hidden_and_head(cfg, params, batch["tokens"])   # [B, L, D], [D, V]
+            hidden, head = chunked.hidden_and_head(cfg, params, batch["tokens"], gather=gather)  # [B, L, D], [D, V]
             return chunked.sft_loss_chunked(hidden, head, batch["tokens"], batch["loss_mask"], chunk=loss_chunk)
-        logits, _ = forward(cfg, params, batch["tokens"], checked=False)            # [B, L, V]
+        logits, _ = forward(cfg, params, batch["tokens"], checked=False, gather=gather)   # [B, L, V]
         return losses.sft_loss(logits, batch["tokens"], batch["loss_mask"])
     return loss_fn
 
@@ -364,8 +390,9 @@ def sft_loss_fn(cfg: ModelConfig, *, loss_chunk: int | None = None) -> Callable:
 def sft_setup(student: Model, settings: StageSettings, *, loss_chunk: int | None = None) -> StageSetup:
     """`sft_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs)."""
     cfg, params = student
-    return StageSetup("sft", "SFT", DISTILL_KEYS, cfg, sft_loss_fn(cfg, loss_chunk=loss_chunk), params,
-                      trainable_mask(params, cfg, "sft"), None, {"student": cfg.to_dict()})
+    _check_loss_chunk(loss_chunk)
+    return StageSetup("sft", "SFT", DISTILL_KEYS, cfg, functools.partial(sft_loss_fn, cfg, loss_chunk=loss_chunk),
+                      params, trainable_mask(params, cfg, "sft"), None, {"student": cfg.to_dict()})
 
 
 def sft_stage(student: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
@@ -379,10 +406,10 @@ def sft_stage(student: Model, data: Mapping[str, np.ndarray], settings: StageSet
 
 
 def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float,
-                loss_chunk: int | None = None) -> Callable:
+                loss_chunk: int | None = None, gather: Callable | None = None) -> Callable:
     """Sigmoid DPO over params {"policy", "reference"}; chosen and rejected rows share one forward.
 
-    loss_chunk as in `distill_loss_fn` (`chunked.sequence_logprobs_chunked`)."""
+    loss_chunk as in `distill_loss_fn` (`chunked.sequence_logprobs_chunked`), gather too (both models)."""
     _check_loss_chunk(loss_chunk)
 
     def loss_fn(params, batch, rng):
@@ -390,14 +417,15 @@ def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float,
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)    # [2B, L]
         mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)          # [2B, L]
         if loss_chunk is not None:
-            p_hidden, p_head = chunked.hidden_and_head(policy_cfg, params["policy"], tokens)    # [2B, L, D], [D, V]
+            p_hidden, p_head = chunked.hidden_and_head(policy_cfg, params["policy"], tokens,
+                                                       gather=gather)              # [2B, L, D], [D, V]
             r_hidden, r_head = jax.lax.stop_gradient(
-                chunked.hidden_and_head(ref_cfg, params["reference"], tokens))
+                chunked.hidden_and_head(ref_cfg, params["reference"], tokens, gather=gather))
             p = chunked.sequence_logprobs_chunked(p_hidden, p_head, tokens, mask, loss_chunk)   # [2B]
             r = chunked.sequence_logprobs_chunked(r_hidden, r_head, tokens, mask, loss_chunk)
             return losses.dpo_loss(p[:b], p[b:], r[:b], r[b:], beta=beta)
-        p_logits, _ = forward(policy_cfg, params["policy"], tokens, checked=False)              # [2B, L, V]
-        r_logits, _ = forward(ref_cfg, params["reference"], tokens, checked=False)
+        p_logits, _ = forward(policy_cfg, params["policy"], tokens, checked=False, gather=gather)   # [2B, L, V]
+        r_logits, _ = forward(ref_cfg, params["reference"], tokens, checked=False, gather=gather)
         p = losses.sequence_logprobs(p_logits, tokens, mask)                                    # [2B]
         r = jax.lax.stop_gradient(losses.sequence_logprobs(r_logits, tokens, mask))
         return losses.dpo_loss(p[:b], p[b:], r[:b], r[b:], beta=beta)
@@ -412,8 +440,10 @@ def dpo_setup(policy: Model, reference: Model, settings: StageSettings, *,
     if settings.preset.dpo_beta is None:
         raise StageError("DPO needs dpo_beta in its StagePreset")
     mask = {"policy": trainable_mask(p_params, p_cfg, "dpo"), "reference": _all(r_params, False)}
+    _check_loss_chunk(loss_chunk)
     return StageSetup("dpo", "DPO", DPO_KEYS, p_cfg,
-                      dpo_loss_fn(p_cfg, r_cfg, beta=settings.preset.dpo_beta, loss_chunk=loss_chunk),
+                      functools.partial(dpo_loss_fn, p_cfg, r_cfg, beta=settings.preset.dpo_beta,
+                                        loss_chunk=loss_chunk),
                       {"policy": p_params, "reference": r_params}, mask, "policy",
                       {"policy": p_cfg.to_dict(), "reference": r_cfg.to_dict()})
 
