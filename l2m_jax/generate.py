@@ -46,9 +46,6 @@ if __name__ != "__main__":
     sys.modules[__name__].__class__ = _CallableModule
     __wrapped__ = _generate_fn      # inspect.signature(l2m_jax.generate) shows the function's signature
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
 class UsageError(ValueError):
     """A command-line input this command cannot use; the message says what to change."""
 
@@ -63,34 +60,31 @@ def _check_model_path(spec: str, flag: str = "--model") -> None:
 def resolve_tokenizer(model: str, tokenizer: str | None = None):
     """The tokenizer for `model`: `tokenizer` if given, else the one saved beside the model (or the name's own)."""
     import l2m_jax
+    from l2m_jax.data.tokenizer import TOKENIZER_FILES, has_tokenizer
 
     if tokenizer is not None:
         return l2m_jax.load_tokenizer(tokenizer)
-    if os.path.isdir(model) and not any(os.path.isfile(os.path.join(model, f)) for f in _TOKENIZER_FILES):
-        raise UsageError(f"no tokenizer beside the model in {model!r} (none of {list(_TOKENIZER_FILES)}): save the "
+    if os.path.isdir(model) and not has_tokenizer(model):
+        raise UsageError(f"no tokenizer beside the model in {model!r} (none of {list(TOKENIZER_FILES)}): save the "
                          f"tokenizer there (tokenizer.save_pretrained({model!r})) or pass --tokenizer SOURCE "
                          "(an HF tokenizer directory, a .gguf file or 'smollm2')")
     return l2m_jax.load_tokenizer(model)
 
 
-def _same_vocab(a, b) -> bool:
-    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
-
-
 def _load_draft(path: str, t_cfg, t_tok, tokenizer_arg: str | None):
+    """--draft's (cfg, params), checked against the model's vocabulary and (when saved beside the draft and no
+    --tokenizer is given) tokenizer (`infer.speculative.check_draft_vocabulary`)."""
     import l2m_jax
+    from l2m_jax.data.tokenizer import has_tokenizer
+    from l2m_jax.infer.speculative import check_draft_vocabulary
 
     _check_model_path(path, "--draft")
     d_cfg, d_params = l2m_jax.load(path)
-    if d_cfg.vocab_size != t_cfg.vocab_size:
-        raise UsageError(f"--draft {path!r} has a vocabulary of {d_cfg.vocab_size} tokens but the model has "
-                         f"{t_cfg.vocab_size}: speculative decoding needs a draft that shares the model's tokenizer")
-    if tokenizer_arg is None and os.path.isdir(path) and any(
-            os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-        d_tok = l2m_jax.load_tokenizer(path)
-        if not _same_vocab(d_tok, t_tok):
-            raise UsageError(f"the tokenizer saved beside --draft {path!r} differs from the model's: speculative "
-                             "decoding needs a draft that shares the model's tokenizer")
+    d_tok = l2m_jax.load_tokenizer(path) if tokenizer_arg is None and has_tokenizer(path) else None
+    try:
+        check_draft_vocabulary(t_cfg, t_tok, d_cfg, d_tok, target="the model", draft=f"--draft {path!r}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return d_cfg, d_params
 
 

@@ -15,7 +15,12 @@ from l2m_jax.errors import missing_model
 __all__ = ["TokenizerError", "tokenizer_from_gguf", "load_tokenizer"]
 
 _CONTROL = 3  # llama.cpp token type of special tokens (<|im_start|>, <|endoftext|>, ...)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory holding tokenizer files (one of TOKENIZER_FILES)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
 
 class TokenizerError(ValueError):
@@ -108,8 +113,8 @@ def load_tokenizer(path: str | os.PathLike):
 
         return tokenizer_from_gguf(smollm2_gguf_path())
     if os.path.isdir(spec):
-        if not any(os.path.isfile(os.path.join(spec, f)) for f in _TOKENIZER_FILES):
-            raise TokenizerError(f"directory {spec!r} has no tokenizer files (none of {list(_TOKENIZER_FILES)}); "
+        if not has_tokenizer(spec):
+            raise TokenizerError(f"directory {spec!r} has no tokenizer files (none of {list(TOKENIZER_FILES)}); "
                                  "save the tokenizer there (tokenizer.save_pretrained) or pass a .gguf file")
         from transformers import AutoTokenizer
 

@@ -157,6 +157,35 @@ def check_speculative_fits(cfg: ModelConfig, longest_prompt: int, max_new_tokens
                      f"attention layers of {model} run {limit} (max_position_embeddings); {fix}")
 
 
+_PROBE_TEXT = "Hello, world! How are you today? The quick brown fox: 1234 + 5678 = 6912."
+
+
+def _vocabulary(tok) -> dict:
+    return {"size": len(tok), "vocab": tok.get_vocab(),
+            "probe": [int(t) for t in tok.encode(_PROBE_TEXT, add_special_tokens=False)],
+            "specials": [tok.eos_token_id, tok.pad_token_id, tok.bos_token_id]}
+
+
+def check_draft_vocabulary(target_cfg: ModelConfig, target_tok, draft_cfg: ModelConfig, draft_tok=None, *,
+                           target: str = "the target", draft: str = "the draft") -> None:
+    """Raise ValueError unless a draft can speculate for a target: the same model vocabulary size and, when
+    `draft_tok` is given, a tokenizer equal to the target's (size, token -> id table, the ids of a probe text,
+    the special tokens). target, draft: how the error names them."""
+    if draft_cfg.vocab_size != target_cfg.vocab_size:
+        raise ValueError(f"{draft} has a vocabulary of {draft_cfg.vocab_size} tokens but {target} has "
+                         f"{target_cfg.vocab_size}: a speculative draft must share the target's tokenizer; "
+                         "distil the draft from the target's own teacher")
+    if draft_tok is None:
+        return
+    a, b = _vocabulary(target_tok), _vocabulary(draft_tok)
+    diff = [k for k in a if a[k] != b[k]]
+    if diff:
+        shown = [f"{k} {b[k]} vs {a[k]}" for k in diff if k != "vocab"]
+        raise ValueError(f"the tokenizer saved beside {draft} differs from the one beside {target} "
+                         f"({', '.join(diff)} differ{': ' + '; '.join(shown) if shown else ''}); a speculative "
+                         "draft must share the target's tokenizer")
+
+
 def speculative_generate(target, draft, prompts, max_new_tokens: int, k: int = 4, sampling: Sampling | None = None,
                          key=None, *, eos_id: int | None = None, backend: str = "xla", fallback: bool = False):
     """Speculative decoding: (target_cfg, target_params), (draft_cfg, draft_params) -> (new tokens, SpecStats).

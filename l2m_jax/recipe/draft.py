@@ -32,8 +32,6 @@ from .config import UsageError
 
 KINDS = ("llama", "mamba2")
 BUDGET_STEPS = 100_000       # the schedule's length when only a wall-clock budget is given: a flat cosine
-PROBE_TEXT = "Hello, world! How are you today? The quick brown fox: 1234 + 5678 = 6912."
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 class DraftError(UsageError):
@@ -170,45 +168,33 @@ def save_draft(path, draft, tok) -> Path:
     return path
 
 
-def has_tokenizer(path) -> bool:
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
-
-
 def load_model(spec, what: str):
     """(cfg, params, tokenizer) of a model directory with its tokenizer saved beside it, or the name 'smollm2'."""
     import l2m_jax
+    from l2m_jax.data.tokenizer import TOKENIZER_FILES, has_tokenizer
 
     spec = os.fspath(spec)
     if spec != "smollm2" and not os.path.exists(spec):
         raise DraftError(f"{what} {spec!r}: no such file or directory; pass a model directory saved with its "
                          "tokenizer (e.g. RUN/final/l2m) or the name 'smollm2'")
     if os.path.isdir(spec) and not has_tokenizer(spec):
-        raise DraftError(f"{what} {spec!r} has no tokenizer beside it (none of {list(_TOKENIZER_FILES)}), so it "
+        raise DraftError(f"{what} {spec!r} has no tokenizer beside it (none of {list(TOKENIZER_FILES)}), so it "
                          f"cannot be checked against the other model's; save one there "
                          f"(tokenizer.save_pretrained({spec!r}))")
     cfg, params = l2m_jax.load(spec)
     return cfg, params, l2m_jax.load_tokenizer(spec)
 
 
-def _fingerprint(tok) -> dict:
-    return {"size": len(tok), "probe": [int(t) for t in tok.encode(PROBE_TEXT, add_special_tokens=False)],
-            "specials": [tok.eos_token_id, tok.pad_token_id, tok.bos_token_id]}
-
-
 def check_compatible(target_cfg, target_tok, draft_cfg, draft_tok, *, target: str = "the target",
                      draft: str = "the draft") -> None:
-    """Raise DraftError unless draft and target share one vocabulary: model vocab sizes, tokenizer sizes, the
-    ids of a probe text and of the special tokens."""
-    if draft_cfg.vocab_size != target_cfg.vocab_size:
-        raise DraftError(f"{draft} has a vocabulary of {draft_cfg.vocab_size} tokens but {target} has "
-                         f"{target_cfg.vocab_size}: a speculative draft must share the target's tokenizer; "
-                         "distil the draft from the target's own teacher")
-    a, b = _fingerprint(target_tok), _fingerprint(draft_tok)
-    diff = [k for k in a if a[k] != b[k]]
-    if diff:
-        raise DraftError(f"the tokenizer saved beside {draft} differs from the one beside {target} "
-                         f"({', '.join(diff)} differ: {[b[k] for k in diff]} vs {[a[k] for k in diff]}); a "
-                         "speculative draft must share the target's tokenizer")
+    """Raise DraftError unless draft and target share one vocabulary (`infer.speculative.check_draft_vocabulary`:
+    model vocab sizes, and equal tokenizers)."""
+    from l2m_jax.infer.speculative import check_draft_vocabulary
+
+    try:
+        check_draft_vocabulary(target_cfg, target_tok, draft_cfg, draft_tok, target=target, draft=draft)
+    except ValueError as e:
+        raise DraftError(str(e)) from None
 
 
 def load_draft(path, target_cfg, target_tok, *, target: str = "the target"):
