@@ -295,7 +295,7 @@ class CompileAhead:
                     self._state[stage.name] = "running"
                 outcome, t0 = "failed", time.perf_counter()
                 try:
-                    reference = teacher if c.dpo.reference == "teacher" else model
+                    reference = dpo_reference(c, teacher, model)
                     setup = stage_setup(c, stage, model, teacher, settings, reference)
                     data = {k: np.empty((0, *shape[1:]), dtype) for k, (shape, dtype) in shapes.items()}
                     precompile_stage(setup, settings, stage_batch(setup, settings, data), mesh=run.mesh)
@@ -392,9 +392,19 @@ def stage_inputs(run: Run, stage):
     data, heldout = run.data(stage.kind), None
     if stage.kind == "dpo":
         data, heldout = data
-    rows = len(data["tokens"] if "tokens" in data else data["chosen_tokens"])
-    settings = stage_settings(c, stage.kind, rows, round_index=stage1_round(c, run.teacher[0].n_layers, stage))
+    settings = stage_settings(c, stage.kind, row_count(data),
+                              round_index=stage1_round(c, run.teacher[0].n_layers, stage))
     return data, heldout, settings
+
+
+def row_count(data: dict) -> int:
+    """Rows of a stage's data (preference pairs for DPO)."""
+    return len(data["tokens"] if "tokens" in data else data["chosen_tokens"])
+
+
+def dpo_reference(c, teacher, policy):
+    """DPO's frozen reference: the teacher, or (dpo.reference="sft") the policy as it starts."""
+    return teacher if c.dpo.reference == "teacher" else policy
 
 
 def run_stage(run: Run, index: int, stage, student, ahead: "CompileAhead | None" = None) -> tuple[dict, Any]:
@@ -411,10 +421,10 @@ def run_stage(run: Run, index: int, stage, student, ahead: "CompileAhead | None"
     c, sdir = run.c, run.out / "stages" / stage.name
     s_cfg, s_params = convert(run, index, stage, student)
     data, heldout, settings = stage_inputs(run, stage)
-    rows = len(data["tokens"] if "tokens" in data else data["chosen_tokens"])
+    rows = row_count(data)
     extra: dict[str, Any] = {}
     if stage.kind == "dpo":
-        reference = run.teacher if c.dpo.reference == "teacher" else (s_cfg, s_params)
+        reference = dpo_reference(c, run.teacher, (s_cfg, s_params))
         if heldout is not None:
             extra["preferences_before"] = preference_eval((s_cfg, s_params), reference, heldout, c.dpo.beta,
                                                           c.dpo.batch_size)
