@@ -32,6 +32,18 @@ def test_fortune_records_skip_indexes_links_pictures_and_offensive(tmp_path):
         fortune_records(tmp_path / "absent")
 
 
+
+def test_fortunes_quoting_the_sources_of_the_heldout_texts_are_left_out(tmp_path):
+    d = tmp_path / "fortunes"
+    d.mkdir()
+    (d / "mixed").write_text("There is no fear in love.\n\t\t-- 1 John 4:18\n%\n"
+                             "Pride goes before a fall.\n-- Proverbs 16\n%\n"
+                             "A lady's imagination is very rapid.\n\t-- Jane Austen\n%\n"
+                             "Dear John, the program runs.\n-- Anonymous\n%\n"
+                             "Genesis of an idea.\n-- Austen Briggs\n%\n")
+    assert fortune_records(d) == ["Dear John, the program runs.\n-- Anonymous",
+                                  "Genesis of an idea.\n-- Austen Briggs"]
+
 # ---------------------------------------------------------------------------------- The Devil's Dictionary
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
