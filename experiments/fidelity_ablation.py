@@ -15,7 +15,9 @@ the preset's batch; arms differ in one thing each:
            job's progressive rounds (each round converts more layers of the previous round's student, aligns
            them if stage0.enabled, then trains stage 1); a round written sft:F (rounds=0.5,sft:0.25,sft:0.125)
            is one of MiL's SFT rounds instead: convert, then end-to-end KD of every parameter with the sft.*
-           settings (sft.steps, sft.lr), no stage 0; scored after every round, with tokens/s
+           settings (sft.steps, sft.lr), no stage 0; stage1.layer_order=aligned runs the recipe's align-all
+           stage first (stage 0 once, every layer converted) and converts in its order, with its mixers and no
+           per-round stage 0; scored after every round, with tokens/s
 Held-out perplexity ratio and top-1 agreement on every eval text; ablation.json and ablation.md land in --out.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from experiments.distill_config import load_config
 from l2m_jax.convert.hybridize import attention_layers_for
 from l2m_jax.recipe.data import calibration_tokens, distill_rows, say
 from l2m_jax.recipe.run import Run, evaluate, stage_settings, use_compilation_cache
-from l2m_jax.train.align import align_stage
+from l2m_jax.train.align import align_stage, conversion_order, layer_nmse, take_mixers
 from l2m_jax.train.stages import distill_stage
 
 
@@ -125,16 +127,31 @@ def main(argv=None) -> int:
         rows_ = built[key]
         student = run.teacher
         n_stage1 = 0
+        n_layers = run.teacher[0].n_layers
+        kw = {"calibration": calibration_tokens(cv, rows_)} if cv.init in ("norm", "calibrated") else {}
+        order = aligned = None
+        if cv.stage1.layer_order == "aligned":   # the recipe's align-all stage: stage 0 once, every layer converted
+            t0 = time.perf_counter()
+            every = l2m_jax.hybridize(*run.teacher, [], cv.mixer, jax.random.key(cv.seed), init=cv.init, **kw)
+            r = align_stage(every, run.teacher, rows_, stage_settings(cv, "stage0", len(rows_["tokens"])),
+                            mesh=run.mesh)
+            aligned = (r.cfg, r.params)
+            scores = layer_nmse(aligned, run.teacher, rows_, batch_size=cv.stage0.batch_size)
+            order = conversion_order(scores, n_layers)
+            say(f"[recipe] {name}: layer order {order} (stage 0 of every layer in {time.perf_counter() - t0:.0f}s)")
         for r_i, spec in enumerate(rounds):
             t0 = time.perf_counter()
             sft = spec.startswith("sft:")      # MiL's SFT round: convert, then KD of every parameter, no stage 0
             frac = float(spec[4:] if sft else spec)
-            keep = attention_layers_for(run.teacher[0].n_layers, frac)
-            kw = {"calibration": calibration_tokens(cv, rows_)} if cv.init in ("norm", "calibrated") else {}
-            student = l2m_jax.hybridize(*student, keep, cv.mixer, jax.random.fold_in(jax.random.key(cv.seed), r_i),
-                                        init=cv.init, **kw)
+            keep = attention_layers_for(n_layers, frac, order)
+            key_r = jax.random.fold_in(jax.random.key(cv.seed), r_i)
+            if aligned is not None:
+                new = [i for i in student[0].attn_layers if i not in keep]
+                student = take_mixers(l2m_jax.hybridize(*student, keep, cv.mixer, key_r, init="conv"), aligned, new)
+            else:
+                student = l2m_jax.hybridize(*student, keep, cv.mixer, key_r, init=cv.init, **kw)
             before = score(run, student, teacher_eval)
-            if cv.stage0.enabled and not sft:
+            if cv.stage0.enabled and not sft and aligned is None:
                 s0 = stage_settings(cv, "stage0", len(rows_["tokens"]))
                 aligned = align_stage(student, run.teacher, rows_, s0, mesh=run.mesh)
                 student = (aligned.cfg, aligned.params)
@@ -152,10 +169,12 @@ def main(argv=None) -> int:
             after = score(run, student, teacher_eval)
             tokens = settings.steps * settings.batch_size * cv.data.seq_len
             res = {"group": "recipe", "variant": name, "overrides": dotlist, "round": frac, "kind": "sft" if sft
-                   else "stage1", "init": cv.init,
-                   "stage0": bool(cv.stage0.enabled) and not sft, "data": f"{'+'.join(map(str, cv.data.text)) or 'chat'} "
+                   else "stage1", "init": cv.init, "attn_layers": list(keep),
+                   "stage0": bool(cv.stage0.enabled) and not sft and aligned is None,
+                   "data": f"{'+'.join(map(str, cv.data.text)) or 'chat'} "
                    f"mix {dict(cv.data.mix)}", "steps": settings.steps, "batch_size": settings.batch_size,
-                   "stage0_steps": cv.stage0.steps if cv.stage0.enabled and not sft else 0, "rows": int(len(rows_["tokens"])),
+                   "stage0_steps": cv.stage0.steps if cv.stage0.enabled and not sft and aligned is None else 0,
+                   "rows": int(len(rows_["tokens"])),
                    "before": before, "after": after, "final_loss": r.history[-1]["loss"] if r.history else None,
                    "stage1_s": t2 - t1, "stage1_tokens_per_s": tokens / (t2 - t1), "wall_s": time.perf_counter() - t0}
             results.append(res)

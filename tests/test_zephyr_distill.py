@@ -266,3 +266,23 @@ def test_round_steps_give_each_stage1_round_its_own_steps():
         c.stage1.round_steps = bad
         with pytest.raises(UsageError, match="stage1.round_steps"):
             check_config(c)
+
+
+def test_aligned_layer_order_ranks_layers_by_one_stage0_of_every_layer(tmp_path):
+    from l2m_jax.convert.hybridize import attention_layers_for
+
+    out = tmp_path / "aligned"
+    done = command(*TINY, "stage1.layer_order=aligned", "sft.attn_fractions=[]", "dpo.enabled=false",
+                   f"out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["align-all", "stage1-mamba50"]
+    order = json.loads((out / "layer_order.json").read_text())
+    n = json.loads((out / "stages" / "align-all" / "done.json").read_text())["n_layers"]
+    assert sorted(order["order"]) == list(range(n)) and len(order["nmse"]) == n
+    nmse = [order["nmse"][str(i)] for i in order["order"]]
+    assert nmse == sorted(nmse)                         # the best-reproduced layer converts first
+    record = json.loads((out / "stages" / "stage1-mamba50" / "done.json").read_text())
+    assert record["attn_layers"] == attention_layers_for(n, 0.5, order["order"])
+    assert "layer order" in (out / "report.md").read_text()
+    bad = command(*TINY, "stage1.layer_order=aligned", "stage0.enabled=false", f"out={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "stage0.enabled=true" in bad.stderr

@@ -33,19 +33,25 @@ def stepwise_order(n_layers: int) -> list[int]:
     return order
 
 
-def attention_layers_for(n_layers: int, attn_fraction: float) -> list[int]:
-    """The attention layers MiL keeps at a given attention fraction.
+def attention_layers_for(n_layers: int, attn_fraction: float, order=None) -> list[int]:
+    """The attention layers kept at a given attention fraction.
 
-    0.75 keeps all but i ≡ 0 (mod 4) (MiL's first progressive step); other fractions keep the layers left after
-    converting the first round(n·(1−f)) layers of `stepwise_order` (0.5 -> odd layers, 0.25 -> i ≡ 3 mod 4,
-    0.125 -> i ≡ 7 mod 8 for 32 layers, 0 -> none).
+    order None (MiL): 0.75 keeps all but i ≡ 0 (mod 4) (MiL's first progressive step); other fractions keep
+    the layers left after converting the first round(n·(1−f)) layers of `stepwise_order` (0.5 -> odd layers,
+    0.25 -> i ≡ 3 mod 4, 0.125 -> i ≡ 7 mod 8 for 32 layers, 0 -> none).
+    order: a conversion order instead, every layer once (e.g. `train.align.conversion_order`): the first
+    round(n·(1−f)) layers of it are converted, so the sets of decreasing fractions are nested.
     """
     if not 0.0 <= attn_fraction <= 1.0:
         raise ValueError(f"attn_fraction={attn_fraction} must lie in [0, 1]")
-    if attn_fraction == 0.75:
+    if order is not None:
+        order = [int(i) for i in order]
+        if sorted(order) != list(range(n_layers)):
+            raise ValueError(f"a conversion order lists every layer of the {n_layers}-layer model once; got {order}")
+    elif attn_fraction == 0.75:
         return [i for i in range(n_layers) if i % 4]
     n_convert = round(n_layers * (1.0 - attn_fraction))
-    converted = set(stepwise_order(n_layers)[:n_convert])
+    converted = set((stepwise_order(n_layers) if order is None else order)[:n_convert])
     return [i for i in range(n_layers) if i not in converted]
 
 

@@ -106,6 +106,10 @@ class Stage0Config(StageConfig):
 class Stage1Config(StageConfig):
     attn_fractions: List[float] = field(default_factory=lambda: [0.75, 0.5])   # [] skips stage 1
     stepwise: bool = False               # one layer per round (MiL's stepwise order) instead
+    # which layers turn Mamba first: "mil" (MiL's interleaving: 50% -> the even layers convert) or "aligned":
+    # stage 0 once with every layer converted, then the layers its mixers reproduce best convert first
+    # (train.align.conversion_order); every round takes its new mixers from that aligned student
+    layer_order: str = "mil"
     steps: Optional[int] = 64            # per round
     round_steps: Optional[List[int]] = None   # steps of each round (one per attn_fraction), instead of steps
     lr: float = 1e-3
@@ -189,6 +193,12 @@ def check_config(c) -> None:
         problems.append(f"calibration_rows={c.calibration_rows} must be >= 1")
     if c.stage1.kl_reduction not in ("token_mean", "mil"):
         problems.append(f"stage1.kl_reduction={c.stage1.kl_reduction!r}: choose 'token_mean' or 'mil'")
+    if c.stage1.layer_order not in ("mil", "aligned"):
+        problems.append(f"stage1.layer_order={c.stage1.layer_order!r}: choose 'mil' (MiL's interleaving) or "
+                        "'aligned' (by stage-0 alignment error)")
+    elif c.stage1.layer_order == "aligned" and not c.stage0.enabled:
+        problems.append("stage1.layer_order='aligned' ranks the layers by a stage-0 run with every layer "
+                        "converted; set stage0.enabled=true (its steps, batch and lr are used) or layer_order=mil")
     if c.sft.loss not in ("ce", "kd"):
         problems.append(f"sft.loss={c.sft.loss!r}: choose 'ce' (cross-entropy on answers) or 'kd' (end-to-end KD)")
     if c.dpo.reference not in ("teacher", "sft"):

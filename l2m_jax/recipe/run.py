@@ -1,10 +1,11 @@
 """Running the recipe: the plan, one stage at a time, evaluation, export and the report.
 
     run = Run(c, out)                                  # teacher, mesh, held-out texts; data built on first use
-    plan = make_plan(c, run.teacher[0].n_layers)       # [align-…, stage1-…, sft-…, dpo-…]
+    plan = make_plan(c, run.teacher[0].n_layers, layer_order(run))   # [align-…, stage1-…, sft-…, dpo-…]
     student = run.teacher
     for i, stage in enumerate(plan):
         record, student = run_stage(run, i, stage, student)   # saves stages/NAME/{model, logs, done.json}
+        student = next_student(run, stage, student)
     export(run, lambda: student, plan[-1].name)
     write_run_report(run, plan, records)               # report.md, report.json, plots/
 
@@ -103,7 +104,7 @@ class Run:
         say(f"teacher: {t_cfg.n_layers} layers, d_model {t_cfg.d_model}, vocab {t_cfg.vocab_size}; "
             f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
         self.texts = heldout_ids(c, self.tok)
-        self._rows = self._teacher_top1 = None
+        self._rows = self._teacher_top1 = self._aligned = None
         self._data: dict[str, Any] = {}
         # what the data builders noted for the report (a text source unavailable, decontamination counts);
         # kept in out/data_notes.json so that a resumed run that builds no data still reports it
@@ -125,6 +126,18 @@ class Run:
             self._data[kind] = build(self.c, self.rows(), self.tok, notes=self.notes)
             write_json(self.out / "data_notes.json", self.notes)
         return self._data[kind]
+
+    def aligned_model(self):
+        """The student of stage `ALIGN_ALL` (every layer converted and aligned), read once from its folder."""
+        if self._aligned is None:
+            import l2m_jax
+
+            path = self.out / "stages" / ALIGN_ALL / "model"
+            if not path.exists():
+                raise UsageError(f"stage1.layer_order=aligned needs the {ALIGN_ALL} stage's model in {path}; "
+                                 "run the recipe's layer_order(run) first")
+            self._aligned = l2m_jax.load(path)
+        return self._aligned
 
     def teacher_top1(self):
         if self._teacher_top1 is None:
@@ -155,12 +168,62 @@ def describe(scores: dict, teacher: dict | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-def make_plan(c, n_layers: int):
-    """The stages of the run (l2m_jax.train.stages.schedule), with stage 0 before every stage-1 round."""
-    from l2m_jax.train.stages import schedule
+ALIGN_ALL = "align-all"
 
-    return schedule(n_layers, stage1=list(c.stage1.attn_fractions), sft=list(c.sft.attn_fractions),
-                    dpo=c.dpo.enabled, stepwise=c.stage1.stepwise, align=c.stage0.enabled)
+
+def make_plan(c, n_layers: int, order=None):
+    """The stages of the run (l2m_jax.train.stages.schedule).
+
+    stage1.layer_order="mil": MiL's layer sets, stage 0 (if enabled) before every stage-1 round on its layers.
+    "aligned": first `ALIGN_ALL`, stage 0 with every layer converted, then the rounds with the layer sets of
+    `order` (`layer_order(run)`, from that stage; None gives MiL's sets, for the stage names only) and no
+    per-round stage 0: each round takes its new mixers from the aligned student (`convert`).
+    """
+    from l2m_jax.train.stages import PlannedStage, schedule
+
+    aligned = c.stage1.layer_order == "aligned"
+    plan = schedule(n_layers, stage1=list(c.stage1.attn_fractions), sft=list(c.sft.attn_fractions),
+                    dpo=c.dpo.enabled, stepwise=c.stage1.stepwise, align=c.stage0.enabled and not aligned,
+                    order=order)
+    return [PlannedStage(ALIGN_ALL, "stage0", ())] + plan if aligned else plan
+
+
+def layer_order(run: Run) -> list[int] | None:
+    """The conversion order of stage1.layer_order="aligned" (None for "mil"): runs stage `ALIGN_ALL` (stage 0
+    with every layer converted, resumable like every stage) unless an earlier run finished it, then ranks the
+    layers by its per-layer error (`train.align.layer_nmse` on the first 128 stage-1 rows, `conversion_order`);
+    kept in out/layer_order.json and in the report's data notes."""
+    from l2m_jax.train.align import conversion_order, layer_nmse
+    from l2m_jax.train.stages import PlannedStage
+
+    c = run.c
+    if c.stage1.layer_order != "aligned":
+        return None
+    path = run.out / "layer_order.json"
+    if path.exists():
+        return json.loads(path.read_text())["order"]
+    stage, n_layers = PlannedStage(ALIGN_ALL, "stage0", ()), run.teacher[0].n_layers
+    done = run.out / "stages" / ALIGN_ALL / "done.json"
+    if not done.exists():
+        say(f"{ALIGN_ALL}: stage 0 with all {n_layers} layers converted, to rank them (stage1.layer_order=aligned)")
+        run_stage(run, 0, stage, run.teacher)
+    scores = layer_nmse(run.aligned_model(), run.teacher, run.data("stage0"), batch_size=c.stage0.batch_size)
+    order = conversion_order(scores, n_layers)
+    plan = make_plan(c, n_layers, order)
+    keeps = {p.name: list(p.attn_layers) for p in plan if p.kind == "stage1"}
+    record = {"order": order, "nmse": {str(i): v for i, v in sorted(scores.items())}, "attention_kept": keeps}
+    write_json(path, record)
+    run.notes["layer_order"] = record
+    write_json(run.out / "data_notes.json", run.notes)
+    say(f"layer order (stage-0 error, best reproduced first): {order}; attention kept: " + "; ".join(
+        f"{k} {v}" for k, v in keeps.items()))
+    return order
+
+
+def next_student(run: Run, stage, student):
+    """The model the stage after `stage` starts from: `student`, except after `ALIGN_ALL` (a side branch whose
+    mixers `convert` hands out), where the rounds start from the teacher."""
+    return run.teacher if stage.name == ALIGN_ALL else student
 
 
 def stage1_round(c, n_layers: int, stage) -> int | None:
@@ -199,15 +262,25 @@ def convert(run: Run, index: int, stage, student):
 
     import l2m_jax
 
+    from l2m_jax.train.align import take_mixers
+
     c = run.c
     s_cfg, s_params = student
     if s_cfg.attn_layers == stage.attn_layers:
         return student
     key = jax.random.fold_in(jax.random.key(c.seed), index)
+    t0 = time.perf_counter()
+    if c.stage1.layer_order == "aligned" and stage.name != ALIGN_ALL:
+        # the new mixers come from the student aligned with every layer converted; their init is replaced
+        new = [i for i in range(s_cfg.n_layers) if i in s_cfg.attn_layers and i not in stage.attn_layers]
+        s_cfg, s_params = take_mixers(l2m_jax.hybridize(s_cfg, s_params, stage.attn_layers, c.mixer, key,
+                                                         init="conv"), run.aligned_model(), new)
+        say(f"{stage.name}: converted to {s_cfg.pattern}, mixers of layers {new} from {ALIGN_ALL} in "
+            f"{time.perf_counter() - t0:.1f}s")
+        return s_cfg, s_params
     kw = {}
     if c.init in ("norm", "calibrated"):
         kw["calibration"] = calibration_tokens(c, run.data("stage1"))
-    t0 = time.perf_counter()
     s_cfg, s_params = l2m_jax.hybridize(s_cfg, s_params, stage.attn_layers, c.mixer, key, init=c.init, **kw)
     say(f"{stage.name}: converted to {s_cfg.pattern} with init={c.init} in {time.perf_counter() - t0:.1f}s")
     if index == 0:
@@ -287,8 +360,11 @@ class CompileAhead:
         try:
             teacher = abstract_model(run.teacher)
             model = convert_abstract(c, first, first_stage, student)
+            previous = first_stage
             for i, stage, settings, shapes in self._jobs:
-                model = convert_abstract(c, i, stage, model)
+                if previous.name == ALIGN_ALL:
+                    model = teacher
+                model, previous = convert_abstract(c, i, stage, model), stage
                 with self._cond:
                     if stage.name in self._state:          # the stage has started: it compiles itself
                         continue
@@ -479,7 +555,7 @@ def pipeline(c, out: Path) -> Path:
     say(f"recipe: preset {c.preset}, out {out}")
     use_compilation_cache()
     run = Run(c, out)
-    plan = make_plan(c, run.teacher[0].n_layers)
+    plan = make_plan(c, run.teacher[0].n_layers, layer_order(run))
     if not plan:
         raise UsageError("nothing to train: stage1.attn_fractions and sft.attn_fractions are empty and DPO is off")
     say("plan: " + " -> ".join(p.name for p in plan))
@@ -493,6 +569,8 @@ def pipeline(c, out: Path) -> Path:
                 records.append(json.loads(done.read_text()))
                 student, source = None, out / "stages" / stage.name / "model"
                 say(f"{stage.name}: finished in an earlier run, skipped")
+                if stage.name == ALIGN_ALL:
+                    student, source = next_student(run, stage, None), None
                 continue
             if student is None:
                 student = l2m_jax.load(source)
@@ -501,6 +579,8 @@ def pipeline(c, out: Path) -> Path:
             record, student = run_stage(run, i, stage, student, ahead)
             records.append(record)
             source = out / "stages" / stage.name / "model"
+            if stage.name == ALIGN_ALL:
+                student, source = next_student(run, stage, student), None
     finally:
         if ahead is not None:
             ahead.stop()
@@ -535,8 +615,14 @@ def tensorboard_note(out: Path) -> str:
 
 
 def data_notes(notes: dict) -> list[str]:
-    """The report's lines on the training data: a text source that was unavailable, decontamination."""
+    """The report's lines on the training data: a text source that was unavailable, decontamination, and the
+    layer order of stage1.layer_order=aligned."""
     lines = []
+    order = notes.get("layer_order")
+    if order:
+        lines.append(f"layer order ({ALIGN_ALL}'s stage-0 error per layer, converted first to last): "
+                     f"{order['order']}; attention kept: "
+                     + "; ".join(f"{k} {v}" for k, v in order["attention_kept"].items()))
     gone = notes.get("text_unavailable")
     if gone:
         lines.append(f"stage-1 text: data.text={gone['spec']} was unavailable, stage 1 trained without it "

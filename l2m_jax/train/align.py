@@ -103,3 +103,59 @@ def align_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], 
     """
     return run_setup(align_setup(student, teacher), data, settings, mesh=mesh, ckpt_dir=ckpt_dir,
                      log_dir=log_dir, config=config)
+
+
+# ------------------------------------------------------------------------------------------------ layer order
+def layer_nmse(student: Model, teacher: Model, data: Mapping[str, np.ndarray], *, batch_size: int = 32,
+               max_rows: int | None = 128) -> dict[int, float]:
+    """{layer: stage-0 loss term} of every aligned layer (`aligned_layers`), on the first `max_rows` rows of
+    `data` (the stage-1 schema; None: all), in batches of `batch_size`, weighted by each batch's real tokens.
+
+    How badly the student's mixer reproduces the attention output it replaces, per layer; 0 is exact, 1 is no
+    better than the output's mean. No gradient, one compiled forward per batch shape."""
+    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
+    layers = aligned_layers(s_cfg, t_cfg)
+    tokens = np.asarray(data["tokens"])
+    mask = np.asarray(data["loss_mask"]) if "loss_mask" in data else np.ones(tokens.shape, bool)
+    n = len(tokens) if max_rows is None else min(len(tokens), int(max_rows))
+    if n == 0:
+        raise StageError("layer_nmse: the data has no rows")
+    loss_fn = jax.jit(align_loss_fn(s_cfg, t_cfg, layers))
+    params = {"student": s_params, "teacher": t_params}
+    sums, weight = np.zeros(len(layers)), 0.0
+    for start in range(0, n, batch_size):
+        batch = {"tokens": jnp.asarray(tokens[start:start + batch_size]),
+                 "loss_mask": jnp.asarray(mask[start:start + batch_size])}
+        _, metrics = loss_fn(params, batch, None)
+        w = float(metrics["tokens"])
+        sums += w * np.array([float(metrics[f"nmse_layer{i:02d}"]) for i in layers])
+        weight += w
+    return {i: float(v / max(weight, 1.0)) for i, v in zip(layers, sums)}
+
+
+def conversion_order(scores: Mapping[int, float], n_layers: int) -> list[int]:
+    """Every layer, in the order to convert them to Mamba: the lowest `layer_nmse` first (the attention layers
+    an aligned mixer reproduces best), the worst reproduced last (they keep attention longest); ties by index.
+    For `hybridize.attention_layers_for(n, f, order)` and `stages.schedule(..., order=)`."""
+    if sorted(int(i) for i in scores) != list(range(n_layers)):
+        raise StageError(f"a conversion order needs a score for every one of the {n_layers} layers; got "
+                         f"{sorted(int(i) for i in scores)} (align a student with every layer converted)")
+    bad = {i: v for i, v in scores.items() if not np.isfinite(v)}
+    if bad:
+        raise StageError(f"conversion_order: scores {bad} are not finite")
+    return sorted((int(i) for i in scores), key=lambda i: (float(scores[i]), i))
+
+
+def take_mixers(student: Model, source: Model, layers: Sequence[int]) -> Model:
+    """`student` with the mixers of `layers` taken from `source` (e.g. a student aligned with every layer
+    converted): both must have the same mixer kind and config at those layers."""
+    (s_cfg, s_params), (src_cfg, src_params) = student, source
+    for i in layers:
+        if s_cfg.layer_mixers[i] != src_cfg.layer_mixers[i] or s_cfg.ssm != src_cfg.ssm:
+            raise StageError(f"take_mixers: layer {i} is {s_cfg.layer_mixers[i]} in the student but "
+                             f"{src_cfg.layer_mixers[i]} in the source (or their SSM settings differ)")
+    new = dict(s_params["layers"])
+    for i in layers:
+        key = next(k for k in new if int(k) == int(i))
+        new[key] = dict(new[key], mixer=src_params["layers"][key]["mixer"])
+    return s_cfg, dict(s_params, layers=new)

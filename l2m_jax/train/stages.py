@@ -77,7 +77,7 @@ def _mamba_pct(n_layers: int, attn: Sequence[int], fraction: float | None) -> st
 
 
 def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Sequence[float] = (0.5,),
-             dpo: bool = True, stepwise: bool = False, align: bool = False) -> list[PlannedStage]:
+             dpo: bool = True, stepwise: bool = False, align: bool = False, order=None) -> list[PlannedStage]:
     """The stages of a MiL run: progressive stage-1 rounds, SFT rounds, then DPO.
 
     stage1: attention fractions of the distillation rounds, each from the previous round's model (MiL: 0.75
@@ -88,6 +88,8 @@ def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Seque
     dpo: align the last model.
     align: put a stage-0 round ("align-…", kind "stage0": layer-wise alignment of the newly converted mixers,
       `train.align`) before every stage-1 round, on the same layer set.
+    order: the layers in the order they are converted (`attention_layers_for`; e.g. by how well an aligned
+      mixer reproduces each attention layer, `train.align.conversion_order`); None: MiL's.
     Every round keeps a subset of the previous round's attention layers (a Mamba layer never turns back).
     """
     for name, fracs in (("stage1", stage1), ("sft", sft)):
@@ -96,14 +98,14 @@ def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Seque
             raise StageError(f"{name} attention fractions {bad} must lie in [0, 1]")
     rounds: list[tuple[str, tuple[int, ...], float | None]] = []
     if stepwise and stage1:
-        target = set(attention_layers_for(n_layers, float(stage1[-1])))
-        order = [i for i in stepwise_order(n_layers) if i not in target]
-        for s in range(1, len(order) + 1):
-            attn = tuple(i for i in range(n_layers) if i not in order[:s])
+        target = set(attention_layers_for(n_layers, float(stage1[-1]), order))
+        steps = [i for i in (stepwise_order(n_layers) if order is None else order) if i not in target]
+        for s in range(1, len(steps) + 1):
+            attn = tuple(i for i in range(n_layers) if i not in steps[:s])
             rounds.append((f"stage1-step{s:02d}", attn, None))
     else:
-        rounds += [("stage1", tuple(attention_layers_for(n_layers, float(f))), float(f)) for f in stage1]
-    rounds += [("sft", tuple(attention_layers_for(n_layers, float(f))), float(f)) for f in sft]
+        rounds += [("stage1", tuple(attention_layers_for(n_layers, float(f), order)), float(f)) for f in stage1]
+    rounds += [("sft", tuple(attention_layers_for(n_layers, float(f), order)), float(f)) for f in sft]
     plan, prev = [], tuple(range(n_layers))
     for kind, attn, frac in rounds:
         if not set(attn) <= set(prev):

@@ -5,10 +5,11 @@ import pytest
 
 import l2m_jax
 from l2m_jax.config import ModelConfig
-from l2m_jax.convert.hybridize import hybridize
-from l2m_jax.train.align import align_loss_fn, align_stage, aligned_layers
+from l2m_jax.convert.hybridize import attention_layers_for, hybridize
+from l2m_jax.train.align import (align_loss_fn, align_stage, aligned_layers, conversion_order, layer_nmse,
+                                 take_mixers)
 from l2m_jax.train.optim import StagePreset
-from l2m_jax.train.stages import StageError, StageSettings
+from l2m_jax.train.stages import StageError, StageSettings, schedule
 
 TEACHER = ModelConfig.tiny(n_heads=8, n_kv_heads=4, head_dim=8)
 KEEP = [1, 3]
@@ -107,12 +108,17 @@ def _stage0_loss_np(t_cfg, t_params, s_cfg, s_params, tokens, mask):
     return float(np.mean(nmse)), nmse
 
 
+def _rows(seed, rows, length, cut):
+    """Random tokens [rows, length] and a mask whose last row is real up to `cut`."""
+    tokens = np.random.default_rng(seed).integers(0, TEACHER.vocab_size, (rows, length)).astype(np.int32)
+    mask = np.ones(tokens.shape, bool)
+    mask[-1, cut:] = False
+    return tokens, mask
+
+
 def test_stage0_loss_equals_numpy(models):
     (t_cfg, t_params), (s_cfg, s_params) = models
-    rng = np.random.default_rng(2)
-    tokens = rng.integers(0, t_cfg.vocab_size, (2, 12)).astype(np.int32)
-    mask = np.ones(tokens.shape, bool)
-    mask[1, 9:] = False
+    tokens, mask = _rows(2, 2, 12, 9)
     loss, metrics = align_loss_fn(s_cfg, t_cfg, aligned_layers(s_cfg, t_cfg))(
         {"student": s_params, "teacher": t_params}, {"tokens": tokens, "loss_mask": mask}, None)
     want, per_layer = _stage0_loss_np(t_cfg, t_params, s_cfg, s_params, tokens, mask)
@@ -150,3 +156,47 @@ def test_stage0_bad_inputs(models):
         align_stage(t, t, data, settings)
     with pytest.raises(StageError, match="none of the student's Mamba layers"):
         align_stage(s, s, data, settings)
+
+
+# ------------------------------------------------------------------------------------------------ layer order
+def test_layer_nmse_is_the_token_weighted_numpy_loss_of_each_batch(models):
+    (t_cfg, t_params), (s_cfg, s_params) = models
+    tokens, mask = _rows(5, 3, 10, 6)
+    got = layer_nmse((s_cfg, s_params), (t_cfg, t_params), {"tokens": tokens, "loss_mask": mask}, batch_size=2)
+    _, first = _stage0_loss_np(t_cfg, t_params, s_cfg, s_params, tokens[:2], mask[:2])
+    _, second = _stage0_loss_np(t_cfg, t_params, s_cfg, s_params, tokens[2:], mask[2:])
+    w1, w2 = mask[:2].sum(), mask[2:].sum()
+    assert sorted(got) == [0, 2]
+    np.testing.assert_allclose([got[0], got[2]], (w1 * np.array(first) + w2 * np.array(second)) / (w1 + w2),
+                               rtol=1e-4)
+
+
+def test_conversion_order_converts_the_best_reproduced_layers_first():
+    assert conversion_order({0: 0.5, 1: 0.1, 2: 0.9, 3: 0.1}, 4) == [1, 3, 0, 2]
+    order = conversion_order({i: v for i, v in enumerate([0.3, 0.8, 0.2, 0.6, 0.9, 0.1])}, 6)
+    assert order == [5, 2, 0, 3, 1, 4]
+    half, quarter = attention_layers_for(6, 0.5, order), attention_layers_for(6, 0.25, order)
+    assert half == [1, 3, 4] and set(quarter) <= set(half) and quarter == [1, 4]
+    plan = schedule(6, stage1=[0.5, 0.25], sft=[], dpo=False, order=order)
+    assert [p.attn_layers for p in plan] == [(1, 3, 4), (1, 4)]
+    with pytest.raises(StageError, match="every one of the 4 layers"):
+        conversion_order({0: 0.1, 1: 0.2}, 4)
+    with pytest.raises(StageError, match="not finite"):
+        conversion_order({0: 0.1, 1: float("nan")}, 2)
+    with pytest.raises(ValueError, match="every layer of the 4-layer model once"):
+        attention_layers_for(4, 0.5, [0, 1, 1, 2])
+
+
+def test_take_mixers_copies_only_the_named_layers(models):
+    t, (s_cfg, s_params) = models
+    every = hybridize(*t, [], "mamba2", jax.random.key(7), init="random")
+    half = hybridize(*t, [1, 3], "mamba2", jax.random.key(8), init="conv")
+    cfg, params = take_mixers(half, every, [0])
+    leaves = jax.tree.leaves
+    for a, b in zip(leaves(params["layers"][0]["mixer"]), leaves(every[1]["layers"][0]["mixer"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(leaves(params["layers"][2]["mixer"]), leaves(half[1]["layers"][2]["mixer"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert cfg == half[0]
+    with pytest.raises(StageError, match="layer 1 is attention in the student"):
+        take_mixers(half, every, [1])
