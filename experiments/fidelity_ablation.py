@@ -129,14 +129,14 @@ def main(argv=None) -> int:
         n_stage1 = 0
         n_layers = run.teacher[0].n_layers
         kw = {"calibration": calibration_tokens(cv, rows_)} if cv.init in ("norm", "calibrated") else {}
-        order = aligned = None
+        order = every = None
         if cv.stage1.layer_order == "aligned":   # the recipe's align-all stage: stage 0 once, every layer converted
             t0 = time.perf_counter()
             every = l2m_jax.hybridize(*run.teacher, [], cv.mixer, jax.random.key(cv.seed), init=cv.init, **kw)
             r = align_stage(every, run.teacher, rows_, stage_settings(cv, "stage0", len(rows_["tokens"])),
                             mesh=run.mesh)
-            aligned = (r.cfg, r.params)
-            scores = layer_nmse(aligned, run.teacher, rows_, batch_size=cv.stage0.batch_size)
+            every = (r.cfg, r.params)
+            scores = layer_nmse(every, run.teacher, rows_, batch_size=cv.stage0.batch_size)
             order = conversion_order(scores, n_layers)
             say(f"[recipe] {name}: layer order {order} (stage 0 of every layer in {time.perf_counter() - t0:.0f}s)")
         for r_i, spec in enumerate(rounds):
@@ -145,13 +145,13 @@ def main(argv=None) -> int:
             frac = float(spec[4:] if sft else spec)
             keep = attention_layers_for(n_layers, frac, order)
             key_r = jax.random.fold_in(jax.random.key(cv.seed), r_i)
-            if aligned is not None:
+            if order is not None:
                 new = [i for i in student[0].attn_layers if i not in keep]
-                student = take_mixers(l2m_jax.hybridize(*student, keep, cv.mixer, key_r, init="conv"), aligned, new)
+                student = take_mixers(l2m_jax.hybridize(*student, keep, cv.mixer, key_r, init="conv"), every, new)
             else:
                 student = l2m_jax.hybridize(*student, keep, cv.mixer, key_r, init=cv.init, **kw)
             before = score(run, student, teacher_eval)
-            if cv.stage0.enabled and not sft and aligned is None:
+            if cv.stage0.enabled and not sft and order is None:
                 s0 = stage_settings(cv, "stage0", len(rows_["tokens"]))
                 aligned = align_stage(student, run.teacher, rows_, s0, mesh=run.mesh)
                 student = (aligned.cfg, aligned.params)
@@ -170,10 +170,10 @@ def main(argv=None) -> int:
             tokens = settings.steps * settings.batch_size * cv.data.seq_len
             res = {"group": "recipe", "variant": name, "overrides": dotlist, "round": frac, "kind": "sft" if sft
                    else "stage1", "init": cv.init, "attn_layers": list(keep),
-                   "stage0": bool(cv.stage0.enabled) and not sft and aligned is None,
+                   "stage0": bool(cv.stage0.enabled) and not sft and order is None,
                    "data": f"{'+'.join(map(str, cv.data.text)) or 'chat'} "
                    f"mix {dict(cv.data.mix)}", "steps": settings.steps, "batch_size": settings.batch_size,
-                   "stage0_steps": cv.stage0.steps if cv.stage0.enabled and not sft and aligned is None else 0,
+                   "stage0_steps": cv.stage0.steps if cv.stage0.enabled and not sft and order is None else 0,
                    "rows": int(len(rows_["tokens"])),
                    "before": before, "after": after, "final_loss": r.history[-1]["loss"] if r.history else None,
                    "stage1_s": t2 - t1, "stage1_tokens_per_s": tokens / (t2 - t1), "wall_s": time.perf_counter() - t0}
