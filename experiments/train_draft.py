@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--heldout-every", type=int, default=10)
     ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--no-before", action="store_true",
+                    help="do not measure the untrained draft (one compile-heavy pass over every K less)")
     ap.add_argument("--out", metavar="DIR", help="where the draft and draft.json go (default RUN/draft-KIND-NL)")
     return ap
 
@@ -140,7 +142,9 @@ def _table(ks, before, after, steps_label: str) -> str:
     lines = [f"| K | acceptance untrained | acceptance {steps_label} | tokens per target call untrained | "
              f"tokens per target call {steps_label} | output = greedy |", "|---|---|---|---|---|---|"]
     for k in ks:
-        b, f = before[k], after[k]
+        f = after[k]
+        b = before[k] if before else {"acceptance_rate": float("nan"), "tokens_per_call": float("nan"),
+                                      "greedy_match": f["greedy_match"]}
         lines.append(f"| {k} | {b['acceptance_rate']:.3f} | {f['acceptance_rate']:.3f} | {b['tokens_per_call']:.2f} "
                      f"| {f['tokens_per_call']:.2f} | {100 * min(b['greedy_match'], f['greedy_match']):.0f}% |")
     return "\n".join(lines)
@@ -215,8 +219,10 @@ def run(a, overrides: list[str]) -> dict:
         f"{data['tokens'].shape[1]} tokens ({source}); {len(prompts)} held-out prompts")
 
     measure = dict(ks=ks, max_new_tokens=a.max_new, eos_id=eos_id, target_name=target_name, draft_name=draft_name)
-    before = acceptance(target, draft, prompts, **measure)
-    say("before training: " + "; ".join(f"K={k} acceptance {v['acceptance_rate']:.3f}" for k, v in before.items()))
+    before = None if a.no_before else acceptance(target, draft, prompts, **measure)
+    if before:
+        say("before training: " + "; ".join(f"K={k} acceptance {v['acceptance_rate']:.3f}"
+                                            for k, v in before.items()))
     training = None
     if steps != 0:
         result = distill_draft(draft, teacher, data, steps=steps, seconds=a.seconds, batch_size=a.batch, lr=a.lr,
@@ -226,11 +232,11 @@ def run(a, overrides: list[str]) -> dict:
                     "seconds": result.seconds, "stopped_by_budget": result.stopped_by_budget,
                     "tokens_per_s": result.tokens_per_s, "kl_first": result.kl_first, "kl_last": result.kl_last,
                     "final_loss": result.history[-1]["loss"] if result.history else None}
-    after = acceptance(target, draft, prompts, **measure) if training else before
+    after = acceptance(target, draft, prompts, **measure) if training or not before else before
     save_draft(out, draft, tok)
     label = f"KD, {training['steps']} steps" if training else "as loaded"
     k4 = {w: t[ROUND_OVER_STEP_K]["tokens_per_call"] / ROUND_OVER_STEP_8B
-          for w, t in (("before", before), ("after", after)) if ROUND_OVER_STEP_K in t}
+          for w, t in (("before", before), ("after", after)) if t and ROUND_OVER_STEP_K in t}
     record = {"settings": {"choice": choice, "teacher": c.teacher, "preset": c.preset, "run": a.run,
                            "target": a.target or c.teacher, "data": a.data, "kind": a.kind if not a.draft else None,
                            "layer_ids": layer_ids, "draft": a.draft, "steps": steps, "seconds": a.seconds,
@@ -241,7 +247,7 @@ def run(a, overrides: list[str]) -> dict:
               "data": {"rows": int(len(data["tokens"])), "seq_len": int(data["tokens"].shape[1]),
                        "heldout_prompts": len(prompts)},
               "training": training,
-              "acceptance": {"before": {str(k): v for k, v in before.items()},
+              "acceptance": {"before": {str(k): v for k, v in before.items()} if before else None,
                              "after": {str(k): v for k, v in after.items()}},
               "speedup_8b": {"round_over_step": ROUND_OVER_STEP_8B, "k": ROUND_OVER_STEP_K, **k4}}
     write_json(out / "draft.json", record)

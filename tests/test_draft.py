@@ -170,6 +170,14 @@ def test_command_end_to_end_and_generate_loads_the_draft(setup, tmp_path, capsys
     # what `python -m l2m_jax.generate --model TARGET --draft OUT` loads (and checks against the target)
     d_cfg, _ = _load_draft(str(out), teacher[0], resolve_tokenizer(str(target)), None)
     assert d_cfg.n_layers == 2
+    # the saved draft measured as it is, without the untrained pass
+    again = tmp_path / "again"
+    rc = train_draft.main(["--run", str(run_dir), "--draft", str(out), "--steps", "0", "--no-before", "--k", "2",
+                           "--max-new", "4", "--eval-prompts", "2", "--target", str(target), "--out", str(again)])
+    assert rc == 0, capsys.readouterr().out
+    record = json.loads((again / "draft.json").read_text())
+    assert record["acceptance"]["before"] is None and record["training"] is None
+    assert record["acceptance"]["after"]["2"]["acceptance_rate"] == after["acceptance_rate"]
 
 
 def test_command_refuses_a_draft_without_a_tokenizer(setup, tmp_path, capsys):

@@ -68,6 +68,7 @@ def test_whole_recipe_writes_report_plots_and_checkpoints(first_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(plots/{name}.png)" in report
         assert list((out / "stages" / name / "logs").glob("events.out.tfevents.*")), f"{name}: no TensorBoard events"
         assert f"[{name}](stages/{name}/logs)" in report
+        assert (out / "stages" / name / "model" / "tokenizer.json").exists()    # loads as a target on its own
     assert rows["align-mamba50"][2] == "2/4" and rows["dpo-mamba50"][2] == "2/4"
     assert "## DPO on held-out preference pairs" in report
     for fmt in ("l2m", "mil"):

@@ -113,10 +113,14 @@ def generate_pseudo_labels(cfg, params, tokenizer, prompts: Sequence[str | list[
         for b in range(0, len(todo), batch_size):
             batch = todo[b: b + batch_size]
             ids = [prompt_ids[i] for i in batch]
-            outs = generate_fn(cfg, params, ids, max_new_tokens, sampling=sampling, eos_id=eos,
+            # the last, short batch of several runs at the full batch size (the extra rows repeat its first
+            # prompt and are dropped): it reuses the full batches' compiled program instead of compiling one
+            pad = batch_size - len(batch) if len(todo) > batch_size else 0
+            outs = generate_fn(cfg, params, ids + [ids[0]] * pad, max_new_tokens, sampling=sampling, eos_id=eos,
                                key=jax.random.fold_in(base_key, batch[0]), **extra)
-            if len(outs) != len(batch):
-                raise DataError(f"generate_fn returned {len(outs)} sequences for {len(batch)} prompts")
+            if len(outs) != len(batch) + pad:
+                raise DataError(f"generate_fn returned {len(outs)} sequences for {len(batch) + pad} prompts")
+            outs = outs[:len(batch)]
             lines: dict[int, list[dict]] = {}
             for i, p_ids, out in zip(batch, ids, outs):
                 if len(out) > max_new_tokens:

@@ -206,7 +206,7 @@ def layer_order(run: Run) -> list[int] | None:
     done = run.out / "stages" / ALIGN_ALL / "done.json"
     if not done.exists():
         say(f"{ALIGN_ALL}: stage 0 with all {n_layers} layers converted, to rank them (stage1.layer_order=aligned)")
-        run_stage(run, 0, stage, run.teacher)
+        run_stage(run, 0, stage, run.teacher, AlignAllAhead.start(run))
     scores = layer_nmse(run.aligned_model(), run.teacher, run.data("stage0"), batch_size=c.stage0.batch_size)
     order = conversion_order(scores, n_layers)
     plan = make_plan(c, n_layers, order)
@@ -407,6 +407,46 @@ class CompileAhead:
         self._thread.join(timeout)
 
 
+class AlignAllAhead:
+    """Compiles stage `ALIGN_ALL`'s train step in a daemon thread while the chat data is made (the stage's
+    conversion asks for the data first): its model is the teacher with every layer converted and its batch
+    [stage0.batch_size, data.seq_len], both known from the config. `claim` waits for it, so the stage loads the
+    executable from the persistent compilation cache. Like `CompileAhead` it only ever saves time."""
+
+    def __init__(self, run: Run):
+        import threading
+
+        self._thread = threading.Thread(target=self._work, args=(run,), name="compile-ahead-align-all", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, run: Run) -> "AlignAllAhead | None":
+        """One started for `run`, or None where compiling ahead is off or stage0.steps depends on the data."""
+        return cls(run) if compile_ahead_enabled(run.c) and run.c.stage0.steps is not None else None
+
+    def _work(self, run: Run) -> None:
+        from l2m_jax.train.stages import PlannedStage, precompile_stage, stage_batch
+
+        c, t0 = run.c, time.perf_counter()
+        try:
+            stage, teacher = PlannedStage(ALIGN_ALL, "stage0", ()), abstract_model(run.teacher)
+            model = convert_abstract(c, 0, stage, teacher)
+            settings = stage_settings(c, "stage0", c.stage0.batch_size * c.stage0.accum_steps)
+            setup = stage_setup(c, stage, model, teacher, settings)
+            rows = {"tokens": np.empty((0, c.data.seq_len), np.int32),      # the stage-1 rows' dtypes
+                    "loss_mask": np.empty((0, c.data.seq_len), bool)}
+            precompile_stage(setup, settings, stage_batch(setup, settings, rows), mesh=run.mesh)
+            say(f"compile ahead: {ALIGN_ALL} train step compiled in {time.perf_counter() - t0:.1f}s")
+        except Exception as e:                               # never fails the run
+            say(f"compile ahead: {ALIGN_ALL} not compiled ahead ({type(e).__name__}: {e}); it compiles when it starts")
+
+    def claim(self, name: str) -> None:
+        t0 = time.perf_counter()
+        self._thread.join()
+        if time.perf_counter() - t0 > 1.0:
+            say(f"{name}: waited {time.perf_counter() - t0:.0f}s for its train step to finish compiling ahead")
+
+
 def nonfinite_message(c, stage, e) -> str:
     """What a NaN/inf stage-training metric means for the run and what to change (e: a NonFiniteError)."""
     k, s = stage.kind, getattr(c, stage.kind)
@@ -483,7 +523,7 @@ def dpo_reference(c, teacher, policy):
     return teacher if c.dpo.reference == "teacher" else policy
 
 
-def run_stage(run: Run, index: int, stage, student, ahead: "CompileAhead | None" = None) -> tuple[dict, Any]:
+def run_stage(run: Run, index: int, stage, student, ahead: "CompileAhead | AlignAllAhead | None" = None) -> tuple[dict, Any]:
     """Train one planned stage from `student` (cfg, params); saves its model, returns (record, model).
 
     A NaN/inf metric raises NonFiniteError with `nonfinite_message`: the stage, step, metric and the fix.
@@ -524,6 +564,7 @@ def run_stage(run: Run, index: int, stage, student, ahead: "CompileAhead | None"
         say(f"{stage.name}: resumed from its checkpoint at step {result.start_step}")
     wall = time.perf_counter() - t0
     l2m_jax.save(sdir / "model", result.cfg, result.params, format="l2m")
+    run.tok.save_pretrained(sdir / "model")      # so every stage's model loads as a target or draft on its own
     scores = run.evaluate(stage.name, result.cfg, result.params)
     history = read_metrics(sdir / "logs" / "metrics.jsonl")
     speeds = [h["tokens_per_s"] for h in history[1:] if "tokens_per_s" in h]   # step 1 includes compilation
@@ -681,7 +722,7 @@ def write_run_report(run: Run, plan, records: list[dict]) -> Path:
                  f"{name}: {src}, first {teacher_eval[name]['tokens'] + 1} tokens" for name, src in texts.items())
              + f"; windows of {c.eval.window}",
              *data_notes(run.notes),
-             "checkpoints: `final/l2m`, `final/mil` (with the tokenizer); per stage: `stages/NAME/model`; "
+             "checkpoints: `final/l2m`, `final/mil` (with the tokenizer); per stage: `stages/NAME/model` (too); "
              "training logs: `stages/NAME/logs` (metrics.jsonl and TensorBoard events)", tensorboard_note(out)]
     path = report.write_report(out, title=f"zephyr_distill — {c.preset}", rows=rows, plots=plots, notes=notes,
                                sections=sections)

@@ -82,7 +82,8 @@ def test_resume_after_crash_and_partial_line(tok, tmp_path):
         return stub_generate(cfg, params, prompts, *a, **k)
 
     assert _run(tok, out, counting) == {"total": 10, "skipped": 6, "generated": 4}
-    assert [len(p) for p in seen] == [3, 1]            # only prompts 6..9
+    # only prompts 6..9: 6-8, then 9 padded to the batch size with copies of itself
+    assert [len(p) for p in seen] == [3, 3] and seen[1] == [seen[1][0]] * 3
     for name in ("shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"):
         assert (out / name).read_text() == (reference / name).read_text()
     assert _run(tok, out, counting)["generated"] == 0 and len(seen) == 2
@@ -127,3 +128,21 @@ def test_real_generate_on_tiny_model(tok, tmp_path):
         np.testing.assert_array_equal(r["response_ids"], d)
         assert 1 <= r["response_ids"].size <= 4
     assert json.loads((tmp_path / "meta.json").read_text())["eos_id"] == EOS
+
+
+def test_the_last_short_batch_runs_at_the_full_batch_size(tok, tmp_path):
+    sizes = []
+
+    def counting(cfg, params, prompts, max_new_tokens, **k):
+        sizes.append(len(prompts))
+        return stub_generate(cfg, params, prompts, max_new_tokens, **k)
+
+    _run(tok, tmp_path / "a", counting)                         # 10 prompts in batches of 3: one compiled shape
+    assert sizes == [3, 3, 3, 3]
+    padded = load_pseudo_labels(tmp_path / "a")
+    _run(tok, tmp_path / "b", batch_size=10)
+    plain = load_pseudo_labels(tmp_path / "b")
+    assert [r["response_ids"].tolist() for r in padded] == [r["response_ids"].tolist() for r in plain]
+    sizes.clear()
+    _run(tok, tmp_path / "c", counting, prompts=PROMPTS[:2])    # a single batch is not padded
+    assert sizes == [2]

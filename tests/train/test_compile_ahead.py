@@ -232,3 +232,20 @@ def test_compile_ahead_thread_precompiles_later_stages_and_survives_failures(tmp
         _train_real(run, plan, 2, models[2], tmp_path)          # its compilation failed: compiles now
         assert cache.count() == (before[0] + 1, before[1] + 1)
     assert not recipe.compile_ahead_enabled(run.c)             # the cache is off again
+
+
+def test_align_all_step_compiled_while_the_data_is_made_is_a_cache_hit(tmp_path):
+    run = FakeRun(tiny_config(stage1=Stage1Config(attn_fractions=[0.5], steps=2, batch_size=2,
+                                                  layer_order="aligned")))
+    plan = recipe.make_plan(run.c, run.teacher[0].n_layers)
+    assert plan[0].name == recipe.ALIGN_ALL and plan[0].attn_layers == ()
+    model = recipe.convert(run, 0, plan[0], run.teacher)                  # every layer converted
+    assert not model[0].attn_layers
+    with persistent_cache(tmp_path / "xla") as cache:
+        ahead = recipe.AlignAllAhead.start(run)
+        ahead.claim(recipe.ALIGN_ALL)
+        hits, writes = cache.count()
+        assert hits == 0 and writes >= 1
+        _train_real(run, plan, 0, model, tmp_path)
+        assert cache.count() == (hits + 1, writes), "the align-all train step was not a cache hit"
+    assert recipe.AlignAllAhead.start(run) is None                      # the cache is off: nothing to fill

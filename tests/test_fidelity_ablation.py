@@ -1,0 +1,37 @@
+"""`python -m experiments.fidelity_ablation --groups recipe` on a tiny random teacher: MiL-order and aligned-order
+arms over several rounds (stage-1 and SFT rounds), each scored after every round."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from l2m_jax.convert.hybridize import attention_layers_for
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["teacher=tiny-random", "data.max_prompts=6", "synth.num_requests=12", "synth.batch_size=8",
+        "synth.max_new_tokens=24", "synth.require_end_of_turn=false", "synth.min_chars=1",
+        "pseudo_labels.max_new_tokens=8", "eval.tokens=128", "eval.window=64", "sft.steps=2"]
+
+
+def test_recipe_arms_in_mil_and_aligned_layer_order(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = tmp_path / "abl"
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.fidelity_ablation", "--preset", "smollm2", "--run", str(tmp_path / "run"),
+         "--out", str(out), "--steps", "2", "--stage0-steps", "2", "--groups", "recipe", "--set", *TINY,
+         "--variant", "mil", "stage1.layer_order=mil", "rounds=0.5,0.25",
+         "--variant", "aligned", "stage1.layer_order=aligned", "rounds=0.5,sft:0.25"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    arms = json.loads((out / "ablation.json").read_text())["arms"]
+    assert [(a["variant"], a["round"], a["kind"]) for a in arms] == [
+        ("mil", 0.5, "stage1"), ("mil", 0.25, "stage1"), ("aligned", 0.5, "stage1"), ("aligned", 0.25, "sft")]
+    n = 4                                                   # the tiny teacher's layers
+    assert arms[0]["attn_layers"] == attention_layers_for(n, 0.5) and arms[0]["stage0"]
+    aligned = arms[2:]
+    assert not any(a["stage0"] for a in aligned)            # one stage 0 over every layer, none per round
+    assert set(aligned[1]["attn_layers"]) < set(aligned[0]["attn_layers"])
+    for a in arms:
+        assert all(v["ratio"] > 0 for v in a["after"].values())
+    assert "recipe: aligned SFT @ 0.25" in (out / "ablation.md").read_text()
