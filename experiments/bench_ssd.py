@@ -4,12 +4,14 @@
 
 Shapes (one Mamba-2 layer of an 8B student): H=32 heads, P=128, N=128, G=32 groups, chunk Q=256, bf16 x/B/C,
 fp32 dt (already softplus-ed), fp32 A and D, no h0; B×L in 1×2048, 8×2048, 1×8192, 4×8192, 1×32768.
-Backends: "xla" (ops.ssm.ssd_chunked) and "pallas" (kernels/pallas_ssd.py: fused forward, the XLA reference's
-VJP as backward), through kernels.dispatch.ssd; plus mamba_ssm's `mamba_chunk_scan_combined` (torch, same
+Backends: "xla" (ops.ssm.ssd_chunked) and "pallas" (kernels/pallas_ssd.py: fused forward and backward), through
+kernels.dispatch.ssd, and "pallas-xla-bwd" (the fused forward with the XLA reference's VJP as its backward, the
+old path); plus mamba_ssm's `mamba_chunk_scan_combined` (torch, same
 process, same input values) when it imports: --mamba-ssm-path DIR is put first on sys.path for that.
 
 At each shape, before timing, pallas (and mamba_ssm) are checked against xla: relative errors
-‖out − ref‖ / ‖ref‖ of y and of the final state. Times: the median of --reps calls after warm-up, each
+‖out − ref‖ / ‖ref‖ of y and of the final state, and for the JAX backends the largest relative error of the
+gradients of x, dt, A, B, C and D (rel_grad). Times: the median of --reps calls after warm-up, each
 ended by block_until_ready (torch: torch.cuda.synchronize). "fwd+bwd" computes y and the final state and
 the gradients of every input (x, dt, A, B, C, D) for fixed random cotangents of both outputs.
 --quick: tiny shapes on the CPU, pallas in interpret mode (a smoke test; the times mean nothing).
@@ -41,6 +43,7 @@ FULL = dict(heads=32, head_dim=128, dstate=128, groups=32, chunk=256, sizes=[(1,
                                                                            (4, 8192), (1, 32768)])
 QUICK = dict(heads=4, head_dim=16, dstate=16, groups=2, chunk=32, sizes=[(1, 64), (2, 80)])
 OK_REL = 2e-2  # bf16 inputs: y is rounded to bf16 and the kernels' dot operands are bf16
+GRAD_OVER_OUT = 2.5  # gradients may be off by 2.5x that (the backward rounds more operands to bf16)
 
 
 def _load_dispatch():
@@ -99,6 +102,10 @@ def _median_s(fn, warmup, reps):
 
 def _jax_fns(dispatch, backend, chunk, interpret):
     def op(x, dt, A, B, C, D):
+        if backend == "pallas-xla-bwd":
+            from l2m_jax.kernels.pallas_ssd import ssd_chunked_pallas
+
+            return ssd_chunked_pallas(x, dt, A, B, C, D, chunk=chunk, interpret=interpret, backward="xla")
         return dispatch.ssd(x, dt, A, B, C, D, chunk=chunk, backend=backend, interpret=interpret)
 
     def fwd_bwd(x, dt, A, B, C, D, y_ct, h_ct):
@@ -175,9 +182,12 @@ def run(args):
     backends = [b for b in args.backends.split(",") if b]
     mamba, why = (None, "--quick runs on the CPU") if args.quick else _load_mamba_ssm(args.mamba_ssm_path)
     print(f"jax {jax.__version__}, devices {jax.devices()}; mamba_ssm: {'yes' if mamba else 'no (' + why + ')'}")
-    fns = {b: _jax_fns(dispatch, b, chunk, interpret=args.quick and b == "pallas") for b in backends}
+    fns = {b: _jax_fns(dispatch, b, chunk, interpret=args.quick and b.startswith("pallas")) for b in backends}
     rows, ok = [], True
-    for batch, length in cfg["sizes"]:
+    sizes = cfg["sizes"]
+    if args.sizes:
+        sizes = [tuple(int(n) for n in s.split("x")) for s in args.sizes.split(",")]
+    for batch, length in sizes:
         p = _problem(0, batch, length, **dims)
         jargs = _jax_args(p)
         cts = (jnp.asarray(p["y_ct"]), jnp.asarray(p["h_ct"]))
@@ -199,12 +209,24 @@ def run(args):
             except Exception as e:  # noqa: BLE001 - report and carry on with the other backends
                 row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
                 ok &= backend == "mamba_ssm"
+        grads = {}
+        for backend in fns:                         # the gradients of every input, JAX backends
+            if backend in outs:
+                try:
+                    grads[backend] = [np.asarray(g, np.float32) for g in fns[backend][1](*jargs, *cts)[1]]
+                except Exception as e:  # noqa: BLE001
+                    shape_rows[backend]["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+                    ok = False
         for backend, row in shape_rows.items():
             if backend == "xla" or "xla" not in outs or backend not in outs:
                 continue
             row["rel_y"] = _rel(outs[backend][0], outs["xla"][0])
             row["rel_h"] = _rel(outs[backend][1], outs["xla"][1])
-            row["check"] = "ok" if max(row["rel_y"], row["rel_h"]) < OK_REL else "FAIL"
+            worst = max(row["rel_y"], row["rel_h"])
+            if backend in grads and "xla" in grads:
+                row["rel_grad"] = max(_rel(g, w) for g, w in zip(grads[backend], grads["xla"]))
+                worst = max(worst, row["rel_grad"] / GRAD_OVER_OUT)
+            row["check"] = "ok" if worst < OK_REL else "FAIL"
             ok &= row["check"] == "ok" or backend == "mamba_ssm"  # mamba_ssm's numbers are shown, not judged
         # 2. the timings
         for backend, (fwd, fwd_bwd) in timed.items():
@@ -226,16 +248,16 @@ def run(args):
 
 def table(rows) -> str:
     xla = {(r["batch"], r["length"]): r for r in rows if r["backend"] == "xla" and "fwd_ms" in r}
-    lines = ["| B×L | backend | fwd ms | fwd+bwd ms | fwd ×xla | fwd+bwd ×xla | rel err y | rel err h |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| B×L | backend | fwd ms | fwd+bwd ms | fwd ×xla | fwd+bwd ×xla | rel err y | rel err h | rel err grads |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = f"{r['batch']}×{r['length']}"
         if "error" in r:
-            lines.append(f"| {shape} | {r['backend']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {shape} | {r['backend']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         base = xla.get((r["batch"], r["length"]))
         speed = [f"{base[k] / r[k]:.2f}" if base else "-" for k in ("fwd_ms", "fwd_bwd_ms")]
-        errs = [f"{r[k]:.1e}" if k in r else "-" for k in ("rel_y", "rel_h")]
+        errs = [f"{r[k]:.1e}" if k in r else "-" for k in ("rel_y", "rel_h", "rel_grad")]
         lines.append(f"| {shape} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                      + " | ".join(speed + errs) + " |")
     return "\n".join(lines)
@@ -247,6 +269,7 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="write every row to this file")
     ap.add_argument("--mamba-ssm-path", default="", help="a folder holding the mamba_ssm package (put on sys.path)")
     ap.add_argument("--backends", default="xla,pallas", help="comma-separated JAX backends (xla first: the check)")
+    ap.add_argument("--sizes", default="", help="B×L shapes to run instead, e.g. 1x2048,8x2048")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args(argv)

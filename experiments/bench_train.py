@@ -3,6 +3,7 @@
     python -m experiments.bench_train                  # 1B-scale shapes + the Llama-3-8B stage-1 fit check
     python -m experiments.bench_train --quick          # tiny shapes: a CPU smoke run of the same code
     python -m experiments.bench_train --attn-impl reference,xla,cudnn --skip-8b   # attention impls side by side
+    python -m experiments.bench_train --attn-impl cudnn --ssd xla,pallas --skip-8b   # SSD scans side by side
 
 Stage 1 (MIL_SPEC §2.2): frozen bf16 teacher + a 50% Mamba2 student that shares the teacher's frozen
 embeddings, MLPs, norms and attention layers; only the Mamba mixers train (fp32 masters, AdamW), loss
@@ -13,7 +14,9 @@ input-gradients (≈ its fwd) + weight gradients of the trainable mixers; full =
 MFU against the datasheet 989 TFLOP/s (dense bf16) and against the measured 812 TFLOP/s matmul rate.
 --attn-impl times the teacher's forward, the stage-1 step and the full step once per full-sequence attention
 implementation (l2m_jax.ops.attention.set_attention), each traced afresh; one that cannot run here (cudnn without
-a GPU) gets a row saying why. Peak memory is the process's peak so far, so it only grows down the table.
+a GPU) gets a row saying why. --ssd does the same for the Mamba-2 mixers' full-sequence scan
+(l2m_jax.ops.ssm.set_ssd_backend: "xla" or the fused Pallas kernels, forward and backward), for every attention
+implementation. Peak memory is the process's peak so far, so it only grows down the table.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from l2m_jax.config import ModelConfig, default_ssm_config
 from l2m_jax.convert.hybridize import attention_layers_for
 from l2m_jax.models import bind, forward, init_params
 from l2m_jax.ops.attention import ATTN_IMPLS, attention_impl
+from l2m_jax.ops.ssm import ssd_backend
 from l2m_jax.train.losses import sft_loss
 from l2m_jax.train.optim import make_optimizer, merge, split_trainable, trainable_mask
 from l2m_jax.train.stages import distill_loss_fn
@@ -183,6 +187,13 @@ def attn_impls(text: str) -> list[str]:
     return impls
 
 
+def ssd_backends(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names or any(x not in ("xla", "pallas") for x in names):
+        raise argparse.ArgumentTypeError(f"--ssd {text!r}: a comma-separated list of xla, pallas")
+    return names
+
+
 def peak_gb():
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 1e9
@@ -199,6 +210,9 @@ def main(argv=None):
     ap.add_argument("--attn-impl", type=attn_impls, default=["reference"],
                     help="full-sequence attention implementations to time side by side, comma-separated "
                          f"({','.join(ATTN_IMPLS)}); the 8B fit check uses the first")
+    ap.add_argument("--ssd", type=ssd_backends, default=["xla"],
+                    help="the Mamba-2 mixers' full-sequence scans to time side by side (xla,pallas); the 8B fit "
+                         "check uses the first")
     a = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
@@ -207,36 +221,36 @@ def main(argv=None):
     s_cfg = student_cfg(t_cfg)
     batch, seq = (2, 64) if a.quick else (a.batch, a.seq)
     rows = []
-    for impl in [] if a.only_8b else a.attn_impl:
-        with attention_impl(impl):
+    for impl, scan in [] if a.only_8b else [(i, x) for i in a.attn_impl for x in a.ssd]:
+        with attention_impl(impl), ssd_backend(scan, interpret=a.quick and scan == "pallas"):
             for bench in (lambda: bench_forward(t_cfg, batch, seq, a.reps, key),
                           lambda: bench_stage1(t_cfg, s_cfg, batch, seq, a.reps, key),
                           lambda: bench_full(s_cfg, batch, seq, a.reps, key)):
                 try:
-                    r = dict(bench(), attn=impl, peak=peak_gb())
+                    r = dict(bench(), attn=impl, ssd=scan, peak=peak_gb())
                 except Exception as e:  # an implementation this machine cannot run: say so, time the others
-                    if impl == "reference":
+                    if impl == "reference" and scan == "xla":
                         raise
                     why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    print(f"attention {impl}: skipped ({why})", flush=True)
-                    rows.append(dict(attn=impl, skipped=why))
+                    print(f"attention {impl}, ssd {scan}: skipped ({why})", flush=True)
+                    rows.append(dict(attn=impl, ssd=scan, skipped=why))
                     break
                 print(r, flush=True)
                 rows.append(r)
     shape = "tiny" if a.quick else "1B (Llama-3.2-1B)"
-    print("\n| step | attention | shapes | tokens/step | s/step | tokens/s | TFLOP/s | MFU (989) | MFU (812 measured) "
-          "| peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| step | attention | ssd | shapes | tokens/step | s/step | tokens/s | TFLOP/s | MFU (989) | "
+          "MFU (812 measured) | peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "skipped" in r:
-            print(f"| all | {r['attn']} | {shape} | skipped: {r['skipped']} |||||||")
+            print(f"| all | {r['attn']} | {r['ssd']} | {shape} | skipped: {r['skipped']} |||||||")
             continue
         model = shape + ("" if r["step"] == "teacher forward" else " 50% Mamba2")
-        print(f"| {r['step']} | {r['attn']} | {model} | {r['tokens']} | {r['s']:.3f} | {r['tok_per_s']:.0f} | "
+        print(f"| {r['step']} | {r['attn']} | {r['ssd']} | {model} | {r['tokens']} | {r['s']:.3f} | {r['tok_per_s']:.0f} | "
               f"{r['tflops']:.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} | {r['peak']:.1f} |")
     if not a.quick and not a.skip_8b:
         t8 = shapes("8b")
-        with attention_impl(a.attn_impl[0]):
+        with attention_impl(a.attn_impl[0]), ssd_backend(a.ssd[0]):
             r = bench_stage1(t8, student_cfg(t8), 1, 2048, 2, key)
         print(f"\nLlama-3-8B shapes stage-1 step (bf16 teacher + 50% Mamba2 student, MLPs frozen, remat, 1x2048, "
               f"attention {a.attn_impl[0]}): {r['s']:.2f} s/step, {r['tok_per_s']:.0f} tok/s, MFU {r['mfu']:.1%}, "

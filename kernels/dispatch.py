@@ -224,8 +224,9 @@ def ssd(
 ) -> tuple[jax.Array, jax.Array]:
     """Mamba-2's chunked SSD scan (semantics: `l2m_jax.ops.ssm.ssd_chunked`) on a backend.
 
-    "xla" runs `ssd_chunked`; "pallas" the fused forward of pallas_ssd.py (its gradients are the XLA
-    reference's VJP; chunk, P and N must be powers of two >= 16). There is no "triton" SSD kernel.
+    "xla" runs `ssd_chunked`; "pallas" the fused kernels of pallas_ssd.py, forward and backward (chunk, P and
+    N must be powers of two >= 16). There is no "triton" SSD kernel. The Mamba-2 mixer uses "pallas" after
+    `l2m_jax.ops.ssm.set_ssd_backend("pallas")`.
 
     Returns:
       y: [B, L, H, P] in x's dtype; h_last: [B, H, P, N] fp32.

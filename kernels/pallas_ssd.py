@@ -12,9 +12,11 @@ Three stages, split like mamba_ssm's chunked scan:
 Dot operands are in the input dtype (bf16 stays bf16, the way mamba_ssm feeds its tensor cores) with fp32
 accumulation; fp32 inputs use fp32 dots at full precision. States and decays are fp32 throughout.
 
-Gradients: `ssd_chunked_pallas` is a jax.custom_vjp whose backward is the VJP of the XLA reference
-`ssd_chunked` on the saved inputs. Only the forward is fused; the backward is still XLA's (it recomputes the
-reference forward), and a Pallas backward is future work.
+Gradients: `ssd_chunked_pallas` is a jax.custom_vjp. Its backward (`_backward`) recomputes stages 1-2,
+runs the intra-chunk gradients in two Pallas kernels (`_bwd_columns_kernel`: the sums over later rows, giving
+dx, dB and dt's direct term; `_bwd_rows_kernel`: the sums over earlier columns, giving dC), each with its part of
+the log-decay gradient, and the state terms (a reverse scan of the state passing, fp32 einsums) in XLA.
+backward="xla" instead takes the VJP of the XLA reference `ssd_chunked`: the slow path it is tested against.
 
 On GPU this lowers through Pallas' Triton backend; on CPU it runs with interpret=True. Tiles are powers of
 two with every dot dimension at least 16 (Triton's tl.dot), and the same rules apply in interpret mode, so
@@ -131,6 +133,64 @@ def _chunk_output_kernel(
     y_ref[...] = acc.astype(y_ref.dtype)
 
 
+def _intra_block(c_rows, b_cols, x_cols, dy_rows, a_rows, a_cols, t, s):
+    """One [rows t, cols s] tile of the intra-chunk backward, fp32 [rows, cols]: (C_t·B_s) exp(a_t − a_s)
+    and dy_t·x_s exp(a_t − a_s) for s <= t, 0 above the diagonal, and dy_t·x_s itself."""
+    decay = jnp.exp(jnp.where(t >= s, a_rows[:, None] - a_cols[None, :], -jnp.inf))
+    dyx = _dot(dy_rows, x_cols, (1, 1))
+    return _dot(c_rows, b_cols, (1, 1)) * decay, dyx * decay, dyx
+
+
+def _bwd_columns_kernel(x_ref, dt_ref, b_ref, c_ref, acum_ref, dy_ref, dx_ref, db_ref, ddt_ref, da_ref, *,
+                        rows: int, n_blocks: int):
+    """The intra-chunk gradients that sum over rows t >= s, for one block of columns s: dx_s, dB_s (this
+    head's share), the direct dt_s term and the −Σ_t W_ts part of the log-decay gradient, where
+    W_ts = (C_t·B_s) exp(a_t − a_s) dt_s (dy_t·x_s)."""
+    j = pl.program_id(3)
+    cols = pl.ds(pl.multiple_of(j * rows, rows), rows)
+    x_c, b_c, a_c, dt_c = x_ref[cols, :], b_ref[cols, :], acum_ref[cols], dt_ref[cols]
+    s = j * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 1)
+    cdt = x_c.dtype
+
+    def row_block(r, carry):
+        dx, db, ddt, da = carry
+        rws = pl.ds(pl.multiple_of(r * rows, rows), rows)
+        c_r, dy_r = c_ref[rws, :], dy_ref[rws, :]
+        t = r * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 0)
+        cbl, dyxl, dyx = _intra_block(c_r, b_c, x_c, dy_r, acum_ref[rws], a_c, t, s)  # [t, s]
+        dx = dx + _dot((cbl * dt_c[None, :]).astype(cdt), dy_r, (0, 0))               # [s, P]
+        db = db + _dot((dyxl * dt_c[None, :]).astype(cdt), c_r, (0, 0))               # [s, N]
+        direct = jnp.sum(cbl * dyx, axis=0)                                            # [s]: Σ_t W_ts / dt_s
+        return dx, db, ddt + direct, da - direct * dt_c
+
+    zeros = (jnp.zeros(x_c.shape, _F32), jnp.zeros(b_c.shape, _F32), jnp.zeros((rows,), _F32),
+             jnp.zeros((rows,), _F32))
+    dx, db, ddt, da = jax.lax.fori_loop(j, n_blocks, row_block, zeros)    # causal: row blocks t >= s only
+    dx_ref[...], db_ref[...], ddt_ref[...], da_ref[...] = dx, db, ddt, da
+
+
+def _bwd_rows_kernel(x_ref, dt_ref, b_ref, c_ref, acum_ref, dy_ref, dc_ref, da_ref, *, rows: int):
+    """The intra-chunk gradients that sum over columns s <= t, for one block of rows t: dC_t (this head's
+    share) and the +Σ_s W_ts part of the log-decay gradient."""
+    r = pl.program_id(3)
+    rws = pl.ds(pl.multiple_of(r * rows, rows), rows)
+    c_r, dy_r, a_r = c_ref[rws, :], dy_ref[rws, :], acum_ref[rws]
+    t = r * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 0)
+    cdt = c_r.dtype
+
+    def col_block(j, carry):
+        dc, da = carry
+        cols = pl.ds(pl.multiple_of(j * rows, rows), rows)
+        b_c, dt_c = b_ref[cols, :], dt_ref[cols]
+        s = j * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 1)
+        cbl, dyxl, dyx = _intra_block(c_r, b_c, x_ref[cols, :], dy_r, a_r, acum_ref[cols], t, s)
+        return (dc + _dot((dyxl * dt_c[None, :]).astype(cdt), b_c, (1, 0)),             # [t, N]
+                da + jnp.sum(cbl * dyx * dt_c[None, :], axis=1))                        # [t]: Σ_s W_ts
+
+    dc, da = jax.lax.fori_loop(0, r + 1, col_block, (jnp.zeros(c_r.shape, _F32), jnp.zeros((rows,), _F32)))
+    dc_ref[...], da_ref[...] = dc, da
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 
@@ -141,25 +201,29 @@ def _operand_dtype(x, B, C):
     return _F32
 
 
-def _forward(x, dt, A, B, C, D, h0, mask, *, chunk: int, block_rows: int, interpret: bool):
-    """The fused forward; inputs validated. Returns (y [B, L, H, P] in x's dtype, h_last [B, H, P, N] fp32)."""
-    batch, length, heads, hdim = x.shape
-    groups, dstate = B.shape[-2:]
-    per_group = heads // groups
+def _prepare(x, dt, B, C, mask, chunk: int):
+    """Masked steps zeroed (dt = 0 and zero inputs: the state passes through), L padded to whole chunks the
+    same way, dot operands in their dtype: (xp, dtp fp32, Bp, Cp, n_chunks, pad, operand dtype)."""
+    length = x.shape[1]
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     cdt = _operand_dtype(x, B, C)
-
-    # masked steps run with dt = 0 and zero inputs (the state passes through); padded steps likewise
     xm, dtf, Bm, Cm = ssm_ops._zero_masked(mask, x, dt.astype(_F32), B, C)
+    return (_pad_time(xm, cdt, pad), _pad_time(dtf, _F32, pad), _pad_time(Bm, cdt, pad), _pad_time(Cm, cdt, pad),
+            n_chunks, pad, cdt)
 
-    def padded(a, dtype):
-        a = a.astype(dtype)
-        return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a
 
-    xp, dtp, Bp, Cp = padded(xm, cdt), padded(dtf, _F32), padded(Bm, cdt), padded(Cm, cdt)
-    Af = A.astype(_F32)
-    lp = n_chunks * chunk
+def _pad_time(a, dtype, pad: int):
+    a = a.astype(dtype)
+    return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a
+
+
+def _states(xp, dtp, Bp, Af, h0, *, chunk: int, block_rows: int, interpret: bool):
+    """Stages 1 and 2: (a_cum [B, H, Lp] fp32, h_in [B, c, H, P, N] fp32 (the state entering each chunk),
+    h_last [B, H, P, N] fp32) of padded inputs."""
+    batch, lp, heads, hdim = xp.shape
+    groups, dstate = Bp.shape[-2:]
+    per_group, n_chunks = heads // groups, lp // chunk
 
     # 1. per-chunk cumulative log-decays and state contributions
     x_spec = pl.BlockSpec((None, chunk, None, hdim), lambda b, c, h: (b, c, h, 0))
@@ -193,25 +257,43 @@ def _forward(x, dt, A, B, C, D, h0, mask, *, chunk: int, block_rows: int, interp
         decay, own = inputs
         return decay[..., None, None] * h + own, h
 
-    h_last, h_in = jax.lax.scan(carry_over, h0, (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(states, 1, 0)))
-    h_in = jnp.moveaxis(h_in, 0, 1)  # [B, c, H, P, N]
+    h_last, h_in = jax.lax.scan(carry_over, h0.astype(_F32),
+                                (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(states, 1, 0)))
+    return a_cum, jnp.moveaxis(h_in, 0, 1), h_last
+
+
+def _chunk_specs(chunk: int, hdim: int, dstate: int, per_group: int):
+    """BlockSpecs over a (batch, chunk, head, block) grid: a chunk of x-like [Q, P], dt-like [Q], B/C-like
+    [Q, N] (the head's group), a_cum [Q], the entering state [P, N] and the head's scalar."""
+    return dict(
+        x=pl.BlockSpec((None, chunk, None, hdim), lambda b, c, h, r: (b, c, h, 0)),
+        dt=pl.BlockSpec((None, chunk, None), lambda b, c, h, r: (b, c, h)),
+        bc=pl.BlockSpec((None, chunk, None, dstate), lambda b, c, h, r: (b, c, h // per_group, 0)),
+        acum=pl.BlockSpec((None, None, chunk), lambda b, c, h, r: (b, h, c)),
+        state=pl.BlockSpec((None, None, None, hdim, dstate), lambda b, c, h, r: (b, c, h, 0, 0)),
+        head=pl.BlockSpec((1,), lambda b, c, h, r: (h,)),
+    )
+
+
+def _forward(x, dt, A, B, C, D, h0, mask, *, chunk: int, block_rows: int, interpret: bool):
+    """The fused forward; inputs validated. Returns (y [B, L, H, P] in x's dtype, h_last [B, H, P, N] fp32)."""
+    batch, length, heads, hdim = x.shape
+    groups, dstate = B.shape[-2:]
+    xp, dtp, Bp, Cp, n_chunks, pad, _ = _prepare(x, dt, B, C, mask, chunk)
+    a_cum, h_in, h_last = _states(xp, dtp, Bp, A.astype(_F32), h0, chunk=chunk, block_rows=block_rows,
+                                  interpret=interpret)
 
     # 3. outputs, one block of rows per program
     rows = min(chunk, block_rows)
     per_chunk = chunk // rows
-    x_spec = pl.BlockSpec((None, chunk, None, hdim), lambda b, c, h, r: (b, c, h, 0))
-    dt_spec = pl.BlockSpec((None, chunk, None), lambda b, c, h, r: (b, c, h))
-    bc_spec = pl.BlockSpec((None, chunk, None, dstate), lambda b, c, h, r: (b, c, h // per_group, 0))
-    acum_spec = pl.BlockSpec((None, None, chunk), lambda b, c, h, r: (b, h, c))
-    state_spec = pl.BlockSpec((None, None, None, hdim, dstate), lambda b, c, h, r: (b, c, h, 0, 0))
-    head = pl.BlockSpec((1,), lambda b, c, h, r: (h,))
+    sp = _chunk_specs(chunk, hdim, dstate, heads // groups)
     y_spec = pl.BlockSpec((None, rows, None, hdim), lambda b, c, h, r: (b, c * per_chunk + r, h, 0))
     Dp = jnp.zeros((heads,), _F32) if D is None else D.astype(_F32)
     y = pl.pallas_call(
         functools.partial(_chunk_output_kernel, rows=rows, has_d=D is not None),
-        out_shape=jax.ShapeDtypeStruct((batch, lp, heads, hdim), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((batch, n_chunks * chunk, heads, hdim), x.dtype),
         grid=(batch, n_chunks, heads, per_chunk),
-        in_specs=[x_spec, dt_spec, bc_spec, bc_spec, acum_spec, state_spec, head],
+        in_specs=[sp["x"], sp["dt"], sp["bc"], sp["bc"], sp["acum"], sp["state"], sp["head"]],
         out_specs=y_spec,
         interpret=interpret,
         compiler_params=_compiler_params(tiling.num_warps(rows * hdim), interpret),
@@ -220,19 +302,141 @@ def _forward(x, dt, A, B, C, D, h0, mask, *, chunk: int, block_rows: int, interp
     return (y[:, :length] if pad else y), h_last
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused(chunk, block_rows, interpret, x, dt, A, B, C, D, h0, mask):
+def _backward(x, dt, A, B, C, D, h0, mask, dy, dh_last, *, chunk: int, block_rows: int, interpret: bool):
+    """The gradients of (y, h_last) with respect to (x, dt, A, B, C, D, h0), given their cotangents.
+
+    The O(Q²) intra-chunk terms run in two Pallas kernels per (batch, chunk, head, block): `_bwd_columns_kernel`
+    (sums over t >= s: dx, dB, the direct dt term) and `_bwd_rows_kernel` (sums over s <= t: dC), each with
+    its part of the gradient of the log-decays a_t. The O(Q·P·N) state terms (the entering state's part of y,
+    each chunk's own state, the state passing, run backwards) are fp32 einsums and a reverse scan in XLA.
+    The a_t gradient then reaches dt and A through a_t = A · Σ_{k<=t} dt_k. The forward's a_cum and entering
+    states are recomputed by its stages 1-2 (cheap next to the intra-chunk work), not kept from the forward.
+    """
+    batch, length, heads, hdim = x.shape
+    groups, dstate = B.shape[-2:]
+    e = heads // groups
+    xp, dtp, Bp, Cp, n_chunks, pad, cdt = _prepare(x, dt, B, C, mask, chunk)
+    Af = A.astype(_F32)
+    a_cum, h_in, _ = _states(xp, dtp, Bp, Af, h0, chunk=chunk, block_rows=block_rows, interpret=interpret)
+    dyp = _pad_time(dy, cdt, pad)
+    lp = n_chunks * chunk
+
+    # the intra-chunk terms
+    rows = min(chunk, block_rows)
+    per_chunk = chunk // rows
+    sp = _chunk_specs(chunk, hdim, dstate, e)
+
+    def block(width):
+        return pl.BlockSpec((None, rows, None, width), lambda b, c, h, r: (b, c * per_chunk + r, h, 0))
+
+    vec = pl.BlockSpec((None, None, rows), lambda b, c, h, r: (b, h, c * per_chunk + r))
+    inputs, in_specs = (xp, dtp, Bp, Cp, a_cum, dyp), [sp["x"], sp["dt"], sp["bc"], sp["bc"], sp["acum"], sp["x"]]
+    per_head = (batch, lp, heads)
+    dx_in, db_in, ddt_in, da_cols = pl.pallas_call(
+        functools.partial(_bwd_columns_kernel, rows=rows, n_blocks=per_chunk),
+        out_shape=(jax.ShapeDtypeStruct((*per_head, hdim), _F32), jax.ShapeDtypeStruct((*per_head, dstate), _F32),
+                   jax.ShapeDtypeStruct((batch, heads, lp), _F32), jax.ShapeDtypeStruct((batch, heads, lp), _F32)),
+        grid=(batch, n_chunks, heads, per_chunk),
+        in_specs=in_specs,
+        out_specs=(block(hdim), block(dstate), vec, vec),
+        interpret=interpret,
+        compiler_params=_compiler_params(tiling.num_warps(rows * max(hdim, dstate)), interpret),
+        name="ssd_bwd_columns",
+    )(*inputs)
+    dc_in, da_rows = pl.pallas_call(
+        functools.partial(_bwd_rows_kernel, rows=rows),
+        out_shape=(jax.ShapeDtypeStruct((*per_head, dstate), _F32), jax.ShapeDtypeStruct((batch, heads, lp), _F32)),
+        grid=(batch, n_chunks, heads, per_chunk),
+        in_specs=in_specs,
+        out_specs=(block(dstate), vec),
+        interpret=interpret,
+        compiler_params=_compiler_params(tiling.num_warps(rows * dstate), interpret),
+        name="ssd_bwd_rows",
+    )(*inputs)
+
+    # the state terms, fp32, in chunks [B, c, Q, G, E, ...] (head h = group g, member e)
+    def chunked(a, *tail):
+        return a.astype(_F32).reshape(batch, n_chunks, chunk, *tail)
+
+    def per_step(v):  # [B, H, Lp] -> [B, c, Q, G, E]
+        return jnp.moveaxis(v.reshape(batch, groups, e, n_chunks, chunk), (3, 4), (1, 2))
+
+    xc, dyc = chunked(xp, groups, e, hdim), chunked(dyp, groups, e, hdim)
+    dtc, Bc, Cc = chunked(dtp, groups, e), chunked(Bp, groups, dstate), chunked(Cp, groups, dstate)
+    ac = per_step(a_cum)
+    hin = h_in.reshape(batch, n_chunks, groups, e, hdim, dstate)
+    a_end = ac[:, :, -1]                                          # [B, c, G, E]
+    exp_a, to_end, decay = jnp.exp(ac), jnp.exp(a_end[:, :, None] - ac), jnp.exp(a_end)
+
+    # the state entering each chunk: its own outputs' gradient, then the reverse state passing
+    dh_own = jnp.einsum("BcQGE,BcQGEP,BcQGN->BcGEPN", exp_a, dyc, Cc)
+
+    def back(g, inputs):  # g: the gradient of the state after chunk c (= of the state entering c + 1)
+        own, dec = inputs
+        return own + dec[..., None, None] * g, g
+
+    dh0, d_states = jax.lax.scan(back, dh_last.astype(_F32).reshape(batch, groups, e, hdim, dstate),
+                                 (jnp.moveaxis(dh_own, 1, 0), jnp.moveaxis(decay, 1, 0)), reverse=True)
+    d_states = jnp.moveaxis(d_states, 0, 1)                      # [B, c, G, E, P, N]: of each chunk's own state
+    d_decay = jnp.sum(d_states * hin, axis=(-2, -1))              # [B, c, G, E]
+
+    # y_t += exp(a_t) h_in C_t
+    da = exp_a * jnp.sum(dyc * jnp.einsum("BcGEPN,BcQGN->BcQGEP", hin, Cc), axis=-1)
+    dC = jnp.einsum("BcQGE,BcGEPN,BcQGEP->BcQGN", exp_a, hin, dyc)
+    # each chunk's own state, S = Σ_s exp(a_end − a_s) dt_s x_s ⊗ B_s
+    dSB = jnp.einsum("BcGEPN,BcQGN->BcQGEP", d_states, Bc)
+    w = to_end * dtc
+    dx = w[..., None] * dSB
+    dB = jnp.einsum("BcQGE,BcQGEP,BcGEPN->BcQGN", w, xc, d_states)
+    xdsb = jnp.sum(xc * dSB, axis=-1)
+    ddt = to_end * xdsb
+    da = da - w * xdsb
+    da = da.at[:, :, -1].add(jnp.sum(w * xdsb, axis=2) + d_decay * decay)
+
+    # add the intra-chunk terms
+    dx = dx + dx_in.reshape(batch, n_chunks, chunk, groups, e, hdim)
+    dB = dB + jnp.sum(db_in.reshape(batch, n_chunks, chunk, groups, e, dstate), axis=4)
+    dC = dC + jnp.sum(dc_in.reshape(batch, n_chunks, chunk, groups, e, dstate), axis=4)
+    ddt = ddt + per_step(ddt_in)
+    da = da + per_step(da_cols) + per_step(da_rows)
+
+    # a_t = A · Σ_{k<=t} dt_k within the chunk
+    Ag = Af.reshape(groups, e)
+    dA = jnp.sum(da * jnp.cumsum(dtc, axis=2), axis=(0, 1, 2)).reshape(heads)
+    ddt = ddt + Ag * jnp.flip(jnp.cumsum(jnp.flip(da, 2), axis=2), 2)
+    dD = None
+    if D is not None:
+        dx = dx + D.astype(_F32).reshape(groups, e, 1) * dyc
+        dD = jnp.sum(xc * dyc, axis=(0, 1, 2, 5)).reshape(heads).astype(D.dtype)
+
+    def back_to(a, tail, like):  # [B, c, Q, ...] -> [B, L, ...] in like's dtype, 0 at masked steps
+        a = a.reshape(batch, lp, *tail)[:, :length]
+        if mask is not None:
+            a = jnp.where(mask.reshape(mask.shape + (1,) * len(tail)), a, 0.0)
+        return a.astype(like.dtype)
+
+    grads = (back_to(dx, (heads, hdim), x), back_to(ddt, (heads,), dt), dA.astype(A.dtype),
+             back_to(dB, (groups, dstate), B), back_to(dC, (groups, dstate), C), dD,
+             None if h0 is None else dh0.reshape(batch, heads, hdim, dstate).astype(h0.dtype))
+    return grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused(chunk, block_rows, interpret, backward, x, dt, A, B, C, D, h0, mask):
     return _forward(x, dt, A, B, C, D, h0, mask, chunk=chunk, block_rows=block_rows, interpret=interpret)
 
 
-def _fused_fwd(chunk, block_rows, interpret, x, dt, A, B, C, D, h0, mask):
-    out = _fused(chunk, block_rows, interpret, x, dt, A, B, C, D, h0, mask)
+def _fused_fwd(chunk, block_rows, interpret, backward, x, dt, A, B, C, D, h0, mask):
+    out = _fused(chunk, block_rows, interpret, backward, x, dt, A, B, C, D, h0, mask)
     return out, (x, dt, A, B, C, D, h0, mask)
 
 
-def _fused_bwd(chunk, block_rows, interpret, saved, cotangents):
-    del block_rows, interpret
+def _fused_bwd(chunk, block_rows, interpret, backward, saved, cotangents):
     x, dt, A, B, C, D, h0, mask = saved
+    if backward == "pallas":
+        dy, dh_last = cotangents
+        return (*_backward(x, dt, A, B, C, D, h0, mask, dy, dh_last, chunk=chunk, block_rows=block_rows,
+                           interpret=interpret), None)
 
     def reference(x, dt, A, B, C, D, h0):
         return ssm_ops.ssd_chunked(x, dt, A, B, C, chunk=chunk, D=D, h0=h0, mask=mask)
@@ -257,6 +461,7 @@ def ssd_chunked_pallas(
     mask: jax.Array | None = None,  # [B, L] bool
     interpret: bool = False,
     block_rows: int | None = None,
+    backward: str = "pallas",
 ) -> tuple[jax.Array, jax.Array]:
     """Mamba-2 SSD, fused forward: the same arguments, semantics, dtypes and results as `ssd_chunked`.
 
@@ -266,18 +471,20 @@ def ssd_chunked_pallas(
       of two >= 16 (any L works: padded internally with steps that leave the state unchanged); h0: [B, H, P, N]
       fp32 or None (zeros); mask: [B, L] bool, True = real token, or None; interpret: run the Pallas kernels
       in the interpreter (CPU tests); block_rows: the output kernel's row and column block and the state
-      kernel's block of P, a power of two in [16, chunk] (None: 64, capped by chunk and P).
+      kernel's block of P, a power of two in [16, chunk] (None: 64, capped by chunk and P); backward:
+      "pallas" (the fused backward, `_backward`) or "xla" (the VJP of the reference `ssd_chunked` on the saved
+      inputs: the slow reference the fused one is tested against).
 
     Returns:
       y: [B, L, H, P] in x's dtype; h_last: [B, H, P, N] fp32.
 
-    P and N must be powers of two >= 16 too. The forward is fused; the backward is the VJP of the XLA
-    reference `ssd_chunked` on the saved inputs (it recomputes the reference forward). A Pallas backward is
-    future work.
+    P and N must be powers of two >= 16 too.
     """
     with jax.named_scope("ssd_chunked_pallas"):
         ssm_ops._check_ssd(x, dt, A, B, C, D, h0, mask, time_axis=True)
         ssm_ops._check_chunk(chunk)
         check_ssd_tiling(chunk, x.shape[-1], B.shape[-1], block_rows)
+        if backward not in ("pallas", "xla"):
+            raise ValueError(f"backward={backward!r}: choose 'pallas' (fused) or 'xla' (the reference's VJP)")
         rows = min(chunk, _ROWS) if block_rows is None else block_rows
-        return _fused(chunk, rows, bool(interpret), x, dt, A, B, C, D, h0, mask)
+        return _fused(chunk, rows, bool(interpret), backward, x, dt, A, B, C, D, h0, mask)

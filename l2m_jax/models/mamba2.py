@@ -81,8 +81,16 @@ class Mamba2Mixer(nnx.Module):
             B = jnp.repeat(B.reshape(b, l, g, s.d_state), s.n_heads // g, axis=2)            # [B, L, H, N]
             C = C.reshape(b, l, s.n_heads, s.d_state)                                       # [B, L, H, N]
             delta = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])            # [B, L, H]
-            y, h = ssm_ops.ssd_chunked(x, delta, A, B, C, chunk=min(s.chunk_size, l), D=D,
-                                       h0=None if cache is None else cache.ssm, mask=mask)
+            h0 = None if cache is None else cache.ssm
+            backend, interpret = ssm_ops.SSD_BACKEND
+            if backend == "pallas":   # fused kernels; any L (padded inside to whole chunks)
+                from ..kernels.dispatch import ssd
+
+                chunk = min(s.chunk_size, max(16, 1 << (l - 1).bit_length()))   # a short prompt: one chunk
+                y, h = ssd(x, delta, A, B, C, D, chunk=chunk, h0=h0, mask=mask, backend="pallas",
+                           interpret=interpret)
+            else:
+                y, h = ssm_ops.ssd_chunked(x, delta, A, B, C, chunk=min(s.chunk_size, l), D=D, h0=h0, mask=mask)
         y = gated_rms_norm(y.reshape(b, l, s.d_inner), z, self.norm["scale"][...], group_size=s.head_dim,
                            eps=s.norm_eps)
         out = self.out_proj(y.astype(u.dtype))

@@ -19,6 +19,8 @@ chunk (the source position, Q being the target), E = heads per group (H // G).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -32,6 +34,31 @@ __all__ = [
 ]
 
 _F32 = jnp.float32
+
+# The full-sequence SSD scan the Mamba-2 mixer runs in training and prefill: "xla" (`ssd_chunked`) or "pallas"
+# (kernels/pallas_ssd.py, fused forward and backward; interpret=True runs it on a CPU). Read at trace time.
+SSD_BACKEND = ("xla", False)
+
+
+def set_ssd_backend(backend: str, *, interpret: bool = False) -> None:
+    """Switch the Mamba-2 mixer's full-sequence scan (takes effect for programs traced afterwards)."""
+    global SSD_BACKEND
+    if backend not in ("xla", "pallas"):
+        raise ValueError(f"ssd backend {backend!r}: choose 'xla' (ssd_chunked) or 'pallas' (the fused kernels)")
+    if interpret and backend != "pallas":
+        raise ValueError("interpret=True applies to the 'pallas' SSD backend only")
+    SSD_BACKEND = (backend, bool(interpret))
+
+
+@contextlib.contextmanager
+def ssd_backend(backend: str, *, interpret: bool = False):
+    """`with ssd_backend("pallas"): ...` traces the Mamba-2 mixers inside with it, then restores the previous."""
+    saved = SSD_BACKEND
+    set_ssd_backend(backend, interpret=interpret)
+    try:
+        yield
+    finally:
+        set_ssd_backend(saved[0], interpret=saved[1])
 
 
 def _shape_error(name: str, got, want: str, fix: str = "") -> ValueError:
