@@ -126,17 +126,18 @@ def smollm2_hf_dir() -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from l2m_jax.convert.gguf import read_gguf
+    from l2m_jax.convert.gguf import open_gguf, read_gguf
     from l2m_jax.data.tokenizer import tokenizer_from_gguf
 
     gguf_path = smollm2_gguf_path()
     print(f"l2m_jax: converting {gguf_path.name} into {final} ...", file=sys.stderr, flush=True)
-    hf_config, tensors = read_gguf(gguf_path)
+    reader = open_gguf(gguf_path)                  # parsed once for the weights and the tokenizer
+    hf_config, tensors = read_gguf(gguf_path, reader)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_HF_DIR_NAME + ".", suffix=".part"))
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        tokenizer_from_gguf(gguf_path).save_pretrained(tmp)
+        tokenizer_from_gguf(gguf_path, reader).save_pretrained(tmp)
         # config.json last: its presence marks a complete directory
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in tmp.iterdir():

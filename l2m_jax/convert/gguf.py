@@ -155,19 +155,20 @@ def _expected_tensors(cfg: dict) -> dict[str, tuple[str, tuple]]:
     return out
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_gguf(path: str | os.PathLike, reader=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read a Llama-architecture GGUF file.
 
     Returns `(hf_config, tensors)`: an HF `config.json` dict (model_type "llama") and float32 arrays under
     HF names in torch `(out, in)` layout — `model.embed_tokens.weight` [V, D], `model.layers.{i}.self_attn.
     q_proj.weight` [H*P, D], ..., `model.norm.weight` [D], and `lm_head.weight` [V, D] only when the file
     has `output.weight` (otherwise the embeddings are tied). Raises CheckpointError naming the file and
-    every problem (missing/unexpected tensors, shape mismatches against the metadata).
+    every problem (missing/unexpected tensors, shape mismatches against the metadata). reader: `open_gguf(path)`
+    when the caller has it open already (parsing the metadata takes seconds).
     """
     from gguf.quants import dequantize
 
     path = os.fspath(path)
-    reader = open_gguf(path)
+    reader = open_gguf(path) if reader is None else reader
     cfg = _hf_config(reader, path)
     expected = _expected_tensors(cfg)
     by_name = {t.name: t for t in reader.tensors}

@@ -41,17 +41,18 @@ def _pre_tokenizer(kind: str, add_prefix_space: bool, path: str):
                          "supported: 'smollm', 'gpt-2'. Load the model's HF directory for its tokenizer instead")
 
 
-def tokenizer_from_gguf(path: str | os.PathLike):
+def tokenizer_from_gguf(path: str | os.PathLike, reader=None):
     """A transformers fast tokenizer rebuilt from the byte-level BPE described in a GGUF file's metadata.
 
     Special tokens are those of llama.cpp type 3 (control); bos/eos/pad/unk come from the
-    `tokenizer.ggml.*_token_id` keys, the chat template from `tokenizer.chat_template`.
+    `tokenizer.ggml.*_token_id` keys, the chat template from `tokenizer.chat_template`. reader: the file's
+    `open_gguf` reader, when the caller has it open already.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     path = os.fspath(path)
-    reader = open_gguf(path)
+    reader = open_gguf(path) if reader is None else reader
     kind = gguf_field(reader, "tokenizer.ggml.model", None)
     if kind != "gpt2":
         raise TokenizerError(f"{path!r}: GGUF tokenizer model {kind!r} (tokenizer.ggml.model) is not supported; "
