@@ -21,13 +21,13 @@ import numpy as np
 from ..config import ModelConfig
 from ..models import forward
 
-__all__ = ["score_texts"]
+__all__ = ["score_texts", "score_batch_shape", "precompile_score"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _score(cfg: ModelConfig, params, tokens):
     """tokens int32 [N, W] -> (nll of tokens[:, 1:] float32 [N, W-1], argmax int32 [N, W])."""
-    logits = forward(cfg, params, tokens)[0].astype(jnp.float32)
+    logits = forward(cfg, params, tokens, checked=False)[0].astype(jnp.float32)   # ids checked on the host
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return nll, jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -65,7 +65,7 @@ def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: 
         ppl_windows = [ids[s:s + w] for s in range(0, ids.size - 1, w - 1)]
         rows = ids.size // w
         plans[name] = (w, ppl_windows, [ids[r * w:(r + 1) * w] for r in range(rows)])
-    width = max(w for w, _, _ in plans.values())
+    width = score_batch_shape(cfg, texts, window, batch_rows=batch_rows)[1]
     chunks = [c for _, p, t in plans.values() for c in (*p, *t)]
     n = -(-len(chunks) // batch_rows) * batch_rows
     batch = np.zeros((n, width), np.int32)
@@ -85,3 +85,18 @@ def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: 
         out[name] = {"tokens": scored, "perplexity": math.exp(total / scored), "top1": top1[i:i + len(rows), :w]}
         i += len(rows)
     return out
+
+
+def score_batch_shape(cfg: ModelConfig, texts: dict[str, np.ndarray], window: int, *,
+                      batch_rows: int = 8) -> tuple[int, int]:
+    """The [rows, width] token batch `score_texts` feeds its compiled forward for these texts."""
+    window = min(int(window), cfg.max_position_embeddings)
+    return batch_rows, max(min(window, np.asarray(ids).size) for ids in texts.values())
+
+
+def precompile_score(cfg: ModelConfig, params, shape: tuple[int, int]) -> None:
+    """Compile `score_texts`' forward for `cfg` (params may be jax.ShapeDtypeStructs) on token batches of
+    `shape` (`score_batch_shape`), into JAX's persistent compilation cache when it is on, so that the real
+    evaluation loads the executable instead of compiling it."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    _score.lower(cfg, abstract, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()

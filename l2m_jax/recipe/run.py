@@ -360,6 +360,7 @@ class CompileAhead:
         try:
             teacher = abstract_model(run.teacher)
             model = convert_abstract(c, first, first_stage, student)
+            evaluated = {model[0]} if precompile_eval(run, model, first_stage.name) else set()
             previous = first_stage
             for i, stage, settings, shapes in self._jobs:
                 if previous.name == ALIGN_ALL:
@@ -384,6 +385,8 @@ class CompileAhead:
                     with self._cond:
                         self._state[stage.name] = outcome
                         self._cond.notify_all()
+                if model[0] not in evaluated and precompile_eval(run, model, stage.name):
+                    evaluated.add(model[0])
         except Exception as e:
             say(f"compile ahead stopped ({type(e).__name__}: {e}); the later stages compile when they start")
 
@@ -405,6 +408,19 @@ class CompileAhead:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+
+
+def precompile_eval(run: Run, model, name: str) -> bool:
+    """Compile the held-out evaluation's forward (`evaluate`) for `model` (cfg, params; abstract or not) into
+    the persistent compilation cache; True when it did. A failure is said and ignored."""
+    from l2m_jax.eval.heldout import precompile_score, score_batch_shape
+
+    try:
+        precompile_score(model[0], model[1], score_batch_shape(model[0], run.texts, run.c.eval.window))
+        return True
+    except Exception as e:                                  # never fails the run
+        say(f"compile ahead: {name}'s evaluation not compiled ahead ({type(e).__name__}: {e})")
+        return False
 
 
 class AlignAllAhead:
@@ -437,6 +453,7 @@ class AlignAllAhead:
                     "loss_mask": np.empty((0, c.data.seq_len), bool)}
             precompile_stage(setup, settings, stage_batch(setup, settings, rows), mesh=run.mesh)
             say(f"compile ahead: {ALIGN_ALL} train step compiled in {time.perf_counter() - t0:.1f}s")
+            precompile_eval(run, model, ALIGN_ALL)
         except Exception as e:                               # never fails the run
             say(f"compile ahead: {ALIGN_ALL} not compiled ahead ({type(e).__name__}: {e}); it compiles when it starts")
 

@@ -104,6 +104,7 @@ class FakeRun:
         r = np.random.default_rng(0)
         tokens = lambda: r.integers(3, t_cfg.vocab_size, (8, L)).astype(np.int32)  # noqa: E731
         mask = lambda: r.random((8, L)) < 0.7  # noqa: E731
+        self.texts = {"text": r.integers(3, t_cfg.vocab_size, 100), "other": r.integers(3, t_cfg.vocab_size, 40)}
         self._data = {"stage1": {"tokens": tokens(), "loss_mask": mask()},
                       "sft": {"tokens": tokens(), "loss_mask": mask()},
                       "dpo": ({"chosen_tokens": tokens(), "chosen_mask": mask(), "rejected_tokens": tokens(),
@@ -249,3 +250,19 @@ def test_align_all_step_compiled_while_the_data_is_made_is_a_cache_hit(tmp_path)
         _train_real(run, plan, 0, model, tmp_path)
         assert cache.count() == (hits + 1, writes), "the align-all train step was not a cache hit"
     assert recipe.AlignAllAhead.start(run) is None                      # the cache is off: nothing to fill
+
+
+def test_evaluation_compiled_ahead_is_not_compiled_again(tmp_path):
+    """In the same process the real evaluation reuses the executable compiled ahead (JAX keeps it in memory:
+    no new compilation, so no new cache entry); a model not compiled ahead compiles and writes one."""
+    run = FakeRun(tiny_config())
+    plan = recipe.make_plan(run.c, run.teacher[0].n_layers)
+    models = models_along(run, plan)
+    with persistent_cache(tmp_path / "xla") as cache:
+        assert recipe.precompile_eval(run, recipe.abstract_model(models[1]), "stage1-mamba50")
+        assert cache.count("jit__score") == (0, 1)
+        scores, _ = recipe.evaluate(*models[1], run.texts, run.c.eval.window)
+        assert set(scores) == {"text", "other"} and all(v["perplexity"] > 1 for v in scores.values())
+        assert cache.count("jit__score") == (0, 1), "the evaluation compiled its forward again"
+        recipe.evaluate(*models[2], run.texts, run.c.eval.window)      # 25%: another program, not ahead
+        assert cache.count("jit__score") == (0, 2)
