@@ -200,3 +200,20 @@ def test_take_mixers_copies_only_the_named_layers(models):
     assert cfg == half[0]
     with pytest.raises(StageError, match="layer 1 is attention in the student"):
         take_mixers(half, every, [1])
+
+
+def test_plans_in_the_aligned_order():
+    from l2m_jax.recipe.config import RecipeConfig, SftConfig, Stage1Config
+    from l2m_jax.recipe.run import ALIGN_ALL, make_plan
+
+    order = [5, 2, 0, 3, 1, 4]
+    c = RecipeConfig(stage1=Stage1Config(attn_fractions=[0.5], stepwise=True, layer_order="aligned"),
+                     sft=SftConfig(attn_fractions=[0.5, 0.0]))
+    plan = make_plan(c, 6, order)
+    assert plan[0].name == ALIGN_ALL and plan[0].kind == "stage0" and plan[0].attn_layers == ()
+    assert not any(p.kind == "stage0" for p in plan[1:])          # no stage 0 per round: the mixers come aligned
+    steps = [p.attn_layers for p in plan if p.kind == "stage1"]
+    assert steps == [(0, 1, 2, 3, 4), (0, 1, 3, 4), (1, 3, 4)]    # one layer per round, in the order given
+    assert [p.attn_layers for p in plan if p.kind == "sft"] == [(1, 3, 4), ()]
+    mil = make_plan(RecipeConfig(stage1=Stage1Config(attn_fractions=[0.5])), 6)
+    assert [p.kind for p in mil][:2] == ["stage0", "stage1"] and mil[1].attn_layers == (1, 3, 5)
