@@ -5,10 +5,14 @@
     recipe.check_config(c)
     run = recipe.Run(c, out)                                        # teacher, mesh, held-out texts
     rows = run.rows()                                               # synthesised + seed chat data (cached)
-    plan = recipe.make_plan(c, run.teacher[0].n_layers)             # align -> stage1 -> sft -> dpo
-    student = run.teacher
+    order = recipe.layer_order(run)        # None, or (stage1.layer_order=aligned) from stage align-all, run here
+    plan = recipe.make_plan(c, run.teacher[0].n_layers, order)      # [align-all ->] align -> stage1 -> sft -> dpo
+    student, records = run.teacher, []
     for i, stage in enumerate(plan):
+        if stage.name == recipe.ALIGN_ALL:                          # trained by layer_order(run)
+            continue
         record, student = recipe.run_stage(run, i, stage, student)
+        records.append(record)
     recipe.export(run, lambda: student, plan[-1].name)
     recipe.write_run_report(run, plan, records)
 
@@ -20,5 +24,5 @@ from .data import (chat_rows, distill_rows, heldout_ids, load_teacher, preferenc
                    sft_rows)
 from .draft import (DraftError, acceptance, build_draft, check_compatible, distill_draft,  # noqa: F401
                     draft_layer_ids, load_draft, save_draft, split_heldout)
-from .run import (Run, evaluate, export, make_plan, pipeline, preference_eval, run_stage,  # noqa: F401
-                  write_run_report)
+from .run import (ALIGN_ALL, Run, evaluate, export, layer_order, make_plan, pipeline,  # noqa: F401
+                  preference_eval, run_stage, write_run_report)

@@ -1,11 +1,12 @@
 """Running the recipe: the plan, one stage at a time, evaluation, export and the report.
 
     run = Run(c, out)                                  # teacher, mesh, held-out texts; data built on first use
-    plan = make_plan(c, run.teacher[0].n_layers, layer_order(run))   # [align-…, stage1-…, sft-…, dpo-…]
-    student = run.teacher
+    plan = make_plan(c, run.teacher[0].n_layers, layer_order(run))   # [align-all,] [align-…,] stage1-…, sft-…, dpo-…
+    student, records = run.teacher, []
     for i, stage in enumerate(plan):
-        record, student = run_stage(run, i, stage, student)   # saves stages/NAME/{model, logs, done.json}
-        student = next_student(run, stage, student)
+        if stage.name != ALIGN_ALL:                    # (stage1.layer_order=aligned: trained by layer_order)
+            record, student = run_stage(run, i, stage, student)   # saves stages/NAME/{model, logs, done.json}
+            records.append(record)
     export(run, lambda: student, plan[-1].name)
     write_run_report(run, plan, records)               # report.md, report.json, plots/
 
