@@ -40,6 +40,28 @@ from l2m_jax.train.align import align_stage, conversion_order, layer_nmse, take_
 from l2m_jax.train.stages import distill_stage
 
 
+# what an arm cannot change: the teacher, its dtype and the chat data are loaded once for every arm
+SHARED = ("teacher", "tokenizer", "dtype", "mesh", "eval", "synth", "pseudo_labels", "out", "preset")
+SHARED_DATA = ("data.prompts", "data.max_prompts", "data.max_prompt_len")
+
+
+def parse_variant(ap, name: str, overrides: list[str]) -> tuple[str, list[str], list[str]]:
+    """(name, rounds, config dotlist) of one --variant NAME KEY=VALUE ...; rounds=F1,F2 (default 0.5)."""
+    rounds, dotlist = ["0.5"], []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep:
+            ap.error(f"--variant {name}: {o!r} is not KEY=VALUE")
+        if key == "rounds":
+            rounds = value.split(",")
+        elif key.split(".")[0] in SHARED or key.startswith(SHARED_DATA):
+            ap.error(f"--variant {name}: {key} is shared by every arm (one teacher, one set of chat data "
+                     "and held-out texts are loaded for all of them); pass it with --set, once per command")
+        else:
+            dotlist.append(o)
+    return name, rounds, dotlist
+
+
 def score(run: Run, model, teacher_eval) -> dict:
     scores, _ = evaluate(*model, run.texts, run.c.eval.window, run.teacher_top1())
     for name, e in scores.items():
@@ -63,6 +85,7 @@ def main(argv=None) -> int:
                     help="a 'recipe' arm: its name, then config overrides KEY=VALUE; rounds=F1,F2 sets its "
                     "attention fractions (default 0.5)")
     a = ap.parse_args(argv)
+    variants = [parse_variant(ap, name, overrides) for name, *overrides in a.variant]   # before loading anything
     run_dir = a.run or f"runs/{a.preset}"
     c, _ = load_config([f"preset={a.preset}", f"out={run_dir}", "progress=false", *a.set])
     out = Path(a.out)
@@ -108,17 +131,7 @@ def main(argv=None) -> int:
 
     built: dict = {}
 
-    def recipe_arm(name: str, overrides: list[str]) -> None:
-        rounds = [0.5]
-        dotlist = []
-        for o in overrides:
-            key, sep, value = o.partition("=")
-            if not sep:
-                ap.error(f"--variant {name}: {o!r} is not KEY=VALUE")
-            if key == "rounds":
-                rounds = value.split(",")
-            else:
-                dotlist.append(o)
+    def recipe_arm(name: str, rounds: list[str], dotlist: list[str]) -> None:
         cv = OmegaConf.merge(c, {"stage1": {"steps": a.steps}, "stage0": {"steps": a.stage0_steps},
                                  "data": {"text": a.text}}, OmegaConf.from_dotlist(dotlist))
         key = (tuple(cv.data.text), tuple(sorted(cv.data.mix.items())), cv.data.seq_len)
@@ -198,8 +211,8 @@ def main(argv=None) -> int:
     if "recipe" in groups:
         if not a.variant:
             ap.error("--groups recipe needs at least one --variant NAME [KEY=VALUE ...]")
-        for name, *overrides in a.variant:
-            recipe_arm(name, overrides)
+        for name, rounds, dotlist in variants:
+            recipe_arm(name, rounds, dotlist)
     if "data" in groups:
         for name in data:
             if not any(r["data"] == name and r["init"] == best["init"] and r["stage0"] == best["stage0"]

@@ -35,3 +35,13 @@ def test_recipe_arms_in_mil_and_aligned_layer_order(tmp_path):
     for a in arms:
         assert all(v["ratio"] > 0 for v in a["after"].values())
     assert "recipe: aligned SFT @ 0.25" in (out / "ablation.md").read_text()
+
+
+def test_a_variant_cannot_change_what_every_arm_shares(capsys):
+    import pytest
+
+    from experiments import fidelity_ablation
+
+    with pytest.raises(SystemExit):
+        fidelity_ablation.main(["--groups", "recipe", "--variant", "bf16", "dtype=bfloat16"])
+    assert "dtype is shared by every arm" in capsys.readouterr().err

@@ -16,7 +16,8 @@ import pytest
 
 from l2m_jax import parallel
 from l2m_jax.recipe import run as recipe
-from l2m_jax.recipe.config import DataConfig, DpoConfig, RecipeConfig, SftConfig, Stage0Config, Stage1Config
+from l2m_jax.recipe.config import (DataConfig, DpoConfig, EvalConfig, RecipeConfig, SftConfig, Stage0Config,
+                                   Stage1Config)
 from l2m_jax.recipe.data import load_teacher
 from l2m_jax.train import optim, stages
 from l2m_jax.train.loop import ArrayBatches, Trainer, precompile_step
@@ -254,8 +255,9 @@ def test_align_all_step_compiled_while_the_data_is_made_is_a_cache_hit(tmp_path)
 
 def test_evaluation_compiled_ahead_is_not_compiled_again(tmp_path):
     """In the same process the real evaluation reuses the executable compiled ahead (JAX keeps it in memory:
-    no new compilation, so no new cache entry); a model not compiled ahead compiles and writes one."""
-    run = FakeRun(tiny_config())
+    no new compilation, so no new cache entry); a model not compiled ahead compiles and writes one. The window
+    is this test's own, so no other test can have compiled these programs in this process already."""
+    run = FakeRun(tiny_config(eval=EvalConfig(window=48)))
     plan = recipe.make_plan(run.c, run.teacher[0].n_layers)
     models = models_along(run, plan)
     with persistent_cache(tmp_path / "xla") as cache:
