@@ -427,7 +427,8 @@ def precompile_eval(run: Run, model, name: str) -> bool:
 class AlignAllAhead:
     """Compiles stage `ALIGN_ALL`'s train step in a daemon thread while the chat data is made (the stage's
     conversion asks for the data first): its model is the teacher with every layer converted and its batch
-    [stage0.batch_size, data.seq_len], both known from the config. `claim` waits for it, so the stage loads the
+    [stage0.batch_size, data.seq_len], both known from the config; then its evaluation and the per-layer
+    errors that rank the layers after it (`train.align.layer_nmse`). `claim` waits for it, so the stage loads the
     executable from the persistent compilation cache. Like `CompileAhead` it only ever saves time."""
 
     def __init__(self, run: Run):
@@ -455,6 +456,9 @@ class AlignAllAhead:
             precompile_stage(setup, settings, stage_batch(setup, settings, rows), mesh=run.mesh)
             say(f"compile ahead: {ALIGN_ALL} train step compiled in {time.perf_counter() - t0:.1f}s")
             precompile_eval(run, model, ALIGN_ALL)
+            from l2m_jax.train.align import precompile_layer_nmse
+
+            precompile_layer_nmse(model, teacher, (c.stage0.batch_size, c.data.seq_len))   # the ranking after it
         except Exception as e:                               # never fails the run
             say(f"compile ahead: {ALIGN_ALL} not compiled ahead ({type(e).__name__}: {e}); it compiles when it starts")
 

@@ -120,7 +120,7 @@ def layer_nmse(student: Model, teacher: Model, data: Mapping[str, np.ndarray], *
     n = len(tokens) if max_rows is None else min(len(tokens), int(max_rows))
     if n == 0:
         raise StageError("layer_nmse: the data has no rows")
-    loss_fn = jax.jit(align_loss_fn(s_cfg, t_cfg, layers))
+    loss_fn = _nmse_fn(s_cfg, t_cfg, layers)
     params = {"student": s_params, "teacher": t_params}
     sums, weight = np.zeros(len(layers)), 0.0
     for start in range(0, n, batch_size):
@@ -131,6 +131,22 @@ def layer_nmse(student: Model, teacher: Model, data: Mapping[str, np.ndarray], *
         sums += w * np.array([float(metrics[f"nmse_layer{i:02d}"]) for i in layers])
         weight += w
     return {i: float(v / max(weight, 1.0)) for i, v in zip(layers, sums)}
+
+
+@functools.lru_cache(maxsize=16)
+def _nmse_fn(student: ModelConfig, reference: ModelConfig, layers: tuple[int, ...]):
+    """The jitted stage-0 loss `layer_nmse` runs, one per model pair (so compiling it ahead is reused)."""
+    return jax.jit(align_loss_fn(student, reference, layers))
+
+
+def precompile_layer_nmse(student: Model, teacher: Model, rows: tuple[int, int]) -> None:
+    """Compile `layer_nmse`'s forward for batches of `rows` = (batch_size, seq_len) (params may be abstract),
+    e.g. in a thread while the student trains; the later `layer_nmse` call reuses the executable."""
+    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
+    spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    batch = {"tokens": jax.ShapeDtypeStruct(rows, jnp.int32), "loss_mask": jax.ShapeDtypeStruct(rows, jnp.bool_)}
+    _nmse_fn(s_cfg, t_cfg, aligned_layers(s_cfg, t_cfg)).lower(
+        {"student": spec(s_params), "teacher": spec(t_params)}, batch, None).compile()
 
 
 def conversion_order(scores: Mapping[int, float], n_layers: int) -> list[int]:

@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import l2m_jax
 from l2m_jax import parallel
 from l2m_jax.recipe import run as recipe
 from l2m_jax.recipe.config import (DataConfig, DpoConfig, EvalConfig, RecipeConfig, SftConfig, Stage0Config,
                                    Stage1Config)
 from l2m_jax.recipe.data import load_teacher
 from l2m_jax.train import optim, stages
+from l2m_jax.train.align import layer_nmse
 from l2m_jax.train.loop import ArrayBatches, Trainer, precompile_step
 from tests.train.test_loop import TOY_MASK, toy_arrays, toy_loss, toy_params
 
@@ -248,8 +250,17 @@ def test_align_all_step_compiled_while_the_data_is_made_is_a_cache_hit(tmp_path)
         ahead.claim(recipe.ALIGN_ALL)
         hits, writes = cache.count()
         assert hits == 0 and writes >= 1
-        _train_real(run, plan, 0, model, tmp_path)
+        result = _train_real(run, plan, 0, model, tmp_path)
         assert cache.count() == (hits + 1, writes), "the align-all train step was not a cache hit"
+        # the per-layer errors that rank the layers afterwards were compiled ahead too: reused from memory or
+        # loaded from the cache, never compiled (and written) again
+        before = cache.count("jit_loss_fn")
+        assert before[1] >= 1
+        l2m_jax.save(tmp_path / "aligned", result.cfg, result.params, format="l2m")   # as the recipe keeps it
+        scores = layer_nmse(l2m_jax.load(tmp_path / "aligned"), run.teacher, run.data("stage0"),
+                            batch_size=run.c.stage0.batch_size)
+        assert sorted(scores) == list(range(run.teacher[0].n_layers))
+        assert cache.count("jit_loss_fn")[1] == before[1], "layer_nmse compiled its forward again"
     assert recipe.AlignAllAhead.start(run) is None                      # the cache is off: nothing to fill
 
 
