@@ -160,7 +160,7 @@ def main(argv=None) -> int:
             key_r = jax.random.fold_in(jax.random.key(cv.seed), r_i)
             if order is not None:
                 new = [i for i in student[0].attn_layers if i not in keep]
-                student = take_mixers(l2m_jax.hybridize(*student, keep, cv.mixer, key_r, init="conv"), every, new)
+                student = take_mixers(l2m_jax.hybridize(*student, keep, cv.mixer, key_r, init="random"), every, new)
             else:
                 student = l2m_jax.hybridize(*student, keep, cv.mixer, key_r, init=cv.init, **kw)
             before = score(run, student, teacher_eval)

@@ -390,8 +390,8 @@ def _backward(x, dt, A, B, C, D, h0, mask, dy, dh_last, *, chunk: int, block_row
     dB = jnp.einsum("BcQGE,BcQGEP,BcGEPN->BcQGN", w, xc, d_states)
     xdsb = jnp.sum(xc * dSB, axis=-1)
     ddt = to_end * xdsb
-    da = da - w * xdsb
-    da = da.at[:, :, -1].add(jnp.sum(w * xdsb, axis=2) + d_decay * decay)
+    own = w * xdsb                                               # how much each step's a_s moves S (with −)
+    da = (da - own).at[:, :, -1].add(jnp.sum(own, axis=2) + d_decay * decay)
 
     # add the intra-chunk terms
     dx = dx + dx_in.reshape(batch, n_chunks, chunk, groups, e, hdim)

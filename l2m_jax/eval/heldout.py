@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from ..models import forward
+from ..models import forward, shape_structs
 
 __all__ = ["score_texts", "score_batch_shape", "precompile_score"]
 
@@ -96,7 +96,6 @@ def score_batch_shape(cfg: ModelConfig, texts: dict[str, np.ndarray], window: in
 
 def precompile_score(cfg: ModelConfig, params, shape: tuple[int, int]) -> None:
     """Compile `score_texts`' forward for `cfg` (params may be jax.ShapeDtypeStructs) on token batches of
-    `shape` (`score_batch_shape`), into JAX's persistent compilation cache when it is on, so that the real
-    evaluation loads the executable instead of compiling it."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    _score.lower(cfg, abstract, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
+    `shape` (`score_batch_shape`): a later evaluation in this process reuses the executable (and, with JAX's
+    persistent compilation cache on, another process loads it)."""
+    _score.lower(cfg, shape_structs(params), jax.ShapeDtypeStruct(shape, jnp.int32)).compile()

@@ -182,6 +182,12 @@ def abstract_params(cfg: ModelConfig):
     return nnx.to_pure_dict(_graph(cfg)[1])
 
 
+def shape_structs(tree):
+    """`tree` with every array (or jax.ShapeDtypeStruct) leaf as a plain jax.ShapeDtypeStruct of its shape and
+    dtype: what ahead-of-time lowering takes, without the arrays' placement."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
 def init_params(cfg: ModelConfig, key) -> dict:
     """Random parameters: N(0, 0.02) for the trunk, MiL's (PyTorch-default) init for Mamba mixers."""
     if isinstance(key, int):

@@ -216,15 +216,14 @@ def layer_order(run: Run) -> list[int] | None:
     write_json(path, record)
     run.notes["layer_order"] = record
     write_json(run.out / "data_notes.json", run.notes)
-    say(f"layer order (stage-0 error, best reproduced first): {order}; attention kept: " + "; ".join(
-        f"{k} {v}" for k, v in keeps.items()))
+    say(order_line(record))
     return order
 
 
-def next_student(run: Run, stage, student):
-    """The model the stage after `stage` starts from: `student`, except after `ALIGN_ALL` (a side branch whose
-    mixers `convert` hands out), where the rounds start from the teacher."""
-    return run.teacher if stage.name == ALIGN_ALL else student
+def order_line(record: dict) -> str:
+    """One line on a layer order (`layer_order`'s record): the order and the attention layers of each round."""
+    return (f"layer order ({ALIGN_ALL}'s stage-0 error per layer, converted first to last): {record['order']}; "
+            "attention kept: " + "; ".join(f"{k} {v}" for k, v in record["attention_kept"].items()))
 
 
 def stage1_round(c, n_layers: int, stage) -> int | None:
@@ -275,7 +274,7 @@ def convert(run: Run, index: int, stage, student):
         # the new mixers come from the student aligned with every layer converted; their init is replaced
         new = [i for i in range(s_cfg.n_layers) if i in s_cfg.attn_layers and i not in stage.attn_layers]
         s_cfg, s_params = take_mixers(l2m_jax.hybridize(s_cfg, s_params, stage.attn_layers, c.mixer, key,
-                                                         init="conv"), run.aligned_model(), new)
+                                                         init="random"), run.aligned_model(), new)
         say(f"{stage.name}: converted to {s_cfg.pattern}, mixers of layers {new} from {ALIGN_ALL} in "
             f"{time.perf_counter() - t0:.1f}s")
         return s_cfg, s_params
@@ -292,10 +291,10 @@ def convert(run: Run, index: int, stage, student):
 
 def abstract_model(model):
     """(cfg, params as jax.ShapeDtypeStructs): the shapes and dtypes of a model, no weights."""
-    import jax
+    from l2m_jax.models import shape_structs
 
     cfg, params = model
-    return cfg, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    return cfg, shape_structs(params)
 
 
 def convert_abstract(c, index: int, stage, student):
@@ -632,18 +631,16 @@ def pipeline(c, out: Path) -> Path:
                 records.append(json.loads(done.read_text()))
                 student, source = None, out / "stages" / stage.name / "model"
                 say(f"{stage.name}: finished in an earlier run, skipped")
-                if stage.name == ALIGN_ALL:
-                    student, source = next_student(run, stage, None), None
-                continue
-            if student is None:
-                student = l2m_jax.load(source)
-            if ahead is None and i + 1 < len(plan) and compile_ahead_enabled(c):
-                ahead = CompileAhead(run, plan, i, student)
-            record, student = run_stage(run, i, stage, student, ahead)
-            records.append(record)
-            source = out / "stages" / stage.name / "model"
-            if stage.name == ALIGN_ALL:
-                student, source = next_student(run, stage, student), None
+            else:
+                if student is None:
+                    student = l2m_jax.load(source)
+                if ahead is None and i + 1 < len(plan) and compile_ahead_enabled(c):
+                    ahead = CompileAhead(run, plan, i, student)
+                record, student = run_stage(run, i, stage, student, ahead)
+                records.append(record)
+                source = out / "stages" / stage.name / "model"
+            if stage.name == ALIGN_ALL:   # a side branch: the rounds start from the teacher, taking its mixers
+                student, source = run.teacher, None
     finally:
         if ahead is not None:
             ahead.stop()
@@ -681,11 +678,8 @@ def data_notes(notes: dict) -> list[str]:
     """The report's lines on the training data: a text source that was unavailable, decontamination, and the
     layer order of stage1.layer_order=aligned."""
     lines = []
-    order = notes.get("layer_order")
-    if order:
-        lines.append(f"layer order ({ALIGN_ALL}'s stage-0 error per layer, converted first to last): "
-                     f"{order['order']}; attention kept: "
-                     + "; ".join(f"{k} {v}" for k, v in order["attention_kept"].items()))
+    if notes.get("layer_order"):
+        lines.append(order_line(notes["layer_order"]))
     gone = notes.get("text_unavailable")
     if gone:
         lines.append(f"stage-1 text: data.text={gone['spec']} was unavailable, stage 1 trained without it "

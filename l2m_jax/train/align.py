@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ..config import ModelConfig
-from ..models import apply_mixer, mixer_io
+from ..models import apply_mixer, mixer_io, shape_structs
 from .optim import trainable_mask
 from .stages import (DISTILL_KEYS, Model, StageError, StageResult, StageSettings, StageSetup, _all, _check_pair,
                      run_setup)
@@ -143,10 +143,9 @@ def precompile_layer_nmse(student: Model, teacher: Model, rows: tuple[int, int])
     """Compile `layer_nmse`'s forward for batches of `rows` = (batch_size, seq_len) (params may be abstract),
     e.g. in a thread while the student trains; the later `layer_nmse` call reuses the executable."""
     (s_cfg, s_params), (t_cfg, t_params) = student, teacher
-    spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
     batch = {"tokens": jax.ShapeDtypeStruct(rows, jnp.int32), "loss_mask": jax.ShapeDtypeStruct(rows, jnp.bool_)}
     _nmse_fn(s_cfg, t_cfg, aligned_layers(s_cfg, t_cfg)).lower(
-        {"student": spec(s_params), "teacher": spec(t_params)}, batch, None).compile()
+        shape_structs({"student": s_params, "teacher": t_params}), batch, None).compile()
 
 
 def conversion_order(scores: Mapping[int, float], n_layers: int) -> list[int]:
@@ -172,6 +171,5 @@ def take_mixers(student: Model, source: Model, layers: Sequence[int]) -> Model:
                              f"{src_cfg.layer_mixers[i]} in the source (or their SSM settings differ)")
     new = dict(s_params["layers"])
     for i in layers:
-        key = next(k for k in new if int(k) == int(i))
-        new[key] = dict(new[key], mixer=src_params["layers"][key]["mixer"])
+        new[i] = dict(new[i], mixer=src_params["layers"][i]["mixer"])
     return s_cfg, dict(s_params, layers=new)
