@@ -4,6 +4,8 @@
     python -m experiments.bench_train --quick          # tiny shapes: a CPU smoke run of the same code
     python -m experiments.bench_train --attn-impl reference,xla,cudnn --skip-8b   # attention impls side by side
     python -m experiments.bench_train --attn-impl cudnn --ssd xla,pallas --skip-8b   # SSD scans side by side
+    python -m experiments.bench_train --shape smollm2 --batch 32,64 --seq 256 --dtype float32 \
+        --compute-dtype float32,bfloat16 --no-remat --only stage1 --skip-8b     # the GPU preset's stage-1 step
 
 Stage 1 (MIL_SPEC §2.2): frozen bf16 teacher + a 50% Mamba2 student that shares the teacher's frozen
 embeddings, MLPs, norms and attention layers; only the Mamba mixers train (fp32 masters, AdamW), loss
@@ -35,13 +37,18 @@ from l2m_jax.ops.attention import ATTN_IMPLS, attention_impl
 from l2m_jax.ops.ssm import ssd_backend
 from l2m_jax.train.losses import sft_loss
 from l2m_jax.train.optim import make_optimizer, merge, split_trainable, trainable_mask
-from l2m_jax.train.stages import distill_loss_fn
+from l2m_jax.train.stages import COMPUTE_DTYPES, computing_in, distill_loss_fn
 
 PEAK, MEASURED = 989.4e12, 812e12
 
 
-def shapes(name: str) -> ModelConfig:
-    kw = dict(dtype="bfloat16", param_dtype="bfloat16")
+SHAPES = ("1b", "smollm2", "tiny", "8b")
+
+
+def shapes(name: str, dtype: str = "bfloat16") -> ModelConfig:
+    kw = dict(dtype=dtype, param_dtype=dtype)
+    if name == "smollm2":  # SmolLM2-135M-Instruct, the recipe's teacher
+        return ModelConfig.smollm2_135m(**kw)
     if name == "tiny":
         return ModelConfig.tiny(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
                                 ffn_dim=256, **kw)
@@ -78,7 +85,7 @@ def forward_flops(cfg: ModelConfig, params, tokens: int, seq: int) -> float:
 
 
 def stage1_setup(t_cfg, s_cfg, key):
-    """Teacher params (bf16) and a student sharing every frozen leaf with it; trainable mixers in fp32."""
+    """Teacher params (t_cfg's dtype) and a student sharing every frozen leaf with it; trainable mixers in fp32."""
     t_params = jax.jit(init_params, static_argnums=0)(t_cfg, key)
     fresh = jax.jit(init_params, static_argnums=0)(s_cfg.replace(param_dtype="float32"), jax.random.fold_in(key, 1))
     layers = {i: (dict(t_params["layers"][i], mixer=fresh["layers"][i]["mixer"]) if m != "attention"
@@ -100,13 +107,15 @@ def time_steps(step, state, args, reps):
     return float(np.median(ts)), m
 
 
-def stage1_step(t_cfg, s_cfg, opt):
+def stage1_step(t_cfg, s_cfg, opt, *, remat=True, compute_dtype=None):
     """step((train, opt_state), frozen, teacher, tokens) -> ((train, opt_state), loss).
 
     Every array is an argument: the trainable mixers and their moments (donated), the student's frozen
     leaves and the frozen teacher (not donated; they share buffers). Nothing is closed over, so jit never
-    bakes parameters into the program as constants (at 8B shapes that was 16 GB of them)."""
-    stage1 = distill_loss_fn(s_cfg, t_cfg, alpha=1.0, beta=0.1, remat=True)
+    bakes parameters into the program as constants (at 8B shapes that was 16 GB of them).
+    compute_dtype: both models compute in it (`stages.computing_in`, the recipe's compute_dtype)."""
+    stage1 = distill_loss_fn(computing_in(s_cfg, compute_dtype), computing_in(t_cfg, compute_dtype), alpha=1.0,
+                             beta=0.1, remat=remat)
 
     def loss_fn(train, frozen, teacher, tokens):
         return stage1({"student": merge(train, frozen), "teacher": teacher}, {"tokens": tokens}, None)
@@ -123,7 +132,7 @@ def stage1_opt():
     return make_optimizer(lr=8e-5, betas=(0.9, 0.98), clip_norm=0.1, warmup_steps=10, total_steps=1000)
 
 
-def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key):
+def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key, *, remat=True, compute_dtype=None):
     t_params, s_params = stage1_setup(t_cfg, s_cfg, key)
     mask = trainable_mask(s_params, s_cfg, "stage1")
     train, frozen = split_trainable(s_params, mask)
@@ -131,7 +140,7 @@ def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key):
     opt_state = opt.init(train)
     tokens = jax.random.randint(key, (batch, seq), 0, t_cfg.vocab_size, jnp.int32)
     n_train = sum(x.size for x in jax.tree.leaves(train) if x.ndim == 2)
-    step = jax.jit(stage1_step(t_cfg, s_cfg, opt), donate_argnums=(0,))
+    step = jax.jit(stage1_step(t_cfg, s_cfg, opt, remat=remat, compute_dtype=compute_dtype), donate_argnums=(0,))
     t, loss = time_steps(step, (train, opt_state), (frozen, t_params, tokens), reps)
     n_tok = batch * seq
     flops = (forward_flops(t_cfg, t_params, n_tok, seq) + 2 * forward_flops(s_cfg, s_params, n_tok, seq)
@@ -140,37 +149,37 @@ def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key):
                 mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss))
 
 
-def full_step(cfg32, opt):
+def full_step(cfg32, opt, *, remat=True):
     """step((params, opt_state), tokens, mask) -> ((params, opt_state), loss); every array an argument."""
     def step(state, tokens, mask):
         params, opt_state = state
         (loss, _), g = jax.value_and_grad(
-            lambda p: sft_loss(bind(cfg32, p)(tokens, remat=True)[0], tokens, mask), has_aux=True)(params)
+            lambda p: sft_loss(bind(cfg32, p)(tokens, remat=remat)[0], tokens, mask), has_aux=True)(params)
         upd, opt_state = opt.update(g, opt_state, params)
         return (jax.tree.map(lambda p, u: p + u, params, upd), opt_state), loss
     return step
 
 
-def bench_full(s_cfg, batch, seq, reps, key):
-    cfg32 = s_cfg.replace(param_dtype="float32")
+def bench_full(s_cfg, batch, seq, reps, key, *, remat=True, compute_dtype=None):
+    cfg32 = computing_in(s_cfg, compute_dtype).replace(param_dtype="float32")
     params = jax.jit(init_params, static_argnums=0)(cfg32, key)
     opt = make_optimizer(lr=2e-5, total_steps=1000, warmup_steps=10)
     opt_state = opt.init(params)
     tokens = jax.random.randint(key, (batch, seq), 0, s_cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, seq), bool)
-    t, loss = time_steps(jax.jit(full_step(cfg32, opt), donate_argnums=(0,)), (params, opt_state), (tokens, mask),
-                         reps)
+    t, loss = time_steps(jax.jit(full_step(cfg32, opt, remat=remat), donate_argnums=(0,)), (params, opt_state),
+                         (tokens, mask), reps)
     n_tok = batch * seq
     flops = 3 * forward_flops(s_cfg, params, n_tok, seq)
     return dict(step="full (SFT)", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,
                 mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss))
 
 
-def bench_forward(t_cfg, batch, seq, reps, key):
-    """The bf16 teacher's full-sequence forward (no remat): the call where attention is the largest share."""
+def bench_forward(t_cfg, batch, seq, reps, key, *, remat=True, compute_dtype=None):
+    """The teacher's full-sequence forward (no remat): the call where attention is the largest share."""
     params = jax.jit(init_params, static_argnums=0)(t_cfg, key)
     tokens = jax.random.randint(key, (batch, seq), 0, t_cfg.vocab_size, jnp.int32)
-    fwd = jax.jit(functools.partial(forward, t_cfg, checked=False))
+    fwd = jax.jit(functools.partial(forward, computing_in(t_cfg, compute_dtype), checked=False))
     step = lambda state, tokens: (state, fwd(state, tokens)[0][:, -1])  # noqa: E731  a [B, V] slice to wait on
     t, _ = time_steps(step, params, (tokens,), reps)
     n_tok = batch * seq
@@ -194,6 +203,28 @@ def ssd_backends(text: str) -> list[str]:
     return names
 
 
+def int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of positive integers")
+    return out
+
+
+def name_list(choices):
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        if not names or any(x not in choices for x in names):
+            raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(choices)}")
+        return names
+    return parse
+
+
+STEPS = ("forward", "stage1", "full")
+
+
 def peak_gb():
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 1e9
@@ -201,8 +232,16 @@ def peak_gb():
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (--shape tiny, batch 2 x 64): a CPU smoke run")
+    ap.add_argument("--shape", choices=SHAPES[:2], default="1b",
+                    help="the teacher: Llama-3.2-1B shapes (random bf16) or SmolLM2-135M's (the recipe's teacher)")
+    ap.add_argument("--dtype", choices=COMPUTE_DTYPES, default="bfloat16", help="the teacher's parameters")
+    ap.add_argument("--compute-dtype", type=name_list(("model",) + COMPUTE_DTYPES), default=["model"],
+                    help="the training computation's dtypes to time side by side (mixed precision, the recipe's "
+                         "compute_dtype); 'model': the parameters' own")
+    ap.add_argument("--no-remat", action="store_true", help="keep activations (the recipe's stages do)")
+    ap.add_argument("--only", type=name_list(STEPS), default=list(STEPS), help="which steps to time")
+    ap.add_argument("--batch", type=int_list, default=[8], help="rows per step; a list times each")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-8b", action="store_true")
@@ -217,37 +256,42 @@ def main(argv=None):
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
     key = jax.random.key(0)
-    t_cfg = shapes("tiny" if a.quick else "1b")
+    t_cfg = shapes("tiny" if a.quick else a.shape, a.dtype)
     s_cfg = student_cfg(t_cfg)
-    batch, seq = (2, 64) if a.quick else (a.batch, a.seq)
+    batches, seq = ([2], 64) if a.quick else (a.batch, a.seq)
+    benches = {"forward": bench_forward, "stage1": bench_stage1,
+               "full": lambda t, s, *args, **kw: bench_full(s, *args, **kw)}
+    remat = not a.no_remat
     rows = []
-    for impl, scan in [] if a.only_8b else [(i, x) for i in a.attn_impl for x in a.ssd]:
+    runs = [(i, x, b, d) for i in a.attn_impl for x in a.ssd for b in batches for d in a.compute_dtype]
+    for impl, scan, batch, dt in [] if a.only_8b else runs:
+        compute = None if dt == "model" else dt
         with attention_impl(impl), ssd_backend(scan, interpret=a.quick and scan == "pallas"):
-            for bench in (lambda: bench_forward(t_cfg, batch, seq, a.reps, key),
-                          lambda: bench_stage1(t_cfg, s_cfg, batch, seq, a.reps, key),
-                          lambda: bench_full(s_cfg, batch, seq, a.reps, key)):
+            for name in a.only:
                 try:
-                    r = dict(bench(), attn=impl, ssd=scan, peak=peak_gb())
+                    r = dict(benches[name](t_cfg, s_cfg, batch, seq, a.reps, key, remat=remat, compute_dtype=compute),
+                             attn=impl, ssd=scan, compute=compute or t_cfg.dtype, peak=peak_gb())
                 except Exception as e:  # an implementation this machine cannot run: say so, time the others
                     if impl == "reference" and scan == "xla":
                         raise
                     why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     print(f"attention {impl}, ssd {scan}: skipped ({why})", flush=True)
-                    rows.append(dict(attn=impl, ssd=scan, skipped=why))
+                    rows.append(dict(attn=impl, ssd=scan, compute=compute or t_cfg.dtype, skipped=why))
                     break
                 print(r, flush=True)
                 rows.append(r)
-    shape = "tiny" if a.quick else "1B (Llama-3.2-1B)"
-    print("\n| step | attention | ssd | shapes | tokens/step | s/step | tokens/s | TFLOP/s | MFU (989) | "
+    shape = "tiny" if a.quick else {"1b": "1B (Llama-3.2-1B)", "smollm2": "SmolLM2-135M"}[a.shape]
+    print(f"\nparameters {t_cfg.param_dtype}, remat {'on' if remat else 'off'}, {seq} tokens per row")
+    print("| step | attention | ssd | compute | shapes | tokens/step | s/step | tokens/s | TFLOP/s | MFU (989) | "
           "MFU (812 measured) | peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "skipped" in r:
-            print(f"| all | {r['attn']} | {r['ssd']} | {shape} | skipped: {r['skipped']} |||||||")
+            print(f"| all | {r['attn']} | {r['ssd']} | {r['compute']} | {shape} | skipped: {r['skipped']} |||||||")
             continue
         model = shape + ("" if r["step"] == "teacher forward" else " 50% Mamba2")
-        print(f"| {r['step']} | {r['attn']} | {r['ssd']} | {model} | {r['tokens']} | {r['s']:.3f} | {r['tok_per_s']:.0f} | "
-              f"{r['tflops']:.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} | {r['peak']:.1f} |")
+        print(f"| {r['step']} | {r['attn']} | {r['ssd']} | {r['compute']} | {model} | {r['tokens']} | {r['s']:.4f} | "
+              f"{r['tok_per_s']:.0f} | {r['tflops']:.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} | {r['peak']:.1f} |")
     if not a.quick and not a.skip_8b:
         t8 = shapes("8b")
         with attention_impl(a.attn_impl[0]), ssd_backend(a.ssd[0]):

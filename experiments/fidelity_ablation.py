@@ -130,6 +130,7 @@ def main(argv=None) -> int:
         return res
 
     built: dict = {}
+    aligned_all: dict = {}
 
     def recipe_arm(name: str, rounds: list[str], dotlist: list[str]) -> None:
         cv = OmegaConf.merge(c, {"stage1": {"steps": a.steps}, "stage0": {"steps": a.stage0_steps},
@@ -143,14 +144,19 @@ def main(argv=None) -> int:
         n_layers = run.teacher[0].n_layers
         kw = {"calibration": calibration_tokens(cv, rows_)} if cv.init in ("norm", "calibrated") else {}
         order = every = None
+        dt = cv.compute_dtype
         if cv.stage1.layer_order == "aligned":   # the recipe's align-all stage: stage 0 once, every layer converted
+            # variants that differ only after it share it
+            a_key = (key, cv.init, cv.seed, cv.calibration_rows, dt, OmegaConf.to_yaml(cv.stage0))
             t0 = time.perf_counter()
-            every = l2m_jax.hybridize(*run.teacher, [], cv.mixer, jax.random.key(cv.seed), init=cv.init, **kw)
-            r = align_stage(every, run.teacher, rows_, stage_settings(cv, "stage0", len(rows_["tokens"])),
-                            mesh=run.mesh)
-            every = (r.cfg, r.params)
-            scores = layer_nmse(every, run.teacher, rows_, batch_size=cv.stage0.batch_size)
-            order = conversion_order(scores, n_layers)
+            if a_key not in aligned_all:
+                every = l2m_jax.hybridize(*run.teacher, [], cv.mixer, jax.random.key(cv.seed), init=cv.init, **kw)
+                r = align_stage(every, run.teacher, rows_, stage_settings(cv, "stage0", len(rows_["tokens"])),
+                                mesh=run.mesh, compute_dtype=dt)
+                every = (r.cfg, r.params)
+                scores = layer_nmse(every, run.teacher, rows_, batch_size=cv.stage0.batch_size)
+                aligned_all[a_key] = every, conversion_order(scores, n_layers)
+            every, order = aligned_all[a_key]
             say(f"[recipe] {name}: layer order {order} (stage 0 of every layer in {time.perf_counter() - t0:.0f}s)")
         for r_i, spec in enumerate(rounds):
             t0 = time.perf_counter()
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
             before = score(run, student, teacher_eval)
             if cv.stage0.enabled and not sft and order is None:
                 s0 = stage_settings(cv, "stage0", len(rows_["tokens"]))
-                aligned = align_stage(student, run.teacher, rows_, s0, mesh=run.mesh)
+                aligned = align_stage(student, run.teacher, rows_, s0, mesh=run.mesh, compute_dtype=dt)
                 student = (aligned.cfg, aligned.params)
             if sft:
                 settings = stage_settings(OmegaConf.merge(cv, {"sft": {"loss": "kd"}}), "sft", len(rows_["tokens"]))
@@ -174,8 +180,9 @@ def main(argv=None) -> int:
                 settings = stage_settings(cv, "stage1", len(rows_["tokens"]), round_index=n_stage1)
                 n_stage1 += 1
             t1 = time.perf_counter()
+            trains = "kd" if sft else "stage1+attention" if cv.stage1.train_attention else "stage1"
             r = distill_stage(student, run.teacher, rows_, settings, kl_reduction=cv.stage1.kl_reduction,
-                              mesh=run.mesh, trains="kd" if sft else "stage1")
+                              mesh=run.mesh, trains=trains, compute_dtype=dt)
             jax.block_until_ready(r.params)
             t2 = time.perf_counter()
             student = (r.cfg, r.params)

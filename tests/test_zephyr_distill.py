@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -267,6 +268,26 @@ def test_round_steps_give_each_stage1_round_its_own_steps():
         c.stage1.round_steps = bad
         with pytest.raises(UsageError, match="stage1.round_steps"):
             check_config(c)
+
+
+def test_compute_dtype_and_train_attention_reach_the_stages():
+    from l2m_jax.recipe import UsageError, check_config
+    from l2m_jax.recipe.config import RecipeConfig
+    from l2m_jax.recipe.run import make_plan, stage_settings, stage_setup
+    from tests.train.test_compile_ahead import FakeRun
+
+    c = RecipeConfig(teacher="tiny-random", compute_dtype="bfloat16")
+    c.stage1.train_attention = True
+    check_config(c)
+    run = FakeRun(c)
+    stage = next(p for p in make_plan(c, run.teacher[0].n_layers) if p.kind == "stage1")
+    student = l2m_jax.hybridize(*run.teacher, [0], "mamba2", jax.random.key(0))
+    setup = stage_setup(c, stage, student, run.teacher, stage_settings(c, "stage1", 16))
+    assert setup.config["compute_dtype"] == "bfloat16" and setup.config["trains"] == "stage1+attention"
+    assert all(jax.tree.leaves(setup.mask["student"]["layers"][0]["mixer"]))     # the kept attention trains
+    c.compute_dtype = "bf16"
+    with pytest.raises(UsageError, match="compute_dtype='bf16'"):
+        check_config(c)
 
 
 def test_aligned_layer_order_ranks_layers_by_one_stage0_of_every_layer(tmp_path):

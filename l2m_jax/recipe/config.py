@@ -121,6 +121,7 @@ class Stage1Config(StageConfig):
     beta: float = 1.0                    # KL weight
     kl_reduction: str = "token_mean"     # or "mil": summed over positions and vocab / batch size, unmasked
     temperature: float = 1.0
+    train_attention: bool = False        # the kept attention layers train too (MiL: frozen; MLPs stay frozen)
 
 
 @dataclasses.dataclass
@@ -157,6 +158,8 @@ class RecipeConfig:
     teacher: str = "smollm2"             # l2m_jax.load path or name; "tiny-random" for tests and debugging
     tokenizer: Optional[str] = None      # null: the teacher's
     dtype: Optional[str] = None          # load the teacher in this dtype (bfloat16 on GPUs)
+    compute_dtype: Optional[str] = None  # training steps compute in this dtype (mixed precision: parameters,
+                                         # masters and the loss stay in theirs); evaluation and generation do not
     mixer: str = "mamba2"                # "mamba2" or "mamba" (MiL's Mamba-1)
     init: str = "calibrated"             # how converted layers start (l2m_jax.convert.hybridize.INITS)
     calibration_rows: int = 8            # stage-1 rows the calibrated init measures output scales on
@@ -189,6 +192,9 @@ def check_config(c) -> None:
         problems.append(f"mixer={c.mixer!r}: choose 'mamba2' or 'mamba'")
     if c.init not in INITS:
         problems.append(f"init={c.init!r}: choose one of {list(INITS)}")
+    if c.compute_dtype is not None and c.compute_dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"compute_dtype={c.compute_dtype!r}: choose float32, bfloat16 or float16 (or null: the "
+                        "teacher's dtype)")
     if c.calibration_rows < 1:
         problems.append(f"calibration_rows={c.calibration_rows} must be >= 1")
     if c.stage1.kl_reduction not in ("token_mean", "mil"):

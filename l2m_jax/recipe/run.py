@@ -503,17 +503,19 @@ def stage_setup(c, stage, student, teacher, settings, reference=None):
     from l2m_jax.train import stages
     from l2m_jax.train.align import align_setup
 
+    dt = c.compute_dtype
     if stage.kind == "stage0":
-        return align_setup(student, teacher)
+        return align_setup(student, teacher, compute_dtype=dt)
     chunk = getattr(c, stage.kind).loss_chunk
     if stage.kind == "stage1" or (stage.kind == "sft" and c.sft.loss == "kd"):
         # sft.loss="kd" is MiL's end-to-end KD: every parameter trains, against the teacher
+        trains = ("stage1+attention" if c.stage1.train_attention else "stage1") if stage.kind == "stage1" else "kd"
         return stages.distill_setup(student, teacher, settings, kl_reduction=c.stage1.kl_reduction,
-                                    temperature=c.stage1.temperature, loss_chunk=chunk,
-                                    trains="stage1" if stage.kind == "stage1" else "kd")
+                                    temperature=c.stage1.temperature, loss_chunk=chunk, trains=trains,
+                                    compute_dtype=dt)
     if stage.kind == "sft":
-        return stages.sft_setup(student, settings, loss_chunk=chunk)
-    return stages.dpo_setup(student, reference, settings, loss_chunk=chunk)
+        return stages.sft_setup(student, settings, loss_chunk=chunk, compute_dtype=dt)
+    return stages.dpo_setup(student, reference, settings, loss_chunk=chunk, compute_dtype=dt)
 
 
 def _train(run: Run, stage, student, data, settings, dirs: dict, reference=None):

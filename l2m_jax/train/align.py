@@ -28,7 +28,7 @@ from ..config import ModelConfig
 from ..models import apply_mixer, mixer_io, shape_structs
 from .optim import trainable_mask
 from .stages import (DISTILL_KEYS, Model, StageError, StageResult, StageSettings, StageSetup, _all, _check_pair,
-                     run_setup)
+                     _compute_entry, computing_in, run_setup)
 
 
 def aligned_layers(student: ModelConfig, reference: ModelConfig) -> tuple[int, ...]:
@@ -80,8 +80,9 @@ def align_loss_fn(student_cfg: ModelConfig, reference_cfg: ModelConfig, layers: 
     return loss_fn
 
 
-def align_setup(student: Model, teacher: Model) -> StageSetup:
-    """`align_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the models."""
+def align_setup(student: Model, teacher: Model, *, compute_dtype: str | None = None) -> StageSetup:
+    """`align_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the models.
+    compute_dtype: the teacher's forward and the mixers run in it (`stages.computing_in`)."""
     (s_cfg, s_params), (t_cfg, t_params) = student, teacher
     _check_pair(s_cfg, t_cfg, "teacher")
     if s_cfg.n_layers != t_cfg.n_layers or s_cfg.d_model != t_cfg.d_model:
@@ -89,20 +90,25 @@ def align_setup(student: Model, teacher: Model) -> StageSetup:
                          f"from this teacher ({t_cfg.n_layers} layers, d_model {t_cfg.d_model})")
     layers = aligned_layers(s_cfg, t_cfg)
     mask = {"student": trainable_mask(s_params, s_cfg, "stage1"), "teacher": _all(t_params, False)}
-    return StageSetup("stage0", "stage 0", DISTILL_KEYS, s_cfg, functools.partial(align_loss_fn, s_cfg, t_cfg, layers),
+    return StageSetup("stage0", "stage 0", DISTILL_KEYS, s_cfg,
+                      functools.partial(align_loss_fn, computing_in(s_cfg, compute_dtype),
+                                        computing_in(t_cfg, compute_dtype), layers),
                       {"student": s_params, "teacher": t_params}, mask, "student",
-                      {"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(), "layers": list(layers)})
+                      {"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(), "layers": list(layers),
+                       **_compute_entry(compute_dtype)})
 
 
 def align_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
-                mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None) -> StageResult:
+                mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None,
+                compute_dtype: str | None = None) -> StageResult:
     """Stage 0: train the student's Mamba mixers to reproduce the teacher's attention outputs layer by layer.
 
     data: the stage-1 schema {"tokens", "loss_mask"} (the mask marks the positions scored). Resumable like
-    every stage. Returns the student with aligned mixers; everything else is untouched.
+    every stage. Returns the student with aligned mixers; everything else is untouched. compute_dtype: see
+    `stages.computing_in`.
     """
-    return run_setup(align_setup(student, teacher), data, settings, mesh=mesh, ckpt_dir=ckpt_dir,
-                     log_dir=log_dir, config=config)
+    return run_setup(align_setup(student, teacher, compute_dtype=compute_dtype), data, settings, mesh=mesh,
+                     ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
 
 
 # ------------------------------------------------------------------------------------------------ layer order

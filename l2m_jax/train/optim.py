@@ -20,7 +20,7 @@ import optax
 
 from l2m_jax.config import ModelConfig
 
-STAGES = ("stage1", "kd", "sft", "dpo")
+STAGES = ("stage1", "stage1+attention", "kd", "sft", "dpo")
 _SSM_MIXERS = ("mamba", "mamba2")
 
 
@@ -125,11 +125,13 @@ def trainable_mask(params: dict, cfg: ModelConfig, stage: str) -> dict:
     "stage1" (layerwise distillation) trains only the mixers of the Mamba layers — all of them, including
     ones distilled in an earlier progressive round and their gated norm — and freezes embeddings, lm_head,
     the final norm, attention layers, every MLP and the block-level norms (MIL_SPEC §8.7).
+    "stage1+attention" also trains the attention layers the student keeps (not in MiL: they may adapt to the
+    Mamba layers around them); MLPs, norms and embeddings stay frozen.
     "kd", "sft", "dpo" train everything.
     """
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}; choose one of {STAGES}")
-    if stage != "stage1":
+    if stage not in ("stage1", "stage1+attention"):
         return jax.tree.map(lambda _: True, params)
     layers = params.get("layers") if isinstance(params, dict) else None
     if layers is None or set(layers) != set(range(cfg.n_layers)):
@@ -141,7 +143,7 @@ def trainable_mask(params: dict, cfg: ModelConfig, stage: str) -> dict:
                          "hybridize the model first")
     mask = jax.tree.map(lambda _: False, params)
     for i, kind in enumerate(cfg.layer_mixers):
-        if kind in _SSM_MIXERS:
+        if kind in _SSM_MIXERS or stage == "stage1+attention":
             mask["layers"][i]["mixer"] = jax.tree.map(lambda _: True, params["layers"][i]["mixer"])
     return mask
 

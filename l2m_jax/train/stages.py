@@ -201,6 +201,27 @@ def _check_pair(student: ModelConfig, other: ModelConfig, what: str) -> None:
                          f"({other.vocab_size}): they must share one tokenizer")
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+TRAINS = ("stage1", "stage1+attention", "kd")      # what a distillation stage trains (optim.trainable_mask)
+
+
+def _compute_entry(compute_dtype: str | None) -> dict:
+    """The checkpoint-config entry of a compute dtype: none at the default, so older runs still resume."""
+    return {} if compute_dtype is None else {"compute_dtype": str(compute_dtype)}
+
+
+def computing_in(cfg: ModelConfig, compute_dtype: str | None) -> ModelConfig:
+    """`cfg` with its activations and matmuls in `compute_dtype` (mixed precision): the parameters keep their
+    own dtype (the Trainer's float32 masters, a float32 teacher) and are cast where they are used; norms,
+    softmaxes, the SSM state and the loss stay float32. None: `cfg` unchanged."""
+    if compute_dtype is None:
+        return cfg
+    if str(compute_dtype) not in COMPUTE_DTYPES:
+        raise StageError(f"compute_dtype={compute_dtype!r}; choose one of {COMPUTE_DTYPES} (or None: the "
+                         "models' own dtype)")
+    return cfg.replace(dtype=str(compute_dtype))
+
+
 def _all(tree: Any, value: bool) -> Any:
     return jax.tree.map(lambda _: value, tree)
 
@@ -339,8 +360,11 @@ def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha
 
 
 def distill_setup(student: Model, teacher: Model, settings: StageSettings, *, kl_reduction: str = "token_mean",
-                  temperature: float = 1.0, trains: str = "stage1", loss_chunk: int | None = None) -> StageSetup:
-    """`distill_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the settings."""
+                  temperature: float = 1.0, trains: str = "stage1", loss_chunk: int | None = None,
+                  compute_dtype: str | None = None) -> StageSetup:
+    """`distill_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the settings.
+
+    compute_dtype: both models' forward passes run in it (`computing_in`); the result keeps the student's cfg."""
     (s_cfg, s_params), (t_cfg, t_params) = student, teacher
     _check_pair(s_cfg, t_cfg, "teacher")
     alpha, beta = settings.preset.ce_weight, settings.preset.kl_weight
@@ -348,30 +372,34 @@ def distill_setup(student: Model, teacher: Model, settings: StageSettings, *, kl
         raise StageError("stage 1 needs loss weights: set ce_weight (α) and kl_weight (β) in its StagePreset")
     if kl_reduction not in losses.KL_REDUCTIONS:
         raise StageError(f"kl_reduction={kl_reduction!r}; choose one of {losses.KL_REDUCTIONS}")
-    if trains not in ("stage1", "kd"):
-        raise StageError(f"trains={trains!r}; choose 'stage1' (Mamba mixers only) or 'kd' (everything)")
+    if trains not in TRAINS:
+        raise StageError(f"trains={trains!r}; choose 'stage1' (Mamba mixers only), 'stage1+attention' (every "
+                         "mixer, attention included) or 'kd' (everything)")
     _check_loss_chunk(loss_chunk)
-    make_loss = functools.partial(distill_loss_fn, s_cfg, t_cfg, alpha=alpha, beta=beta, kl_reduction=kl_reduction,
-                                  temperature=temperature, loss_chunk=loss_chunk)
+    make_loss = functools.partial(distill_loss_fn, computing_in(s_cfg, compute_dtype), computing_in(t_cfg, compute_dtype),
+                                  alpha=alpha, beta=beta, kl_reduction=kl_reduction, temperature=temperature,
+                                  loss_chunk=loss_chunk)
     mask = {"student": trainable_mask(s_params, s_cfg, trains), "teacher": _all(t_params, False)}
     return StageSetup("stage1", "stage 1", DISTILL_KEYS, s_cfg, make_loss, {"student": s_params, "teacher": t_params},
                       mask, "student", {"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
-                                        "kl_reduction": kl_reduction, "temperature": temperature, "trains": trains})
+                                        "kl_reduction": kl_reduction, "temperature": temperature, "trains": trains,
+                                        **_compute_entry(compute_dtype)})
 
 
 def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
                   kl_reduction: str = "token_mean", temperature: float = 1.0, mesh: Mesh | None = None,
                   ckpt_dir=None, log_dir=None, config: Any = None, trains: str = "stage1",
-                  loss_chunk: int | None = None) -> StageResult:
+                  loss_chunk: int | None = None, compute_dtype: str | None = None) -> StageResult:
     """Stage 1 (one progressive round): train the student's Mamba mixers on α·CE + β·KL against the teacher.
 
     α, β are settings.preset.ce_weight / kl_weight. kl_reduction "token_mean" (default) averages the KL over
     the target positions; "mil" is the original's unmasked sum over positions divided by the batch size.
     trains="kd" trains every student parameter instead (MiL's later end-to-end KD; also how a draft model
-    for speculative decoding is distilled). loss_chunk: see `distill_loss_fn` (None: whole logits).
+    for speculative decoding is distilled); "stage1+attention" also trains the attention layers MiL keeps frozen.
+    loss_chunk: see `distill_loss_fn` (None: whole logits). compute_dtype: see `computing_in`.
     """
     setup = distill_setup(student, teacher, settings, kl_reduction=kl_reduction, temperature=temperature,
-                          trains=trains, loss_chunk=loss_chunk)
+                          trains=trains, loss_chunk=loss_chunk, compute_dtype=compute_dtype)
     return run_setup(setup, data, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
 
 
@@ -389,22 +417,25 @@ def sft_loss_fn(cfg: ModelConfig, *, loss_chunk: int | None = None, gather: Call
     return loss_fn
 
 
-def sft_setup(student: Model, settings: StageSettings, *, loss_chunk: int | None = None) -> StageSetup:
-    """`sft_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs)."""
+def sft_setup(student: Model, settings: StageSettings, *, loss_chunk: int | None = None,
+              compute_dtype: str | None = None) -> StageSetup:
+    """`sft_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); compute_dtype: `computing_in`."""
     cfg, params = student
     _check_loss_chunk(loss_chunk)
-    return StageSetup("sft", "SFT", DISTILL_KEYS, cfg, functools.partial(sft_loss_fn, cfg, loss_chunk=loss_chunk),
-                      params, trainable_mask(params, cfg, "sft"), None, {"student": cfg.to_dict()})
+    return StageSetup("sft", "SFT", DISTILL_KEYS, cfg,
+                      functools.partial(sft_loss_fn, computing_in(cfg, compute_dtype), loss_chunk=loss_chunk),
+                      params, trainable_mask(params, cfg, "sft"), None,
+                      {"student": cfg.to_dict(), **_compute_entry(compute_dtype)})
 
 
 def sft_stage(student: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
               mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None,
-              loss_chunk: int | None = None) -> StageResult:
+              loss_chunk: int | None = None, compute_dtype: str | None = None) -> StageResult:
     """Stage 2 (or a further SFT round): next-token CE on the response tokens; every parameter trains.
 
-    loss_chunk: see `distill_loss_fn` (None: whole logits)."""
-    return run_setup(sft_setup(student, settings, loss_chunk=loss_chunk), data, settings, mesh=mesh,
-                     ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
+    loss_chunk: see `distill_loss_fn` (None: whole logits). compute_dtype: see `computing_in`."""
+    return run_setup(sft_setup(student, settings, loss_chunk=loss_chunk, compute_dtype=compute_dtype), data,
+                     settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
 
 
 def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float,
@@ -435,8 +466,9 @@ def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float,
 
 
 def dpo_setup(policy: Model, reference: Model, settings: StageSettings, *,
-              loss_chunk: int | None = None) -> StageSetup:
-    """`dpo_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the settings."""
+              loss_chunk: int | None = None, compute_dtype: str | None = None) -> StageSetup:
+    """`dpo_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the settings.
+    compute_dtype: both models' forward passes run in it (`computing_in`)."""
     (p_cfg, p_params), (r_cfg, r_params) = policy, reference
     _check_pair(p_cfg, r_cfg, "reference")
     if settings.preset.dpo_beta is None:
@@ -444,22 +476,23 @@ def dpo_setup(policy: Model, reference: Model, settings: StageSettings, *,
     mask = {"policy": trainable_mask(p_params, p_cfg, "dpo"), "reference": _all(r_params, False)}
     _check_loss_chunk(loss_chunk)
     return StageSetup("dpo", "DPO", DPO_KEYS, p_cfg,
-                      functools.partial(dpo_loss_fn, p_cfg, r_cfg, beta=settings.preset.dpo_beta,
+                      functools.partial(dpo_loss_fn, computing_in(p_cfg, compute_dtype),
+                                        computing_in(r_cfg, compute_dtype), beta=settings.preset.dpo_beta,
                                         loss_chunk=loss_chunk),
                       {"policy": p_params, "reference": r_params}, mask, "policy",
-                      {"policy": p_cfg.to_dict(), "reference": r_cfg.to_dict()})
+                      {"policy": p_cfg.to_dict(), "reference": r_cfg.to_dict(), **_compute_entry(compute_dtype)})
 
 
 def dpo_stage(policy: Model, reference: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
               mesh: Mesh | None = None, ckpt_dir=None, log_dir=None, config: Any = None,
-              loss_chunk: int | None = None) -> StageResult:
+              loss_chunk: int | None = None, compute_dtype: str | None = None) -> StageResult:
     """Stage 3: DPO of the policy against a frozen reference (the teacher, or a copy of the SFT student).
 
     β is settings.preset.dpo_beta. The reference's parameters are a frozen part of the Trainer's params.
-    loss_chunk: see `distill_loss_fn` (None: whole logits).
+    loss_chunk: see `distill_loss_fn` (None: whole logits). compute_dtype: see `computing_in`.
     """
-    return run_setup(dpo_setup(policy, reference, settings, loss_chunk=loss_chunk), data, settings, mesh=mesh,
-                     ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
+    return run_setup(dpo_setup(policy, reference, settings, loss_chunk=loss_chunk, compute_dtype=compute_dtype),
+                     data, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
 
 
 # ------------------------------------------------------------------------------------------------ DPO data

@@ -187,6 +187,7 @@ CASES = {  # name: (config overrides, the planned stage to compile)
                "sft-mamba75"),
     "dpo": ({"dpo": DpoConfig(steps=2, batch_size=2, reference="sft")}, "dpo-mamba75"),
     "stage0": ({}, "align-mamba50"),
+    "stage1-mixed": ({"compute_dtype": "bfloat16"}, "stage1-mamba50"),   # mixed precision, through stage_setup
 }
 
 

@@ -118,6 +118,11 @@ def test_stage1_mask_trains_exactly_the_mamba_mixers(mixer):
     assert any(n.endswith("mixer/A_log") for n in want) and "layers/1/mlp/up/kernel" in flags
     assert all(jax.tree.leaves(optim.trainable_mask(params, cfg, "sft")))
     assert all(jax.tree.leaves(optim.trainable_mask(params, cfg, "dpo")))
+    both = optim.trainable_mask(params, cfg, "stage1+attention")     # every mixer, the kept attention too
+    flags = {"/".join(str(getattr(k, "key", k)) for k in path): m
+             for path, m in jax.tree_util.tree_flatten_with_path(both)[0]}
+    assert {name for name, m in flags.items() if m} == {name for name in flags if "/mixer/" in name}
+    assert flags["layers/0/mixer/q/kernel"] and not flags["layers/0/mlp/up/kernel"]
 
 
 def test_mask_errors():

@@ -9,8 +9,8 @@ from l2m_jax.data.chat import encode_prompt_response
 from l2m_jax.data.packing import pad_batch
 from l2m_jax.data.preference import encode_preference, synthetic_preferences
 from l2m_jax.train import optim
-from l2m_jax.train.stages import (StageError, StageSettings, distill_stage, dpo_stage, preference_arrays,
-                                  schedule, sft_stage)
+from l2m_jax.train.stages import (StageError, StageSettings, computing_in, distill_setup,
+                                  distill_stage, dpo_stage, preference_arrays, schedule, sft_stage)
 from tests.data import tiny_chatml_tokenizer
 
 L = 48
@@ -148,3 +148,28 @@ def test_kd_distills_a_shrunk_draft_with_every_parameter_training(setup):
         distill_stage((d_cfg, d_params), teacher, rows, settings("stage1"))
     with pytest.raises(StageError, match="trains='all'"):
         distill_stage((d_cfg, d_params), teacher, rows, settings("stage1"), trains="all")
+
+
+def test_compute_dtype_is_mixed_precision(setup):
+    """compute_dtype="bfloat16": the forward passes run in bf16 while the params (fp32) and the loss stay as
+    they were; the loss is the fp32 one to bf16 accuracy, and the trained model keeps its own cfg."""
+    _, teacher, rows, _ = setup
+    t_cfg, t_params = teacher
+    student = l2m_jax.hybridize(t_cfg, t_params, [1, 3], "mamba2", jax.random.key(1))
+    s = settings("stage1", kl_weight=1.0)
+    setup32, setup16 = (distill_setup(student, teacher, s, compute_dtype=d) for d in (None, "bfloat16"))
+    batch = {k: v[:2] for k, v in rows.items()}
+    (l32, _), (l16, m16) = (st.make_loss()(st.params, batch, None) for st in (setup32, setup16))
+    assert l16.dtype == np.float32 and m16["loss"].dtype == np.float32
+    assert abs(float(l16) - float(l32)) < 0.02 * abs(float(l32)) and float(l16) != float(l32)
+    g = jax.grad(lambda p: setup16.make_loss()(dict(setup16.params, student=p), batch, None)[0])(student[1])
+    assert {x.dtype for x in jax.tree.leaves(g)} == {np.dtype(np.float32)}      # fp32 gradients for fp32 params
+    assert setup16.cfg == student[0] and setup16.config["compute_dtype"] == "bfloat16"
+    assert "compute_dtype" not in setup32.config          # the default leaves older checkpoints' config alone
+    r = distill_stage(student, teacher, rows, s, compute_dtype="bfloat16", trains="stage1+attention")
+    assert r.cfg == student[0] and all(np.isfinite(h["loss"]) for h in r.history)
+    moved = jax.tree.map(changed, r.params["layers"][0], student[1]["layers"][0])   # layer 0 keeps attention
+    assert all(jax.tree.leaves(moved["mixer"])) and not any(jax.tree.leaves(moved["mlp"]))
+    assert computing_in(t_cfg, None) is t_cfg
+    with pytest.raises(StageError, match="compute_dtype='int8'"):
+        computing_in(t_cfg, "int8")
