@@ -4,8 +4,10 @@ Three stages, split like mamba_ssm's chunked scan:
   1. `_chunk_state_kernel`, one program per (batch, chunk, head): the within-chunk cumulative log-decay
      a_t = Σ_{k≤t} dt_k A (fp32) and the chunk's own contribution to the state at its end,
      S = Σ_t exp(a_end − a_t) dt_t x_t ⊗ B_t   [P, N].
-  2. State passing in XLA: a lax.scan over chunks (fp32), h_c+1 = exp(a_end,c) h_c + S_c from h0, keeping
-     the state that enters each chunk. Small: one [B, H, P, N] update per chunk.
+  2. `_pass_kernel`, the state passing, one program per (batch, head, block of P rows): a loop over the
+     chunks, h_c+1 = exp(a_end,c) h_c + S_c from h0 in fp32 registers, storing the state that enters each
+     chunk. (A lax.scan in XLA did the same in one small kernel launch per chunk, which at 128 chunks cost more
+     than the rest of the forward.)
   3. `_chunk_output_kernel`, one program per (batch, chunk, head, block of rows t):
      y_t = exp(a_t) C_t · h_in + Σ_{s≤t} (C_t · B_s) exp(a_t − a_s) dt_s x_s + D x_t,
      looping over the column blocks s ≤ t only (causal), accumulating in fp32.
@@ -15,7 +17,8 @@ accumulation; fp32 inputs use fp32 dots at full precision. States and decays are
 Gradients: `ssd_chunked_pallas` is a jax.custom_vjp. Its backward (`_backward`) recomputes stages 1-2,
 runs the intra-chunk gradients in two Pallas kernels (`_bwd_columns_kernel`: the sums over later rows, giving
 dx, dB and dt's direct term; `_bwd_rows_kernel`: the sums over earlier columns, giving dC), each with its part of
-the log-decay gradient, and the state terms (a reverse scan of the state passing, fp32 einsums) in XLA.
+the log-decay gradient; the state passing runs backwards in `_pass_kernel` and the other state terms are fp32
+einsums in XLA.
 backward="xla" instead takes the VJP of the XLA reference `ssd_chunked`: the slow path it is tested against.
 
 On GPU this lowers through Pallas' Triton backend; on CPU it runs with interpret=True. Tiles are powers of
@@ -35,7 +38,7 @@ from l2m_jax.ops import ssm as ssm_ops
 
 from . import tiling
 
-__all__ = ["ssd_chunked_pallas", "check_ssd_tiling"]
+__all__ = ["ssd_chunked_pallas", "check_ssd_tiling", "pass_states"]
 
 _F32 = jnp.float32
 _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16
@@ -104,6 +107,18 @@ def _chunk_state_kernel(x_ref, dt_ref, b_ref, a_ref, acum_ref, state_ref, *, chu
         return carry
 
     jax.lax.fori_loop(0, head_dim // rows, p_block, 0)
+
+
+def _pass_kernel(add_ref, decay_ref, init_ref, emit_ref, final_ref, *, n: int, reverse: bool):
+    """add [c, rows, N] fp32, decay [c] fp32, init [rows, N] -> emit [c, rows, N] (the carry entering each
+    step), final [rows, N] (after the last): carry = decay[c] · carry + add[c], over c in order or reversed."""
+
+    def step(i, carry):
+        c = n - 1 - i if reverse else i
+        emit_ref[c] = carry
+        return decay_ref[c] * carry + add_ref[c]
+
+    final_ref[...] = jax.lax.fori_loop(0, n, step, init_ref[...].astype(_F32))
 
 
 def _chunk_output_kernel(
@@ -252,14 +267,36 @@ def _states(xp, dtp, Bp, Af, h0, *, chunk: int, block_rows: int, interpret: bool
     chunk_decay = jnp.exp(a_cum.reshape(batch, heads, n_chunks, chunk)[..., -1])  # [B, H, c]
     if h0 is None:
         h0 = jnp.zeros((batch, heads, hdim, dstate), _F32)
+    h_in, h_last = pass_states(states, chunk_decay, h0, interpret=interpret)
+    return a_cum, h_in, h_last
 
-    def carry_over(h, inputs):  # h: [B, H, P, N], the state entering the chunk
-        decay, own = inputs
-        return decay[..., None, None] * h + own, h
 
-    h_last, h_in = jax.lax.scan(carry_over, h0.astype(_F32),
-                                (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(states, 1, 0)))
-    return a_cum, jnp.moveaxis(h_in, 0, 1), h_last
+def pass_states(add, decay, init, *, reverse: bool = False, interpret: bool = False):
+    """The linear recurrence across chunks in one Pallas kernel (`_pass_kernel`), fp32:
+    for c = 0 .. n−1 (n−1 .. 0 when reverse): emit[c] = carry; carry = decay[b, h, c] · carry + add[b, c, h].
+
+    add [B, c, H, P, N], decay [B, H, c], init [B, H, P, N] -> (emit [B, c, H, P, N], final carry [B, H, P, N]).
+    Forward, it turns each chunk's own state into the state entering it (h_in) and the final state; reversed,
+    it carries a gradient from the last chunk to the first. One program per (batch, head, block of P rows)
+    keeps its tile of the carry in registers for the whole loop.
+    """
+    batch, n, heads, hdim, dstate = add.shape
+    if decay.shape != (batch, heads, n) or init.shape != (batch, heads, hdim, dstate):
+        raise ValueError(f"pass_states: add {add.shape}, decay {decay.shape} and init {init.shape} do not fit "
+                         "[B, c, H, P, N], [B, H, c], [B, H, P, N]")
+    rows = tiling.mamba2_block_p(batch, heads, hdim, dstate)
+    seq = pl.BlockSpec((None, n, None, rows, dstate), lambda b, h, p: (b, 0, h, p, 0))
+    one = pl.BlockSpec((None, None, rows, dstate), lambda b, h, p: (b, h, p, 0))
+    return pl.pallas_call(
+        functools.partial(_pass_kernel, n=n, reverse=reverse),
+        out_shape=(jax.ShapeDtypeStruct(add.shape, _F32), jax.ShapeDtypeStruct(init.shape, _F32)),
+        grid=(batch, heads, hdim // rows),
+        in_specs=[seq, pl.BlockSpec((None, None, n), lambda b, h, p: (b, h, 0)), one],
+        out_specs=(seq, one),
+        interpret=interpret,
+        compiler_params=_compiler_params(tiling.num_warps(rows * dstate), interpret),
+        name="ssd_pass_states_reverse" if reverse else "ssd_pass_states",
+    )(add.astype(_F32), decay.astype(_F32), init.astype(_F32))
 
 
 def _chunk_specs(chunk: int, hdim: int, dstate: int, per_group: int):
@@ -371,13 +408,12 @@ def _backward(x, dt, A, B, C, D, h0, mask, dy, dh_last, *, chunk: int, block_row
     # the state entering each chunk: its own outputs' gradient, then the reverse state passing
     dh_own = jnp.einsum("BcQGE,BcQGEP,BcQGN->BcGEPN", exp_a, dyc, Cc)
 
-    def back(g, inputs):  # g: the gradient of the state after chunk c (= of the state entering c + 1)
-        own, dec = inputs
-        return own + dec[..., None, None] * g, g
-
-    dh0, d_states = jax.lax.scan(back, dh_last.astype(_F32).reshape(batch, groups, e, hdim, dstate),
-                                 (jnp.moveaxis(dh_own, 1, 0), jnp.moveaxis(decay, 1, 0)), reverse=True)
-    d_states = jnp.moveaxis(d_states, 0, 1)                      # [B, c, G, E, P, N]: of each chunk's own state
+    # carried from the last chunk to the first: the gradient of the state after chunk c (= entering c + 1) is
+    # that of chunk c's own state
+    d_states, dh0 = pass_states(dh_own.reshape(batch, n_chunks, heads, hdim, dstate),
+                                jnp.moveaxis(decay.reshape(batch, n_chunks, heads), 1, 2), dh_last,
+                                reverse=True, interpret=interpret)
+    d_states = d_states.reshape(batch, n_chunks, groups, e, hdim, dstate)   # [B, c, G, E, P, N]
     d_decay = jnp.sum(d_states * hin, axis=(-2, -1))              # [B, c, G, E]
 
     # y_t += exp(a_t) h_in C_t

@@ -10,7 +10,7 @@ import pytest
 
 from l2m_jax.kernels import BackendUnavailableError
 from l2m_jax.kernels.dispatch import ssd
-from l2m_jax.kernels.pallas_ssd import ssd_chunked_pallas
+from l2m_jax.kernels.pallas_ssd import pass_states, ssd_chunked_pallas
 from l2m_jax.ops.ssm import ssd_chunked
 
 # B=2, L=40 (chunk 32: one full chunk and a padded one), H=4 heads in G=2 groups, P=32, N=16; block_rows=16
@@ -91,6 +91,31 @@ def test_forward_matches_reference(dtype, case):
     tol = TOL[dtype]
     _close(y, y_ref, tol["y"], tol["rel"])
     _close(h, h_ref, tol["h"], tol["rel"])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_pass_states_is_the_linear_recurrence(reverse):
+    """The state-passing kernel against a lax.scan of the same recurrence, with 5 chunks (not a power of 2)
+    and a P block smaller than P (several programs per head)."""
+    rng = np.random.default_rng(3)
+    b, n, h, p, d = 2, 5, 3, 32, 16
+    add = jnp.asarray(rng.standard_normal((b, n, h, p, d)), jnp.float32)
+    decay = jnp.asarray(rng.uniform(0.2, 1.0, (b, h, n)), jnp.float32)
+    init = jnp.asarray(rng.standard_normal((b, h, p, d)), jnp.float32)
+
+    def step(carry, xs):
+        a, dec = xs
+        return dec[..., None, None] * carry + a, carry
+
+    want_final, want = jax.lax.scan(step, init, (jnp.moveaxis(add, 1, 0), jnp.moveaxis(decay, 2, 0)),
+                                    reverse=reverse)
+    got, final = pass_states(add, decay, init, reverse=reverse, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.moveaxis(want, 0, 1)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(final), np.asarray(want_final), rtol=1e-6, atol=1e-6)
+    first = 0 if not reverse else n - 1                 # the carry entering the first step is init itself
+    np.testing.assert_array_equal(np.asarray(got[:, first]), np.asarray(init))
+    with pytest.raises(ValueError, match="do not fit"):
+        pass_states(add, decay[:, :, 1:], init, interpret=True)
 
 
 def test_default_tiles_and_one_head_per_group():
