@@ -290,8 +290,9 @@ def main(argv=None):
             print(f"| all | {r['attn']} | {r['ssd']} | {r['compute']} | {shape} | skipped: {r['skipped']} |||||||")
             continue
         model = shape + ("" if r["step"] == "teacher forward" else " 50% Mamba2")
-        print(f"| {r['step']} | {r['attn']} | {r['ssd']} | {r['compute']} | {model} | {r['tokens']} | {r['s']:.4f} | "
-              f"{r['tok_per_s']:.0f} | {r['tflops']:.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} | {r['peak']:.1f} |")
+        print(f"| {r['step']} | {r['attn']} | {r['ssd']} | {r['compute']} | {model} | {r['tokens']} | "
+              f"{r['s']:.4f} | {r['tok_per_s']:.0f} | {r['tflops']:.0f} | {r['mfu']:.1%} | "
+              f"{r['mfu_measured']:.1%} | {r['peak']:.1f} |")
     if not a.quick and not a.skip_8b:
         t8 = shapes("8b")
         with attention_impl(a.attn_impl[0]), ssd_backend(a.ssd[0]):

@@ -376,8 +376,8 @@ def distill_setup(student: Model, teacher: Model, settings: StageSettings, *, kl
         raise StageError(f"trains={trains!r}; choose 'stage1' (Mamba mixers only), 'stage1+attention' (every "
                          "mixer, attention included) or 'kd' (everything)")
     _check_loss_chunk(loss_chunk)
-    make_loss = functools.partial(distill_loss_fn, computing_in(s_cfg, compute_dtype), computing_in(t_cfg, compute_dtype),
-                                  alpha=alpha, beta=beta, kl_reduction=kl_reduction, temperature=temperature,
+    make_loss = functools.partial(distill_loss_fn, computing_in(s_cfg, compute_dtype),
+                                  computing_in(t_cfg, compute_dtype), alpha=alpha, beta=beta, kl_reduction=kl_reduction, temperature=temperature,
                                   loss_chunk=loss_chunk)
     mask = {"student": trainable_mask(s_params, s_cfg, trains), "teacher": _all(t_params, False)}
     return StageSetup("stage1", "stage 1", DISTILL_KEYS, s_cfg, make_loss, {"student": s_params, "teacher": t_params},
