@@ -35,7 +35,7 @@ import l2m_jax
 from experiments.distill_config import load_config
 from l2m_jax.convert.hybridize import attention_layers_for
 from l2m_jax.recipe.data import calibration_tokens, distill_rows, say
-from l2m_jax.recipe.run import Run, evaluate, stage_settings, use_compilation_cache
+from l2m_jax.recipe.run import Run, evaluate, stage1_trains, stage_settings, use_compilation_cache
 from l2m_jax.train.align import align_stage, conversion_order, layer_nmse, take_mixers
 from l2m_jax.train.stages import distill_stage
 
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
                 settings = stage_settings(cv, "stage1", len(rows_["tokens"]), round_index=n_stage1)
                 n_stage1 += 1
             t1 = time.perf_counter()
-            trains = "kd" if sft else "stage1+attention" if cv.stage1.train_attention else "stage1"
+            trains = "kd" if sft else stage1_trains(cv)
             r = distill_stage(student, run.teacher, rows_, settings, kl_reduction=cv.stage1.kl_reduction,
                               mesh=run.mesh, trains=trains, compute_dtype=dt)
             jax.block_until_ready(r.params)

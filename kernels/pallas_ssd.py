@@ -345,7 +345,7 @@ def _backward(x, dt, A, B, C, D, h0, mask, dy, dh_last, *, chunk: int, block_row
     The O(Q²) intra-chunk terms run in two Pallas kernels per (batch, chunk, head, block): `_bwd_columns_kernel`
     (sums over t >= s: dx, dB, the direct dt term) and `_bwd_rows_kernel` (sums over s <= t: dC), each with
     its part of the gradient of the log-decays a_t. The O(Q·P·N) state terms (the entering state's part of y,
-    each chunk's own state, the state passing, run backwards) are fp32 einsums and a reverse scan in XLA.
+    each chunk's own state) are fp32 einsums in XLA; the state passing runs backwards in `pass_states`.
     The a_t gradient then reaches dt and A through a_t = A · Σ_{k<=t} dt_k. The forward's a_cum and entering
     states are recomputed by its stages 1-2 (cheap next to the intra-chunk work), not kept from the forward.
     """
@@ -499,7 +499,7 @@ def ssd_chunked_pallas(
     block_rows: int | None = None,
     backward: str = "pallas",
 ) -> tuple[jax.Array, jax.Array]:
-    """Mamba-2 SSD, fused forward: the same arguments, semantics, dtypes and results as `ssd_chunked`.
+    """Mamba-2 SSD, fused forward and backward: the same arguments, semantics, dtypes and results as `ssd_chunked`.
 
     Args:
       x: [B, L, H, P] inputs; dt: [B, L, H] step sizes, already softplus-ed (used in fp32); A: [H] negative

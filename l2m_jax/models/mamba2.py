@@ -85,8 +85,9 @@ class Mamba2Mixer(nnx.Module):
             backend, interpret = ssm_ops.SSD_BACKEND
             if backend == "pallas":   # fused kernels; any L (padded inside to whole chunks)
                 from ..kernels.dispatch import ssd
+                from ..kernels.tiling import next_pow2
 
-                chunk = min(s.chunk_size, max(16, 1 << (l - 1).bit_length()))   # a short prompt: one chunk
+                chunk = min(s.chunk_size, max(16, next_pow2(l)))   # a short prompt: one chunk
                 y, h = ssd(x, delta, A, B, C, D, chunk=chunk, h0=h0, mask=mask, backend="pallas",
                            interpret=interpret)
             else:

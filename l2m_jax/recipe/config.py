@@ -192,8 +192,10 @@ def check_config(c) -> None:
         problems.append(f"mixer={c.mixer!r}: choose 'mamba2' or 'mamba'")
     if c.init not in INITS:
         problems.append(f"init={c.init!r}: choose one of {list(INITS)}")
-    if c.compute_dtype is not None and c.compute_dtype not in ("float32", "bfloat16", "float16"):
-        problems.append(f"compute_dtype={c.compute_dtype!r}: choose float32, bfloat16 or float16 (or null: the "
+    from l2m_jax.train.stages import COMPUTE_DTYPES
+
+    if c.compute_dtype is not None and c.compute_dtype not in COMPUTE_DTYPES:
+        problems.append(f"compute_dtype={c.compute_dtype!r}: choose one of {list(COMPUTE_DTYPES)} (or null: the "
                         "teacher's dtype)")
     if c.calibration_rows < 1:
         problems.append(f"calibration_rows={c.calibration_rows} must be >= 1")

@@ -509,13 +509,19 @@ def stage_setup(c, stage, student, teacher, settings, reference=None):
     chunk = getattr(c, stage.kind).loss_chunk
     if stage.kind == "stage1" or (stage.kind == "sft" and c.sft.loss == "kd"):
         # sft.loss="kd" is MiL's end-to-end KD: every parameter trains, against the teacher
-        trains = ("stage1+attention" if c.stage1.train_attention else "stage1") if stage.kind == "stage1" else "kd"
+        trains = stage1_trains(c) if stage.kind == "stage1" else "kd"
         return stages.distill_setup(student, teacher, settings, kl_reduction=c.stage1.kl_reduction,
                                     temperature=c.stage1.temperature, loss_chunk=chunk, trains=trains,
                                     compute_dtype=dt)
     if stage.kind == "sft":
         return stages.sft_setup(student, settings, loss_chunk=chunk, compute_dtype=dt)
     return stages.dpo_setup(student, reference, settings, loss_chunk=chunk, compute_dtype=dt)
+
+
+def stage1_trains(c) -> str:
+    """What a stage-1 round trains (`optim.trainable_mask`): the Mamba mixers, and the kept attention layers too
+    with stage1.train_attention."""
+    return "stage1+attention" if c.stage1.train_attention else "stage1"
 
 
 def _train(run: Run, stage, student, data, settings, dirs: dict, reference=None):
@@ -546,7 +552,8 @@ def dpo_reference(c, teacher, policy):
     return teacher if c.dpo.reference == "teacher" else policy
 
 
-def run_stage(run: Run, index: int, stage, student, ahead: "CompileAhead | AlignAllAhead | None" = None) -> tuple[dict, Any]:
+def run_stage(run: Run, index: int, stage, student,
+              ahead: "CompileAhead | AlignAllAhead | None" = None) -> tuple[dict, Any]:
     """Train one planned stage from `student` (cfg, params); saves its model, returns (record, model).
 
     A NaN/inf metric raises NonFiniteError with `nonfinite_message`: the stage, step, metric and the fix.
