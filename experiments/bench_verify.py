@@ -1,6 +1,6 @@
 """Fused multi-step SSM verification vs a single decode step, per Mamba layer, on every available backend.
 
-    python -m experiments.bench_verify [--quick] [--budget-s 300] [--out DIR]
+    python -m experiments.bench_verify [--quick] [--budget-s 300] [--pallas-forms unrolled,matrix] [--out DIR]
 
 1. Checks: every backend (xla, pallas, triton; whichever run here) against the reference computed in float64
    on the CPU, for both variants, both jobs, fp32 and bf16 inputs, on two fresh random problems; prints
@@ -19,7 +19,6 @@ Prints a markdown table last; writes results.json to --out (default $OUT when se
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -96,18 +95,8 @@ def _reference64(p, variant):
             return run(np.float32)
 
 
-UNROLLED = "pallas-unrolled"  # the pallas backend with its token loops unrolled (pallas_ssm.set_unroll)
-
-
-@contextlib.contextmanager
-def kernel_backend(name):
-    """The dispatch backend for a benchmark backend name, with the Pallas loops unrolled for UNROLLED."""
-    unrolled = name == UNROLLED
-    pallas_ssm.set_unroll(unrolled)
-    try:
-        yield "pallas" if unrolled else name
-    finally:
-        pallas_ssm.set_unroll(False)
+PALLAS_FORMS = [f"pallas-{f}" for f in pallas_ssm.FORMS if f != "loop"]  # "pallas" itself is the loop form
+kernel_backend = pallas_ssm.backend_form
 
 
 def check(backends, batch=4, tokens=5):
@@ -261,15 +250,21 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new timings after this many seconds")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--backends", default="", help="comma-separated subset (default: all available)")
-    ap.add_argument("--pallas-unroll", action="store_true",
-                    help=f"also time the pallas kernels with unrolled token loops (as backend {UNROLLED!r})")
+    ap.add_argument("--pallas-forms", default="",
+                    help="also time the pallas kernels in these other forms of pallas_ssm.set_form, comma-separated "
+                         "(unrolled, matrix), as backends pallas-unrolled / pallas-matrix")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
 
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     backends = [b for b in K.available_backends() if not args.backends or b in args.backends.split(",")]
-    if args.pallas_unroll and "pallas" in backends:
-        backends.insert(backends.index("pallas") + 1, UNROLLED)
+    forms = [f for f in args.pallas_forms.split(",") if f]
+    unknown = [f for f in forms if f"pallas-{f}" not in PALLAS_FORMS]
+    if unknown:
+        known = ", ".join(f[len("pallas-"):] for f in PALLAS_FORMS)
+        ap.error(f"--pallas-forms takes {known}; got {', '.join(unknown)}")
+    if "pallas" in backends:
+        backends[backends.index("pallas") + 1:backends.index("pallas") + 1] = [f"pallas-{f}" for f in forms]
     missing = [b for b in K.BACKENDS if b not in K.available_backends()]
     print(f"backends: {backends}; unavailable here: {missing or 'none'}")
     batches, ks = ((1, 64), (1, 4, 8)) if args.quick else ((1, 16, 64), tuple(range(1, 9)))

@@ -11,15 +11,28 @@ So the big state crosses HBM once in and once (update) or twice (verify) out.
 On GPU this lowers through Pallas' Triton backend (tiles must then be powers of two); on CPU it runs with
 interpret=True. Inputs are assumed validated by dispatch.py.
 
-`set_unroll(True)` (read when a kernel is traced) unrolls both token loops into straight-line code: every
-per-token load then has a static address the compiler can issue ahead of the state updates, and the replay of
-the verification runs all T cached steps with the ones past n_replay masked out (jnp.where) instead of a loop
-of data-dependent length. Same results; which is faster is a GPU measurement (experiments/bench_verify.py
---pallas-unroll), so the loops stay the default.
+`set_form(form)` (read when a kernel is traced) picks how the verification runs its tokens:
+  "loop"      (default) fori_loops over the replay and the new tokens, as above;
+  "unrolled"  both token loops unrolled into straight-line code: every per-token load then has a static address
+              the compiler can issue ahead of the state updates, and the replay runs all T cached steps with
+              the ones past n_replay masked out (jnp.where) instead of a loop of data-dependent length;
+  "matrix"    Mamba-2 verification with no per-token loop at all (`_mamba2_matrix_kernel`): the token block is
+              one chunk of the SSD form. Its inputs are loaded once as [T', ...] tiles (T' = T rounded up to a
+              power of two >= 16, zero-padded), the replay becomes one chunk state
+              h_ckpt = e^{Σl} h + Σ_s e^{Σ_{u>s} l_u} Δ_s x_s ⊗ B_s (a dot over the cached tokens, the steps past
+              n_replay given Δ = 0), the outputs the chunk's quadratic form
+              y_t = e^{L_t} C_t · h_ckpt + Σ_{s≤t} e^{L_t − L_s} Δ_s (C_t · B_s) x_s + D x_t, and the final state
+              a second chunk state; five small dots. The state dots run in 3-pass TF32 on a GPU (close to fp32;
+              plain TF32 would cost the state bits). Mamba-1 (a decay per channel and state entry, no matrix
+              form) and the single step keep their loops.
+Same results (to rounding); which is fastest is a GPU measurement (experiments/bench_verify.py
+--pallas-forms), so "loop" stays the default until one says otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import jax
@@ -28,18 +41,31 @@ from jax.experimental import pallas as pl
 
 from . import tiling
 
-__all__ = ["mamba2_update", "mamba2_verify", "mamba_update", "mamba_verify", "set_unroll"]
+__all__ = ["FORMS", "backend_form", "mamba2_update", "mamba2_verify", "mamba_update", "mamba_verify", "set_form"]
 
 _F32 = jnp.float32
-UNROLL = False  # see set_unroll
+FORMS = ("loop", "unrolled", "matrix")
+FORM = "loop"  # see set_form
 
 
-def set_unroll(unroll: bool) -> None:
-    """Unroll the per-token loops of the kernels traced from now on (module docstring)."""
-    global UNROLL
-    if not isinstance(unroll, bool):
-        raise TypeError(f"set_unroll takes True or False, got {unroll!r}")
-    UNROLL = unroll
+def set_form(form: str) -> None:
+    """How the kernels traced from now on run their tokens: one of FORMS (module docstring)."""
+    global FORM
+    if form not in FORMS:
+        raise ValueError(f"set_form takes one of {FORMS}, got {form!r}")
+    FORM = form
+
+
+@contextlib.contextmanager
+def backend_form(name: str):
+    """For benchmarks naming a form in the backend: "pallas-unrolled" / "pallas-matrix" yield "pallas" with that
+    form set while inside (trace the op inside); any other name is yielded as it is, with the "loop" form."""
+    form = name[len("pallas-"):] if name.startswith("pallas-") else "loop"
+    set_form(form)                                        # refuses an unknown form by name
+    try:
+        yield "pallas" if name.startswith("pallas-") else name
+    finally:
+        set_form("loop")
 
 
 def _softplus(v):
@@ -147,7 +173,7 @@ def _mamba2_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
         n_states = 2
     state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
     outs = pl.pallas_call(
-        _mamba2_kernel(length, replay_args is not None, UNROLL),
+        _mamba2_kernel(length, replay_args is not None, FORM == "unrolled"),
         out_shape=(jax.ShapeDtypeStruct((batch, length, heads, hdim), x.dtype),) + (state_shape,) * n_states,
         grid=(batch, heads, hdim // bp),
         in_specs=in_specs,
@@ -167,7 +193,118 @@ def mamba2_update(h, x, dt, B, C, *, A, D, dt_bias, interpret=False):
 
 def mamba2_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, interpret=False):
     """Fused Mamba-2 MultiStep; shapes as in reference.ssm_verify_ref. Returns (y, h_ckpt_new, h_run_new)."""
+    if FORM == "matrix":
+        return _mamba2_matrix_call(h_ckpt, cache, n_replay, x, dt, B, C, A, D, dt_bias, interpret)
     return _mamba2_call(h_ckpt, x, dt, B, C, A, D, dt_bias, (n_replay, *cache), interpret)
+
+
+# ------------------------------------------------------------------------- Mamba-2 verification, matrix form
+
+_MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16
+
+
+def _state_dot(a, b, contract: tuple[int, int], interpret: bool):
+    """2-D fp32 dot with fp32 accumulation. On a GPU 3-pass TF32 (error ~1e-6, like fp32; one pass of TF32 would
+    round the state to 10 mantissa bits); in interpret mode full fp32."""
+    precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return jax.lax.dot_general(
+        a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision, preferred_element_type=_F32
+    )
+
+
+def _mamba2_matrix_kernel(tokens: int, rows: int, interpret: bool):
+    """One program per (batch row, head, group of P rows): the T new tokens (and the T cached ones) as one SSD
+    chunk (module docstring). Token tiles are [T', ...] with rows >= tokens zero-padded. What depends only on the
+    head (Δ, decays, C·Bᵀ) is computed once; the program's P rows then go through in blocks of `rows`."""
+
+    def kernel(n_ref, h_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref, bias_ref,
+               y_ref, ckpt_ref, run_ref):
+        dot = functools.partial(_state_dot, interpret=interpret)
+        padded = x_ref.shape[0]
+        a, d, bias = a_ref[0].astype(_F32), d_ref[0].astype(_F32), bias_ref[0].astype(_F32)
+        step = jax.lax.broadcasted_iota(jnp.int32, (padded,), 0)
+
+        def chunk(dt_ref, b_ref, count):
+            """Δ (0 past count: those steps leave the state as it is), the cumulative log-decay L_t, its total
+            and the weights of the chunk state e^{total} h + Σ_s e^{total − L_s} Δ_s x_s ⊗ B_s."""
+            delta = jnp.where(step < count, _softplus(dt_ref[...].astype(_F32) + bias), 0.0)
+            cum = jnp.cumsum(delta * a)
+            total = jnp.sum(delta * a)
+            return delta, cum, total, b_ref[...].astype(_F32) * (jnp.exp(total - cum) * delta)[:, None]  # [T', N]
+
+        _, _, total_c, weighted_c = chunk(cdt_ref, cb_ref, n_ref[0])
+        delta, cum, total, weighted = chunk(dt_ref, b_ref, tokens)
+        c = c_ref[...].astype(_F32)                                                            # [T', N]
+        t = jax.lax.broadcasted_iota(jnp.int32, (padded, padded), 0)
+        s = jax.lax.broadcasted_iota(jnp.int32, (padded, padded), 1)
+        # -inf above the diagonal makes exp() exactly 0 there (and never overflows)
+        decay = jnp.exp(jnp.where(t >= s, cum[:, None] - cum[None, :], -jnp.inf))
+        mix = dot(c, b_ref[...].astype(_F32), (1, 1)) * decay * delta[None, :]                # [T', T']
+        decay_in = jnp.exp(cum)[:, None]
+
+        def block(i, carry):
+            p = pl.ds(pl.multiple_of(i * rows, rows), rows)
+            h_ckpt = jnp.exp(total_c) * h_ref[p, :] + dot(cx_ref[:, p].astype(_F32), weighted_c, (0, 0))  # [rows, N]
+            ckpt_ref[p, :] = h_ckpt
+            x = x_ref[:, p].astype(_F32)                                                       # [T', rows]
+            run_ref[p, :] = jnp.exp(total) * h_ckpt + dot(x, weighted, (0, 0))
+            y = decay_in * dot(c, h_ckpt, (1, 1)) + dot(mix, x, (1, 0)) + d * x               # [T', rows]
+            y_ref[:, p] = y.astype(y_ref.dtype)
+            return carry
+
+        blocks = h_ref.shape[0] // rows
+        if blocks == 1:
+            block(0, 0)
+        else:
+            jax.lax.fori_loop(0, blocks, block, 0)
+
+    return kernel
+
+
+def check_matrix_tiling(head_dim: int, dstate: int) -> None:
+    """Raises a ValueError naming the fix where the matrix form cannot tile a Mamba-2 state [P, N]."""
+    for name, n in (("P (head dim)", head_dim), ("N (state size)", dstate)):
+        if n < _MIN_DOT or n & (n - 1):
+            raise ValueError(
+                f"the matrix form of the pallas verification needs {name} to be a power of two >= {_MIN_DOT} "
+                f"(Triton's dot tiles), got {n}; use pallas_ssm.set_form('loop') for this shape"
+            )
+
+
+def _mamba2_matrix_call(h, cache, n_replay, x, dt, B, C, A, D, dt_bias, interpret):
+    """x [B, T, Gx, P], dt [B, T, H], B [B, T, Gb, N], C [B, T, Gc, N]; cache = (x, dt, B) like the new ones."""
+    batch, heads, hdim, dstate = h.shape
+    tokens = x.shape[1]
+    check_matrix_tiling(hdim, dstate)
+    padded = max(_MIN_DOT, tiling.next_pow2(tokens))
+
+    def pad(a):  # zero rows past the T tokens: their Δ is masked to 0 in the kernel and their y dropped
+        return jnp.pad(a, [(0, 0), (0, padded - tokens)] + [(0, 0)] * (a.ndim - 2))
+
+    rx, rb, rc = heads // x.shape[2], heads // B.shape[2], heads // C.shape[2]
+    bp, blocks = tiling.mamba2_matrix_tiles(batch, heads, hdim, dstate)
+    rows = bp
+    bp *= blocks                                               # P rows per program, in `blocks` blocks of `rows`
+    state = pl.BlockSpec((None, None, bp, dstate), lambda b, i, p: (b, i, p, 0))
+    x_spec = pl.BlockSpec((None, padded, None, bp), lambda b, i, p: (b, 0, i // rx, p))
+    dt_spec = pl.BlockSpec((None, padded, None), lambda b, i, p: (b, 0, i))
+    b_spec = pl.BlockSpec((None, padded, None, dstate), lambda b, i, p: (b, 0, i // rb, 0))
+    c_spec = pl.BlockSpec((None, padded, None, dstate), lambda b, i, p: (b, 0, i // rc, 0))
+    head = pl.BlockSpec((1,), lambda b, i, p: (i,))
+    y_spec = pl.BlockSpec((None, padded, None, bp), lambda b, i, p: (b, 0, i, p))
+    state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
+    y, h_ckpt, h_run = pl.pallas_call(
+        _mamba2_matrix_kernel(tokens, rows, interpret),
+        out_shape=(jax.ShapeDtypeStruct((batch, padded, heads, hdim), x.dtype), state_shape, state_shape),
+        grid=(batch, heads, hdim // bp),
+        in_specs=[pl.BlockSpec((1,), lambda b, i, p: (b,)), state, x_spec, dt_spec, b_spec,
+                  x_spec, dt_spec, b_spec, c_spec, head, head, head],
+        out_specs=(y_spec, state, state),
+        interpret=interpret,
+        compiler_params=_compiler_params(rows * dstate, interpret),
+        name="mamba2_verify_matrix",
+    )(n_replay, h, *map(pad, cache), *map(pad, (x, dt, B, C)), A, D, dt_bias)
+    return y[:, :tokens], h_ckpt, h_run
 
 
 # ----------------------------------------------------------------------------------------------- Mamba-1
@@ -217,7 +354,7 @@ def _mamba_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
         n_states = 2
     state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
     return pl.pallas_call(
-        _mamba_kernel(length, replay_args is not None, UNROLL),
+        _mamba_kernel(length, replay_args is not None, FORM == "unrolled"),
         out_shape=(jax.ShapeDtypeStruct((batch, length, channels), x.dtype),) + (state_shape,) * n_states,
         grid=(batch, channels // bc),
         in_specs=in_specs,

@@ -34,6 +34,19 @@ def mamba2_block_p(batch: int, heads: int, head_dim: int, dstate: int) -> int:
     return bp
 
 
+def mamba2_matrix_tiles(batch: int, heads: int, head_dim: int, dstate: int) -> tuple[int, int]:
+    """(rows, blocks) for the matrix-form verification: each program takes blocks × rows rows of a [P, N] head
+    state, `rows` at a time. rows: about 2048 state values and at least 16 (a dot dimension); three [rows, N]
+    fp32 tiles (state in, checkpoint, state out) are live at once, so they stay small. blocks: as many as keep a
+    few programs per multiprocessor; a program computes its head's per-token terms (decays, C·Bᵀ) once for all
+    its blocks, so large batches take whole heads."""
+    rows = pow2_divisor(head_dim, max(16, 2048 // next_pow2(dstate)))
+    blocks = 1
+    while head_dim % (rows * blocks * 2) == 0 and batch * heads * (head_dim // (rows * blocks * 2)) >= _TARGET_PROGRAMS:
+        blocks *= 2
+    return rows, blocks
+
+
 def mamba_block_c(batch: int, channels: int, dstate: int, aligned_to: int | None = None) -> int:
     """Channels per program for a [C, N] state: about 512 state values (1 warp), fewer for small batches.
 

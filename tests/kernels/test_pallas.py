@@ -32,16 +32,18 @@ def test_tiles_split_the_state():
     assert tiling.mamba_block_c(3, 16, 8, aligned_to=4) < 16
 
 
-@pytest.fixture(params=[False, True], ids=["loops", "unrolled"])
-def unroll(request):
-    pallas_ssm.set_unroll(request.param)
+@pytest.fixture
+def form(request):
+    """pallas_ssm.set_form for one test, back to "loop" after it."""
+    pallas_ssm.set_form(request.param)
     yield request.param
-    pallas_ssm.set_unroll(False)
+    pallas_ssm.set_form("loop")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", ["mamba2", "mamba"])
-def test_pallas_matches_reference(variant, dtype, unroll):
+@pytest.mark.parametrize("form", ["loop", "unrolled"], indirect=True)
+def test_pallas_matches_reference(variant, dtype, form):
     p = random_problem(7, variant, batch=3, tokens=3, dtype=dtype, **DIMS[variant])
     kw = dict(variant=variant, **_params(p))
 
@@ -61,6 +63,71 @@ def test_pallas_matches_reference(variant, dtype, unroll):
     assert np.abs(np.asarray(got[1][1]) - np.asarray(p["h"][1])).max() > 1e-3
 
 
-def test_set_unroll_takes_a_bool():
-    with pytest.raises(TypeError, match="True or False"):
-        pallas_ssm.set_unroll(1)
+def _verify_both(p, variant):
+    kw = dict(variant=variant, **_params(p))
+    args = (p["h"], p["cache"], p["n_replay"], p["x"], p["dt"], p["B"], p["C"])
+    return ssm_verify(*args, backend="pallas", interpret=True, **kw), ssm_verify(*args, backend="xla", **kw)
+
+
+# the matrix form's dots need P, N >= 16; N = 128 gives 16-row blocks, so P = 32 makes two of them
+MATRIX_DIMS = dict(heads=4, head_dim=32, dstate=128, groups=(2, 1, 4))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [3, 16, 17], ids=["T3-padded", "T16-one-tile", "T17-two-tiles"])
+@pytest.mark.parametrize("form", ["matrix"], indirect=True)
+def test_matrix_form_matches_reference(dtype, tokens, form):
+    """The SSD-form Mamba-2 verification (module docstring of pallas_ssm): every output against the reference,
+    T padded to a tile and not, with replay counts 0..T."""
+    p = random_problem(11, "mamba2", batch=3, tokens=tokens, dtype=dtype, **MATRIX_DIMS)
+    got, want = _verify_both(p, "mamba2")
+    _close(got[0], want[0], Y_TOL[dtype])
+    for g, w in zip(got[1:3], want[1:3]):
+        _close(g, w, STATE_TOL)
+    np.testing.assert_array_equal(np.asarray(got[1][0]), np.asarray(p["h"][0]))   # row 0 replays nothing
+
+
+@pytest.mark.parametrize("form", ["matrix"], indirect=True)
+def test_matrix_form_loops_over_row_blocks(form, monkeypatch):
+    """Where the batch is large a program takes several blocks of P rows (tiling.mamba2_matrix_tiles); forced
+    here by asking for a single program's worth of parallelism."""
+    monkeypatch.setattr(tiling, "_TARGET_PROGRAMS", 1)
+    assert tiling.mamba2_matrix_tiles(3, 4, 32, 128) == (16, 2)
+    got, want = _verify_both(random_problem(12, "mamba2", batch=3, tokens=5, **MATRIX_DIMS), "mamba2")
+    for g, w in zip(got[:3], want[:3]):
+        _close(g, w, STATE_TOL)
+
+
+@pytest.mark.parametrize("form", ["matrix"], indirect=True)
+def test_matrix_form_leaves_mamba1_and_steps_to_their_loops(form):
+    p = random_problem(13, "mamba", batch=3, tokens=3, **DIMS["mamba"])
+    got, want = _verify_both(p, "mamba")
+    for g, w in zip(got[:3], want[:3]):
+        _close(g, w, STATE_TOL)
+    q = random_problem(13, "mamba2", batch=3, tokens=3, **DIMS["mamba2"])    # P = 8: a step has no dot to tile
+    kw = dict(variant="mamba2", **_params(q))
+    _close(ssm_update(*step_args(q), backend="pallas", interpret=True, **kw)[1],
+           ssm_update(*step_args(q), backend="xla", **kw)[1], STATE_TOL)
+
+
+@pytest.mark.parametrize("form", ["matrix"], indirect=True)
+def test_matrix_form_refuses_what_it_cannot_tile(form):
+    p = random_problem(14, "mamba2", batch=2, tokens=3, **DIMS["mamba2"])    # P = 8 < 16
+    with pytest.raises(ValueError, match=r"P \(head dim\) to be a power of two >= 16.*set_form\('loop'\)"):
+        _verify_both(p, "mamba2")
+
+
+def test_set_form_names_the_forms():
+    with pytest.raises(ValueError, match="loop.*unrolled.*matrix"):
+        pallas_ssm.set_form("fast")
+
+
+def test_backend_form_sets_the_form_while_inside():
+    with pallas_ssm.backend_form("pallas-matrix") as backend:
+        assert (backend, pallas_ssm.FORM) == ("pallas", "matrix")
+    assert pallas_ssm.FORM == "loop"
+    with pallas_ssm.backend_form("triton") as backend:
+        assert (backend, pallas_ssm.FORM) == ("triton", "loop")
+    with pytest.raises(ValueError, match="set_form takes one of"):
+        with pallas_ssm.backend_form("pallas-fast"):
+            pass
