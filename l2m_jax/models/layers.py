@@ -10,7 +10,7 @@ from flax import nnx
 from ..cache import AttnCache
 from ..config import ModelConfig
 from ..ops import attention as attn_ops
-from ..ops.attention import attention_mask, causal_attention, gqa_attention, gqa_attention_cached, right_padding
+from ..ops.attention import attention_mask, causal_attention, gqa_attention, right_padding
 from ..ops.norms import rms_norm
 from ..ops.rope import apply_rope
 
@@ -101,11 +101,10 @@ class Attention(nnx.Module):
             k_all = cache.k.at[rows, ctx.positions].set(k.astype(cache.k.dtype), mode="drop")
             v_all = cache.v.at[rows, ctx.positions].set(v.astype(cache.v.dtype), mode="drop")
             cache = AttnCache(k_all, v_all)
-            if attn_ops.DECODE_IMPL == "blocked" and l <= attn_ops.DECODE_MAX_QUERIES:
+            if attn_ops.DECODE_IMPL != "full" and l <= attn_ops.DECODE_MAX_QUERIES:
                 # decode / verification: read only the filled slots, block by block
-                y = gqa_attention_cached(q, k_all, v_all, ctx.positions, ctx.new_lengths,
-                                         block=attn_ops.DECODE_BLOCK, sliding_window=window,
-                                         loop=attn_ops.DECODE_LOOP)
+                y = attn_ops.cached_decode_attention(q, k_all, v_all, ctx.positions, ctx.new_lengths,
+                                                     sliding_window=window)
                 return self.o(y.reshape(b, l, cfg.q_dim)), cache
             s = k_all.shape[1]
             k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))

@@ -147,20 +147,33 @@ def causal_attention(q, k, v, *, kv_lengths=None, sliding_window: int | None = N
 # The cached path (`gqa_attention_cached`) is used by Attention for calls of at most DECODE_MAX_QUERIES tokens
 # (decode steps, speculative verification); longer calls (prefill) keep the full-cache reference. These are read
 # when a model call is traced: set them before jitting. The full-cache path stays the default until the blocked
-# one is measured faster on a GPU (experiments/bench_decode.py --decode-attn blocked,full).
-DECODE_IMPL = "full"           # "blocked": gqa_attention_cached | "full": gqa_attention over the whole cache
+# one is measured faster on a GPU (experiments/bench_decode.py --decode-attn pallas,blocked,full).
+#   "full"     gqa_attention over the whole cache, masked
+#   "blocked"  gqa_attention_cached: an XLA loop over the filled KV blocks, online softmax
+#   "pallas"   kernels/pallas_attention.py: the same in one fused kernel, split-K over the sequence (GPU; on a CPU
+#              only with interpret=True)
+DECODE_IMPLS = ("full", "blocked", "pallas")
+DECODE_IMPL = "full"
 DECODE_BLOCK = 256             # KV slots per block of the blocked path
-DECODE_MAX_QUERIES = 16        # longest call (tokens) that takes the blocked path
+DECODE_MAX_QUERIES = 16        # longest call (tokens) that takes the decode path
 DECODE_LOOP = "dynamic"        # "dynamic": ceil(max(lengths)/block) trips | "static": S/block trips, see below
+DECODE_INTERPRET = False       # "pallas" in Pallas' interpret mode (CPU tests)
 
 
 def set_decode_attention(impl: str | None = None, *, block: int | None = None, max_queries: int | None = None,
-                         loop: str | None = None):
-    """Switch the cached attention path (takes effect for programs traced afterwards)."""
-    global DECODE_IMPL, DECODE_BLOCK, DECODE_MAX_QUERIES, DECODE_LOOP
+                         loop: str | None = None, interpret: bool | None = None):
+    """Switch the cached attention path (takes effect for programs traced afterwards). block and loop set the
+    "blocked" path's; the "pallas" kernel picks its own tiles. interpret: run "pallas" in interpret mode."""
+    global DECODE_IMPL, DECODE_BLOCK, DECODE_MAX_QUERIES, DECODE_LOOP, DECODE_INTERPRET
+    if interpret is not None:
+        DECODE_INTERPRET = bool(interpret)
     if impl is not None:
-        if impl not in ("blocked", "full"):
-            raise ValueError(f"decode attention impl {impl!r}: expected 'blocked' or 'full'")
+        if impl not in DECODE_IMPLS:
+            raise ValueError(f"decode attention impl {impl!r}: expected one of {', '.join(map(repr, DECODE_IMPLS))}")
+        if impl == "pallas" and not DECODE_INTERPRET and jax.default_backend() != "gpu":
+            raise ValueError("decode attention impl 'pallas' needs a GPU (Pallas' Triton lowering); on "
+                             f"{jax.default_backend()!r} pass interpret=True (slow; for tests) or use 'blocked' or "
+                             "'full'")
         DECODE_IMPL = impl
     if block is not None:
         if block < 1:
@@ -240,3 +253,15 @@ def gqa_attention_cached(q, k_cache, v_cache, q_positions, lengths, *, block: in
         m, l_sum, acc = jax.lax.fori_loop(0, n_needed if loop == "dynamic" else n_static, body, init)
         o = acc / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]                              # [B, G, R, T, P]
     return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, t, h, p).astype(q.dtype)
+
+
+def cached_decode_attention(q, k_cache, v_cache, q_positions, lengths, *, sliding_window: int | None = None):
+    """The decode switch's path (DECODE_IMPL "blocked" or "pallas") for a short call into a cache; same arguments
+    and result as gqa_attention_cached."""
+    if DECODE_IMPL == "pallas":
+        from l2m_jax.kernels.pallas_attention import decode_attention
+
+        return decode_attention(q, k_cache, v_cache, q_positions, lengths, sliding_window=sliding_window,
+                                interpret=DECODE_INTERPRET)
+    return gqa_attention_cached(q, k_cache, v_cache, q_positions, lengths, block=DECODE_BLOCK,
+                                sliding_window=sliding_window, loop=DECODE_LOOP)

@@ -125,6 +125,9 @@ def test_no_intermediate_spans_the_cache():
 def test_switch_validates():
     with pytest.raises(ValueError, match="impl"):
         attn_ops.set_decode_attention("flash")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="'pallas' needs a GPU.*interpret=True"):
+            attn_ops.set_decode_attention("pallas")
     with pytest.raises(ValueError, match="block"):
         attn_ops.set_decode_attention(block=0)
     with pytest.raises(ValueError, match="loop"):
@@ -134,7 +137,7 @@ def test_switch_validates():
 @pytest.mark.parametrize("window", [None, 3])
 def test_model_decode_blocked_equals_full(window):
     """A hybrid model's prefill + T=1 and T=5 cached calls (ragged rows, pads) give the same logits with the
-    blocked path and with the full-cache fallback."""
+    blocked path, the fused Pallas kernel and the full-cache fallback."""
     cfg = ModelConfig.tiny(vocab_size=48, n_layers=4, sliding_window=window)
     params = l2m_jax.init_params(cfg, 0)
     cfg, params = l2m_jax.hybridize(cfg, params, [1, 3], "mamba2", jax.random.key(1))
@@ -164,3 +167,9 @@ def test_model_decode_blocked_equals_full(window):
     for loop in ("dynamic", "static"):
         for a, b in zip(run("blocked", loop), full):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    attn_ops.set_decode_attention(interpret=True)      # the fused Pallas kernel, in interpret mode here
+    try:
+        for a, b in zip(run("pallas"), full):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    finally:
+        attn_ops.set_decode_attention(interpret=False)
