@@ -243,7 +243,7 @@ def _mamba2_matrix_kernel(tokens: int, rows: int, interpret: bool):
         decay_in = jnp.exp(cum)[:, None]
 
         def block(i, carry):
-            p = pl.ds(pl.multiple_of(i * rows, rows), rows)
+            p = pl.ds(0 if isinstance(i, int) else pl.multiple_of(i * rows, rows), rows)
             h_ckpt = jnp.exp(total_c) * h_ref[p, :] + dot(cx_ref[:, p].astype(_F32), weighted_c, (0, 0))  # [rows, N]
             ckpt_ref[p, :] = h_ckpt
             x = x_ref[:, p].astype(_F32)                                                       # [T', rows]
