@@ -1,16 +1,20 @@
 """Decode speed on the GPU: tokens/s and HBM-roofline fraction, decode-state size, speculative decoding.
 
-    python -m experiments.bench_decode                 # 8B shapes (random bf16) + SmolLM2 (real weights if found)
+    python -m experiments.bench_decode                 # 8B shapes, random bf16 weights
     python -m experiments.bench_decode --quick         # tiny shapes: a CPU smoke run of the same code
     python -m experiments.bench_decode --decode-attn blocked,full --extra-capacity 7168   # KV read: filled vs all
+    python -m experiments.bench_decode --models hybrid50-mamba2 --decode-attn pallas,full --draft-layers 4,30 \
+        --spec 4:pallas,4:pallas-matrix,4:triton     # the hybrid only: fused attention decode, drafts, verifiers
 
 (a) plain decoding at batch 1 and 32: all-attention vs 50% Mamba2 hybrid vs pure Mamba2 at Llama-3-8B shapes;
     minimal bytes per step = weights + KV of the current context + SSM state read and written; fraction of a
     4.19 TB/s roofline; decode-state bytes per sequence at 4k context and the largest batch that fits.
 (b) one speculative round (K drafts + one K+1-token verification, acceptance, bookkeeping) vs one plain step,
-    timed inside the jitted speculative loop; the speedup it gives at an acceptance rate α is
+    timed inside the jitted speculative loop, for SmolLM2-width drafts of --draft-layers layers (random weights;
+    each draft's own decode step is timed too); the speedup it gives at an acceptance rate α is
     E[tokens per round] · t_step / t_round with E = (1 − α^(K+1)) / (1 − α).
-(c) real SmolLM2 end to end (plain vs speculative wall time, measured acceptance) when the weights are at hand.
+Real weights end to end (the distilled SmolLM2 hybrid and its distilled drafts: wall-clock tokens/s of plain
+against speculative decoding, measured acceptance) are timed by `experiments.train_draft --speed 1,8`.
 Times are medians of repeated runs after a warm-up, with block_until_ready.
 """
 from __future__ import annotations
@@ -168,16 +172,20 @@ def main(argv=None):
                     help="comma list of K:backend speculative settings to time (backend pallas-matrix / "
                          "pallas-unrolled: the pallas kernels in that form of pallas_ssm.set_form)")
     ap.add_argument("--alphas", default="0.6,0.7,0.8,0.9", help="acceptance rates to evaluate the speedup at")
-    ap.add_argument("--smollm2", default=None, help="path of the SmolLM2 GGUF or model dir (real-weight section)")
     ap.add_argument("--decode-attn", default="blocked",
                     help="comma list of cached-attention paths for plain decoding: pallas (one fused kernel over the "
                          "filled KV slots, split-K), blocked (an XLA loop over the filled slots), full (the whole "
-                         "cache, masked); the first one is used for (b) and (c)")
+                         "cache, masked); the first one is used for (b)")
     ap.add_argument("--decode-block", type=int, default=None, help="KV slots per block of the blocked path")
     ap.add_argument("--decode-loop", default=None, choices=["dynamic", "static"],
                     help="blocked path: trip count ceil(len/block) (dynamic) or S/block (static)")
     ap.add_argument("--extra-capacity", type=int, default=0,
                     help="KV slots preallocated beyond what the plain run needs (a long-context server's cache)")
+    ap.add_argument("--draft-layers", default="30",
+                    help="comma list of draft depths for (b): SmolLM2's width with this many layers (30: SmolLM2 "
+                         "itself; the distilled drafts of experiments.train_draft have 2-6)")
+    ap.add_argument("--models", default="",
+                    help="comma subset of the 8B-shape models for (a) (the 50%% hybrid is always run: (b) needs it)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     key = jax.random.key(0)
@@ -187,13 +195,17 @@ def main(argv=None):
     backends = a.backends.split(",")
     spec = [(int(x.split(":")[0]), x.split(":")[1]) for x in a.spec.split(",")]
     alphas = [float(x) for x in a.alphas.split(",")]
-    results = {"plain": [], "capacity": [], "spec": []}
+    results = {"plain": [], "capacity": [], "spec": [], "draft": []}
+    draft_layers = [int(n) for n in a.draft_layers.split(",")]
     attn_impls = a.decode_attn.split(",")
     attn_ops.set_decode_attention(attn_impls[0], block=a.decode_block, loop=a.decode_loop)
     print(f"cached attention: {attn_impls} block={attn_ops.DECODE_BLOCK} loop={attn_ops.DECODE_LOOP}", flush=True)
 
     models = {}
+    wanted = set(a.models.split(",")) | {"hybrid50-mamba2"} if a.models else None
     for name, (base, attn) in models_8b(a.quick).items():
+        if wanted is not None and name not in wanted:
+            continue
         cfg, params = build(base, attn, jax.random.fold_in(key, len(models)))
         models[name] = (cfg, params)
         results["capacity"].append(capacity_table(name, cfg, params, hbm))
@@ -209,32 +221,40 @@ def main(argv=None):
         if name != "hybrid50-mamba2":
             del models[name], params
 
-    # (b) speculative rounds with the 8B-shape hybrid target and a SmolLM2-shape draft of the same vocab
+    # (b) speculative rounds with the 8B-shape hybrid target and SmolLM2-width drafts of the same vocab
     t_cfg, t_params = models["hybrid50-mamba2"]
-    d_base = ModelConfig.smollm2_135m(vocab_size=t_cfg.vocab_size, dtype="bfloat16", param_dtype="bfloat16")
-    if a.quick:
-        d_base = ModelConfig.tiny(vocab_size=t_cfg.vocab_size, d_model=64, n_layers=2, dtype="bfloat16",
-                                  param_dtype="bfloat16")
-    d_cfg, d_params = build(d_base, None, jax.random.fold_in(key, 99))
     step = next(r for r in results["plain"] if r["model"] == "hybrid50-mamba2" and r["batch"] == 1
                 and r["attn"] == attn_impls[0])
-    for k, backend in spec:
-        t_round, calls = bench_spec_round(t_cfg, t_params, d_cfg, d_params, k, 8 * (k + 1), a.reps, backend, key)
-        for alpha in alphas:
-            e = expected_tokens(alpha, k)
-            results["spec"].append(dict(k=k, backend=backend, alpha=alpha, ms_round=t_round * 1e3,
-                                        round_over_step=t_round / (step["ms_per_step"] / 1e3),
-                                        tokens_per_round=e, speedup=e * (step["ms_per_step"] / 1e3) / t_round))
-        print(results["spec"][-1], flush=True)
+    for n_layers in draft_layers:
+        d_base = ModelConfig.smollm2_135m(vocab_size=t_cfg.vocab_size, n_layers=n_layers, dtype="bfloat16",
+                                          param_dtype="bfloat16")
+        if a.quick:
+            d_base = ModelConfig.tiny(vocab_size=t_cfg.vocab_size, d_model=64, n_layers=min(n_layers, 2),
+                                      dtype="bfloat16", param_dtype="bfloat16")
+        d_cfg, d_params = build(d_base, None, jax.random.fold_in(key, 99 + n_layers))
+        # the draft's own decode step (batch 1): what K of them add to a round
+        d_step = bench_plain(f"draft-{n_layers}", d_cfg, d_params, 1, 64, a.steps, a.reps, "xla", key)
+        results["draft"].append(d_step)
+        print(d_step, flush=True)
+        for k, backend in spec:
+            t_round, calls = bench_spec_round(t_cfg, t_params, d_cfg, d_params, k, 8 * (k + 1), a.reps, backend,
+                                              key)
+            for alpha in alphas:
+                e = expected_tokens(alpha, k)
+                results["spec"].append(dict(k=k, backend=backend, draft_layers=n_layers, alpha=alpha,
+                                            ms_round=t_round * 1e3, draft_ms_step=d_step["ms_per_step"],
+                                            round_over_step=t_round / (step["ms_per_step"] / 1e3),
+                                            tokens_per_round=e, speedup=e * (step["ms_per_step"] / 1e3) / t_round))
+            print(results["spec"][-1], flush=True)
 
     print("\n## (a) plain decoding (minimal bytes: weights + KV at context + SSM/conv state r/w)")
     print(md_table(results["plain"], ["model", "batch", "backend", "attn", "capacity", "ms_per_step",
                                       "tokens_per_s", "gb_per_step", "roofline"]))
     print("\n## decode state per sequence at 4k context (MiB) and the largest batch that fits")
     print(md_table(results["capacity"], ["model", "kv_mb", "ssm_mb", "conv_mb", "total_mb", "max_batch_4k"]))
-    print("\n## (b) speculative round vs one plain step, 50% hybrid target, SmolLM2-shape draft, batch 1")
-    print(md_table(results["spec"], ["k", "backend", "alpha", "ms_round", "round_over_step", "tokens_per_round",
-                                     "speedup"]))
+    print("\n## (b) speculative round vs one plain step, 50% hybrid target, SmolLM2-width drafts, batch 1")
+    print(md_table(results["spec"], ["k", "backend", "draft_layers", "draft_ms_step", "alpha", "ms_round",
+                                     "round_over_step", "tokens_per_round", "speedup"]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

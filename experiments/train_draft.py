@@ -23,7 +23,9 @@ wall clock, compilation included (with --seconds alone the cosine schedule is 10
 rate stays near its peak). Acceptance: greedy speculative decoding of the held-out prompts by --target (default:
 the teacher) for every --k, before and after training, checked against plain greedy decoding. The draft is saved
 with its tokenizer in --out (default RUN/draft-KIND-NL), loadable by `python -m l2m_jax.generate --model TARGET
---draft OUT`, with draft.json (settings, training time, tokens/s, acceptance per K). With the GPU-measured cost
+--draft OUT`, with draft.json (settings, training time, tokens/s, acceptance per K). --speed 1,8 also times
+plain against speculative greedy decoding of the held-out prompts by --target at those batch sizes (wall clock,
+compilation excluded: `recipe.decode_speed`). With the GPU-measured cost
 of one K=4 round (BENCHMARKS.md: 2.01 plain 8B-hybrid steps) it prints the speedup that acceptance gives at 8B
 shapes: E[tokens per round] / 2.01.
 """
@@ -84,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new", type=int, default=48)
     ap.add_argument("--no-before", action="store_true",
                     help="do not measure the untrained draft (one compile-heavy pass over every K less)")
+    ap.add_argument("--speed", metavar="B[,B...]", default="",
+                    help="after training, time plain and speculative greedy decoding of the held-out prompts at "
+                         "these batch sizes (wall clock, compilation excluded), e.g. --speed 1,8")
+    ap.add_argument("--speed-reps", type=int, default=3, help="timed runs per mode and batch size (median)")
     ap.add_argument("--out", metavar="DIR", help="where the draft and draft.json go (default RUN/draft-KIND-NL)")
     return ap
 
@@ -150,13 +156,23 @@ def _table(ks, before, after, steps_label: str) -> str:
     return "\n".join(lines)
 
 
+def _speed_table(ks, speed) -> str:
+    lines = ["| batch | prompts | plain tokens/s | " + " | ".join(f"K={k} tokens/s (speedup, acceptance)" for k in ks)
+             + " |", "|" + "---|" * (3 + len(ks))]
+    for size, e in speed.items():
+        cells = [f"{e[k]['tokens_per_s']:.1f} ({e[k]['speedup']:.2f}x, {e[k]['acceptance_rate']:.3f})" for k in ks]
+        lines.append(f"| {size} | {e['prompts']} | {e['plain_tokens_per_s']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(a, overrides: list[str]) -> dict:
     import jax
 
     import l2m_jax
     from l2m_jax.data.jsonl import write_json
     from l2m_jax.recipe import (UsageError, acceptance, build_draft, check_compatible, check_config, chat_rows,
-                                distill_draft, distill_rows, load_draft, load_teacher, save_draft, split_heldout)
+                                decode_speed, distill_draft, distill_rows, load_draft, load_teacher, save_draft,
+                                split_heldout)
     from l2m_jax.recipe.data import calibration_tokens, say, special_ids
     from l2m_jax.recipe.draft import BUDGET_STEPS, load_model
     from l2m_jax.recipe.run import use_compilation_cache
@@ -164,6 +180,7 @@ def run(a, overrides: list[str]) -> dict:
     c, run_dir, choice = _config(a, overrides)
     check_config(c)
     ks = _ints(a.k, "--k")
+    speed_batches = _ints(a.speed, "--speed") if a.speed else []
     steps = a.steps if a.steps is not None or a.seconds is not None else 150
     if steps is not None and steps < 0:
         raise UsageError(f"--steps {steps} must be >= 0 (0: measure acceptance only)")
@@ -233,6 +250,10 @@ def run(a, overrides: list[str]) -> dict:
                     "tokens_per_s": result.tokens_per_s, "kl_first": result.kl_first, "kl_last": result.kl_last,
                     "final_loss": result.history[-1]["loss"] if result.history else None}
     after = acceptance(target, draft, prompts, **measure) if training or not before else before
+    speed = None
+    if speed_batches:
+        speed = decode_speed(target, draft, prompts, ks, a.max_new, batch_sizes=speed_batches, eos_id=eos_id,
+                             reps=a.speed_reps, say=say)
     save_draft(out, draft, tok)
     label = f"KD, {training['steps']} steps" if training else "as loaded"
     k4 = {w: t[ROUND_OVER_STEP_K]["tokens_per_call"] / ROUND_OVER_STEP_8B
@@ -249,11 +270,17 @@ def run(a, overrides: list[str]) -> dict:
               "training": training,
               "acceptance": {"before": {str(k): v for k, v in before.items()} if before else None,
                              "after": {str(k): v for k, v in after.items()}},
-              "speedup_8b": {"round_over_step": ROUND_OVER_STEP_8B, "k": ROUND_OVER_STEP_K, **k4}}
+              "speedup_8b": {"round_over_step": ROUND_OVER_STEP_8B, "k": ROUND_OVER_STEP_K, **k4},
+              "decode_speed": ({str(b): {str(k): v for k, v in e.items()} for b, e in speed.items()}
+                               if speed else None)}
     write_json(out / "draft.json", record)
     print(f"\n{draft_name} of the {t_cfg.n_layers}-layer teacher, target {target_name}, {len(prompts)} held-out "
           f"prompts, <= {a.max_new} new tokens\n")
     print(_table(ks, before, after, label))
+    if speed:
+        print(f"\nwall-clock greedy decoding on this machine ({jax.devices()[0].device_kind}), target {target_name}, "
+              f"<= {a.max_new} new tokens, median of {a.speed_reps}\n")
+        print(_speed_table(ks, speed))
     if k4:
         print(f"\nspeedup at 8B shapes (one K={ROUND_OVER_STEP_K} round = {ROUND_OVER_STEP_8B} plain steps): "
               + ", ".join(f"{w} {v:.2f}x" for w, v in k4.items()))

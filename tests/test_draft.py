@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import l2m_jax
-from l2m_jax.recipe import (DraftError, acceptance, build_draft, check_compatible, distill_draft, draft_layer_ids,
-                            load_draft, save_draft, split_heldout)
+from l2m_jax.recipe import (DraftError, acceptance, build_draft, check_compatible, decode_speed, distill_draft,
+                            draft_layer_ids, load_draft, save_draft, split_heldout)
 
 TINY = ["teacher=tiny-random", "progress=false", "data.max_prompts=12", "synth.num_requests=0", "data.text=[]",
         "pseudo_labels.max_new_tokens=8", "pseudo_labels.batch_size=12", "data.seq_len=64", "calibration_rows=2",
@@ -106,6 +106,23 @@ def test_acceptance_is_a_rate_and_speculative_equals_greedy(setup):
         assert row["greedy_match"] == 1.0 and row["target_calls"] >= 1
 
 
+def test_decode_speed_times_plain_and_speculative_per_batch_size(setup):
+    _, teacher, _, _, prompts = setup
+    draft = build_draft(teacher, "llama", n_layers=2)
+    table = decode_speed(teacher, draft, prompts, ks=(2,), max_new_tokens=5, batch_sizes=(1, 2), reps=1)
+    assert sorted(table) == [1, 2]
+    assert table[2]["prompts"] == len(prompts) // 2 * 2 and table[1]["prompts"] == len(prompts)
+    for entry in table.values():
+        assert entry["plain_tokens_per_s"] > 0 and entry[2]["tokens_per_s"] > 0
+        assert entry[2]["speedup"] == pytest.approx(entry[2]["tokens_per_s"] / entry["plain_tokens_per_s"])
+        assert 0 <= entry[2]["acceptance_rate"] <= 1 and 1 <= entry[2]["tokens_per_call"] <= 3
+    # the same acceptance as the acceptance table: both decode the same prompts greedily
+    assert table[1][2]["acceptance_rate"] == acceptance(teacher, draft, prompts, ks=(2,), max_new_tokens=5)[2][
+        "acceptance_rate"]
+    with pytest.raises(DraftError, match="batch size 0"):
+        decode_speed(teacher, draft, prompts, batch_sizes=(0,))
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_k_past_the_context_is_refused_naming_the_model(setup):
     from l2m_jax.infer.speculative import check_speculative_fits
@@ -173,9 +190,13 @@ def test_command_end_to_end_and_generate_loads_the_draft(setup, tmp_path, capsys
     # the saved draft measured as it is, without the untrained pass
     again = tmp_path / "again"
     rc = train_draft.main(["--run", str(run_dir), "--draft", str(out), "--steps", "0", "--no-before", "--k", "2",
-                           "--max-new", "4", "--eval-prompts", "2", "--target", str(target), "--out", str(again)])
-    assert rc == 0, capsys.readouterr().out
+                           "--max-new", "4", "--eval-prompts", "2", "--target", str(target), "--out", str(again),
+                           "--speed", "1,2", "--speed-reps", "1"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
     record = json.loads((again / "draft.json").read_text())
+    assert sorted(record["decode_speed"]) == ["1", "2"] and record["decode_speed"]["2"]["2"]["tokens_per_s"] > 0
+    assert "| 2 | 2 |" in printed and "wall-clock greedy decoding" in printed
     assert record["acceptance"]["before"] is None and record["training"] is None
     assert record["acceptance"]["after"]["2"]["acceptance_rate"] == after["acceptance_rate"]
 

@@ -22,7 +22,7 @@ teacher on the same data: `recipe.build_draft`, `recipe.distill_draft`, `recipe.
 from .config import RecipeConfig, UsageError, check_config  # noqa: F401
 from .data import (chat_rows, distill_rows, heldout_ids, load_teacher, preference_rows, seed_prompts,  # noqa: F401
                    sft_rows)
-from .draft import (DraftError, acceptance, build_draft, check_compatible, distill_draft,  # noqa: F401
+from .draft import (DraftError, acceptance, build_draft, check_compatible, decode_speed, distill_draft,  # noqa: F401
                     draft_layer_ids, load_draft, save_draft, split_heldout)
 from .run import (ALIGN_ALL, Run, evaluate, export, layer_order, make_plan, pipeline,  # noqa: F401
                   preference_eval, run_stage, write_run_report)

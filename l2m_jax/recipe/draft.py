@@ -246,3 +246,66 @@ def acceptance(target, draft, prompts, ks: Sequence[int] = (2, 4, 6, 8), max_new
                     "seconds": time.perf_counter() - t0,
                     "greedy_match": float(np.mean([a == g for a, g in zip(out, greedy)]))}
     return table
+
+
+def decode_speed(target, draft, prompts, ks: Sequence[int] = (4,), max_new_tokens: int = 48, *,
+                 batch_sizes: Sequence[int] = (1, 8), eos_id: int | None = None, backend: str = "xla",
+                 reps: int = 3, say=None) -> dict[int, dict]:
+    """Wall-clock decoding speed, plain greedy against greedy speculative, per batch size: {B: measures}.
+
+    For each B the prompts go through in batches of B (as many whole batches as there are prompts, at least
+    one); every mode first runs once on exactly those batches (compiling), then `reps` more times, and the
+    median is kept, so compilation is not timed. Measures: "plain_tokens_per_s" (new tokens emitted by
+    `generate` / seconds) and, per K, "tokens_per_s", "speedup" (over plain), "acceptance_rate",
+    "tokens_per_call"; "prompts" (how many were decoded)."""
+    from l2m_jax.infer.generate import generate
+    from l2m_jax.infer.speculative import speculative_generate
+
+    if not prompts:
+        raise DraftError("no prompts to time decoding on")
+    if reps < 1:
+        raise DraftError(f"reps={reps}: time at least one run")
+
+    def timed(run):
+        run()                                             # compiles every batch shape
+        results = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = run()
+            results.append((time.perf_counter() - t0, out))
+        seconds = float(np.median([s for s, _ in results]))
+        return seconds, results[-1][1]
+
+    table = {}
+    for size in (int(b) for b in batch_sizes):
+        if size < 1:
+            raise DraftError(f"batch size {size}: give sizes >= 1")
+        count = max(size, len(prompts) // size * size)
+        rows = [prompts[i % len(prompts)] for i in range(count)]
+        batches = [rows[s:s + size] for s in range(0, count, size)]
+
+        def plain():
+            return [r for b in batches for r in generate(*target, b, max_new_tokens, eos_id=eos_id, backend=backend)]
+
+        seconds, out = timed(plain)
+        entry = {"prompts": count, "plain_tokens_per_s": sum(map(len, out)) / seconds, "plain_seconds": seconds}
+        for k in (int(k) for k in ks):
+            def spec(k=k):
+                outs, accepted, drafted, calls = [], 0, 0, 0
+                for b in batches:
+                    r, s = speculative_generate(target, draft, b, max_new_tokens, k=k, eos_id=eos_id,
+                                                backend=backend)
+                    outs += r
+                    accepted, drafted, calls = accepted + s.accepted, drafted + s.drafted, calls + s.target_calls
+                return outs, accepted / max(drafted, 1)
+
+            s_seconds, (s_out, rate) = timed(spec)
+            tps = sum(map(len, s_out)) / s_seconds
+            entry[k] = {"tokens_per_s": tps, "speedup": tps / entry["plain_tokens_per_s"], "seconds": s_seconds,
+                        "acceptance_rate": rate, "tokens_per_call": 1 + k * rate}
+        table[size] = entry
+        if say:
+            say(f"decode speed, batch {size}: plain {entry['plain_tokens_per_s']:.1f} tokens/s; "
+                + "; ".join(f"K={k} {entry[k]['tokens_per_s']:.1f} tokens/s ({entry[k]['speedup']:.2f}x)"
+                            for k in ks))
+    return table
