@@ -163,3 +163,20 @@ def test_command_line_wrapper(setup):
     assert "os.fork()" not in proc.stderr                 # the results table is formatted in this process
     results = list(out.rglob("results_*.json"))
     assert len(results) == 1 and "l2m_tiny_mc" in json.loads(results[0].read_text())["results"]
+
+
+def test_the_installed_entry_point_resolves_through_lm_evals_registry():
+    """The package declares the model in the entry-point group `lm_eval.models`, which lm-eval's plugin discovery
+    (releases after 0.4.13) records as a lazy placeholder; lm-eval's own Registry materialises it to the adapter."""
+    from importlib.metadata import entry_points
+
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import Registry
+
+    from l2m_jax.eval.lm_eval_adapter import L2MJaxLM
+
+    found = [ep for ep in entry_points(group="lm_eval.models") if ep.name == "l2m_jax"]
+    assert len(found) == 1, "reinstall the package (pip install -e .) so its entry points are recorded"
+    registry = Registry("model", base_cls=LM)             # a fresh one: the process-wide registry is left alone
+    registry.register("l2m_jax", target=found[0])
+    assert registry.get("l2m_jax") is L2MJaxLM
