@@ -22,7 +22,7 @@ from l2m_jax.recipe.config import (CHANGEABLE_ON_RESUME, STAGE_KINDS, RecipeConf
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # may differ between a run and its resumption
-NOT_COMPARED = ("out", "progress", "verbose", "resume_with_changes", "compile_ahead")
+NOT_COMPARED = ("out", "progress", "verbose", "resume_with_changes", "compile_ahead", "kernels")
 
 
 # ------------------------------------------------------------------------------------------------ config

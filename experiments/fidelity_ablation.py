@@ -35,6 +35,7 @@ import l2m_jax
 from experiments.distill_config import load_config
 from l2m_jax.convert.hybridize import attention_layers_for
 from l2m_jax.recipe.data import calibration_tokens, distill_rows, say
+from l2m_jax.recipe.config import use_kernels
 from l2m_jax.recipe.run import Run, evaluate, stage1_trains, stage_settings, use_compilation_cache
 from l2m_jax.train.align import align_stage, conversion_order, layer_nmse, take_mixers
 from l2m_jax.train.stages import distill_stage
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     use_compilation_cache()
+    use_kernels(c)
     run = Run(c, Path(run_dir))
     teacher_eval = run.evaluate("teacher", *run.teacher)
     rows = run.rows()

@@ -175,6 +175,7 @@ def run(a, overrides: list[str]) -> dict:
                                 split_heldout)
     from l2m_jax.recipe.data import calibration_tokens, say, special_ids
     from l2m_jax.recipe.draft import BUDGET_STEPS, load_model
+    from l2m_jax.recipe.config import use_kernels
     from l2m_jax.recipe.run import use_compilation_cache
 
     c, run_dir, choice = _config(a, overrides)
@@ -186,6 +187,7 @@ def run(a, overrides: list[str]) -> dict:
         raise UsageError(f"--steps {steps} must be >= 0 (0: measure acceptance only)")
     say(f"train_draft: {choice}")
     use_compilation_cache()
+    use_kernels(c)
     t_cfg, t_params, tok = load_teacher(c)
     teacher = (t_cfg, t_params)
     pad_id, eos_id = special_ids(tok)

@@ -308,3 +308,26 @@ def test_aligned_layer_order_ranks_layers_by_one_stage0_of_every_layer(tmp_path)
     assert "layer order" in (out / "report.md").read_text()
     bad = command(*TINY, "stage1.layer_order=aligned", "stage0.enabled=false", f"out={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "stage0.enabled=true" in bad.stderr
+
+
+def test_kernel_choices_are_checked_and_set_when_a_run_starts():
+    from l2m_jax.ops import attention as attn_ops
+    from l2m_jax.ops import ssm as ssm_ops
+    from l2m_jax.recipe import UsageError, check_config, use_kernels
+    from l2m_jax.recipe.config import KernelConfig, RecipeConfig
+
+    c = RecipeConfig(teacher="tiny-random", kernels=KernelConfig(attention="auto", decode_attention="blocked"))
+    check_config(c)
+    try:
+        use_kernels(c)
+        assert (attn_ops.ATTN_IMPL, attn_ops.DECODE_IMPL, ssm_ops.SSD_BACKEND[0]) == ("auto", "blocked", "xla")
+    finally:
+        use_kernels(RecipeConfig())
+    assert (attn_ops.ATTN_IMPL, attn_ops.DECODE_IMPL) == ("reference", "full")
+    c.kernels.attention = "flash"
+    with pytest.raises(UsageError, match=r"kernels.attention='flash': choose one of \['reference', 'xla'"):
+        check_config(c)
+    if jax.default_backend() != "gpu":
+        c.kernels = KernelConfig(ssd="pallas")
+        with pytest.raises(UsageError, match="kernels.ssd='pallas' runs on a GPU only.*kernels.ssd=xla"):
+            check_config(c)

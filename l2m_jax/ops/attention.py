@@ -46,7 +46,9 @@ def gqa_attention(q, k, v, mask):
 #   "reference"  gqa_attention with attention_mask
 #   "xla"        jax.nn.dot_product_attention(implementation="xla"): the same math, masks built from lengths
 #   "cudnn"      jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention (GPU, bf16/fp16)
-ATTN_IMPLS = ("reference", "xla", "cudnn")
+#   "auto"       "cudnn" for the calls it can run (on a GPU, bf16/fp16 inputs), "xla" for the others: mixed-
+#                precision training steps get flash attention while fp32 evaluation of the same model still runs
+ATTN_IMPLS = ("reference", "xla", "cudnn", "auto")
 ATTN_IMPL = "reference"
 
 
@@ -111,10 +113,13 @@ def causal_attention(q, k, v, *, kv_lengths=None, sliding_window: int | None = N
                    fix. With kv_lengths the pad queries (i >= kv_lengths[b]) are passed as query_seq_lengths too
                    and come back as zeros (the reference gives them a finite average; no real position reads a
                    pad query's output).
+      "auto"       "cudnn" where it can run (a GPU, bf16/fp16 q), "xla" elsewhere.
     An arbitrary boolean mask cannot be given here (these calls cannot express one without materialising it);
     the model falls back to gqa_attention for masks that are not right padding (see models/layers.py).
     """
     impl = ATTN_IMPL if impl is None else _check_impl(impl)
+    if impl == "auto":
+        impl = "cudnn" if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
     b, l, h, p = q.shape
     g = k.shape[2]
     if h % g:

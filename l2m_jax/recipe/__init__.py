@@ -19,7 +19,7 @@
 or `recipe.pipeline(c, out)` for all of it, resumable. A draft for speculative decoding, distilled from the same
 teacher on the same data: `recipe.build_draft`, `recipe.distill_draft`, `recipe.acceptance` (recipe/draft.py).
 """
-from .config import RecipeConfig, UsageError, check_config  # noqa: F401
+from .config import RecipeConfig, UsageError, check_config, use_kernels  # noqa: F401
 from .data import (chat_rows, distill_rows, heldout_ids, load_teacher, preference_rows, seed_prompts,  # noqa: F401
                    sft_rows)
 from .draft import (DraftError, acceptance, build_draft, check_compatible, decode_speed, distill_draft,  # noqa: F401

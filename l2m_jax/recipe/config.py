@@ -153,6 +153,20 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class KernelConfig:
+    """Which implementation runs the models' hot loops (the switches of l2m_jax.ops), set when a run starts."""
+    attention: str = "reference"         # full-sequence attention (training, scoring, prefill): reference | xla |
+                                         # cudnn | auto (cudnn where it can run, xla elsewhere): ops.attention
+    ssd: str = "xla"                     # the Mamba-2 mixers' full-sequence scan: xla | pallas (GPU): ops.ssm
+    decode_attention: str = "full"       # cached attention in generation: full | blocked | pallas (GPU)
+
+
+KERNEL_CHOICES = {"attention": ("reference", "xla", "cudnn", "auto"), "ssd": ("xla", "pallas"),
+                  "decode_attention": ("full", "blocked", "pallas")}
+GPU_ONLY = {("attention", "cudnn"), ("ssd", "pallas"), ("decode_attention", "pallas")}
+
+
+@dataclasses.dataclass
 class RecipeConfig:
     preset: str = "smollm2"
     teacher: str = "smollm2"             # l2m_jax.load path or name; "tiny-random" for tests and debugging
@@ -173,6 +187,7 @@ class RecipeConfig:
     compile_ahead: bool = True           # with JAX's persistent compilation cache on: compile later stages' train
                                          # steps in a background thread while earlier stages run
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,6 +196,22 @@ class RecipeConfig:
     sft: SftConfig = field(default_factory=SftConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _has_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
+def use_kernels(c) -> None:
+    """Set the kernel switches of l2m_jax.ops from c.kernels (programs traced afterwards use them)."""
+    from l2m_jax.ops import attention, ssm
+
+    kernels = getattr(c, "kernels", KernelConfig())
+    attention.set_attention(kernels.attention)
+    ssm.set_ssd_backend(kernels.ssd)
+    attention.set_decode_attention(kernels.decode_attention)
 
 
 def check_config(c) -> None:
@@ -197,6 +228,14 @@ def check_config(c) -> None:
     if c.compute_dtype is not None and c.compute_dtype not in COMPUTE_DTYPES:
         problems.append(f"compute_dtype={c.compute_dtype!r}: choose one of {list(COMPUTE_DTYPES)} (or null: the "
                         "teacher's dtype)")
+    kernels = getattr(c, "kernels", KernelConfig())
+    for key, choices in KERNEL_CHOICES.items():
+        value = getattr(kernels, key)
+        if value not in choices:
+            problems.append(f"kernels.{key}={value!r}: choose one of {list(choices)}")
+        elif (key, value) in GPU_ONLY and not _has_gpu():
+            problems.append(f"kernels.{key}={value!r} runs on a GPU only and JAX sees none here; use "
+                            f"kernels.{key}={KERNEL_CHOICES[key][0]} (the default)")
     if c.calibration_rows < 1:
         problems.append(f"calibration_rows={c.calibration_rows} must be >= 1")
     if c.stage1.kl_reduction not in ("token_mean", "mil"):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import UsageError
+from .config import UsageError, use_kernels
 from l2m_jax.data.jsonl import write_json
 
 from .data import (calibration_tokens, chat_rows, distill_rows, heldout_ids, load_teacher, preference_rows, say,
@@ -625,6 +625,9 @@ def pipeline(c, out: Path) -> Path:
 
     say(f"recipe: preset {c.preset}, out {out}")
     use_compilation_cache()
+    use_kernels(c)
+    k = c.kernels
+    say(f"kernels: attention {k.attention}, ssd {k.ssd}, decode attention {k.decode_attention}")
     run = Run(c, out)
     plan = make_plan(c, run.teacher[0].n_layers, layer_order(run))
     if not plan:

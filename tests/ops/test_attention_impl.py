@@ -131,3 +131,14 @@ def test_cudnn_equals_reference_on_gpu(case):
     assert not np.asarray(got[0])[~real].any()
     for name, x, r in zip(("dq", "dk", "dv"), got[1:], ref[1:]):
         assert _rel(x, r) <= TOL["bfloat16"], (name, _rel(x, r))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_auto_is_cudnn_where_it_can_run_else_xla(dtype):
+    """"auto": cuDNN for half-precision inputs on a GPU, XLA's call for everything else (here: all of it)."""
+    q, k, v, _ = _inputs(3, dtype, l=16)
+    lens = jnp.asarray([16, 9, 0], jnp.int32)
+    got = causal_attention(q, k, v, kv_lengths=lens, impl="auto")
+    cudnn = jax.default_backend() == "gpu" and dtype == "bfloat16"
+    want = causal_attention(q, k, v, kv_lengths=lens, impl="cudnn" if cudnn else "xla")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
