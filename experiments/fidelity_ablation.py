@@ -15,9 +15,9 @@ the preset's batch; arms differ in one thing each:
            job's progressive rounds (each round converts more layers of the previous round's student, aligns
            them if stage0.enabled, then trains stage 1); a round written sft:F (rounds=0.5,sft:0.25,sft:0.125)
            is one of MiL's SFT rounds instead: convert, then end-to-end KD of every parameter with the sft.*
-           settings (sft.steps, sft.lr), no stage 0; stage1.layer_order=aligned runs the recipe's align-all
-           stage first (stage 0 once, every layer converted) and converts in its order, with its mixers and no
-           per-round stage 0; scored after every round, with tokens/s
+           settings (sft.steps, sft.lr), no stage 0; stage1.layer_order=aligned (or aligned_kl) runs the
+           recipe's align-all stage first (stage 0 once, every layer converted) and converts in its order, with
+           its mixers and no per-round stage 0; scored after every round, with tokens/s
 Held-out perplexity ratio and top-1 agreement on every eval text; ablation.json and ablation.md land in --out.
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ import l2m_jax
 from experiments.distill_config import load_config
 from l2m_jax.convert.hybridize import attention_layers_for
 from l2m_jax.recipe.data import calibration_tokens, distill_rows, say
-from l2m_jax.recipe.config import use_kernels
+from l2m_jax.recipe.config import ALIGNED_ORDERS, use_kernels
 from l2m_jax.recipe.run import Run, evaluate, stage1_trains, stage_settings, use_compilation_cache
-from l2m_jax.train.align import align_stage, conversion_order, layer_nmse, take_mixers
+from l2m_jax.train.align import LAYER_SCORES, align_stage, conversion_order, take_mixers
 from l2m_jax.train.stages import distill_stage
 
 
@@ -147,18 +147,21 @@ def main(argv=None) -> int:
         kw = {"calibration": calibration_tokens(cv, rows_)} if cv.init in ("norm", "calibrated") else {}
         order = every = None
         dt = cv.compute_dtype
-        if cv.stage1.layer_order == "aligned":   # the recipe's align-all stage: stage 0 once, every layer converted
+        if cv.stage1.layer_order in ALIGNED_ORDERS:   # the recipe's align-all: stage 0 once, every layer converted
             # variants that differ only after it share it
+            metric = ALIGNED_ORDERS[cv.stage1.layer_order]
             a_key = (key, cv.init, cv.seed, cv.calibration_rows, dt, OmegaConf.to_yaml(cv.stage0))
             t0 = time.perf_counter()
             if a_key not in aligned_all:
                 every = l2m_jax.hybridize(*run.teacher, [], cv.mixer, jax.random.key(cv.seed), init=cv.init, **kw)
                 r = align_stage(every, run.teacher, rows_, stage_settings(cv, "stage0", len(rows_["tokens"])),
                                 mesh=run.mesh, compute_dtype=dt)
-                every = (r.cfg, r.params)
-                scores = layer_nmse(every, run.teacher, rows_, batch_size=cv.stage0.batch_size)
-                aligned_all[a_key] = every, conversion_order(scores, n_layers)
-            every, order = aligned_all[a_key]
+                aligned_all[a_key] = (r.cfg, r.params), {}
+            every, orders = aligned_all[a_key]
+            if metric not in orders:
+                scores = LAYER_SCORES[metric](every, run.teacher, rows_, batch_size=cv.stage0.batch_size)
+                orders[metric] = conversion_order(scores, n_layers)
+            order = orders[metric]
             say(f"[recipe] {name}: layer order {order} (stage 0 of every layer in {time.perf_counter() - t0:.0f}s)")
         for r_i, spec in enumerate(rounds):
             t0 = time.perf_counter()

@@ -9,7 +9,8 @@ One launch, split-K over the sequence: one program per (batch row, KV group, spl
 group's R = H / G query heads of all T queries into one [T·R, P] tile (padded to a power of two >= 16 rows),
 then walks the KV blocks j, j + splits, j + 2·splits, ... that hold filled slots of its row — a trip count read
 from lengths[b], so slots past the filled part are never read, however large the cache — with an online softmax
-in fp32: two dots per block (scores q·kᵀ and p·v, bf16 operands with fp32 accumulation where the cache is bf16).
+in fp32: two dots per block (scores q·kᵀ and p·v, bf16 operands with fp32 accumulation where the cache is bf16,
+fp32 operands at full precision where it is fp32).
 Its partial (running max, sum, un-normalised output) goes to HBM and a small XLA combine merges the splits. Slots
 that are read but not visible (the tail of the last block) are masked in the scores and in the values, so
 whatever they hold cannot leak in; a query that sees no key gives zeros.
@@ -86,15 +87,14 @@ def _kernel(len_ref, pos_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, blo
         vis = (slot[None, :] <= pos[:, None]) & filled[None, :]                               # [Tq, block]
         if window is not None:
             vis &= (pos[:, None] - slot[None, :]) < window
-        scores = jax.lax.dot_general(q.astype(kb.dtype), kb, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=_F32) * scale
+        scores = tiling.dot(q.astype(kb.dtype), kb, (1, 1)) * scale
         scores = jnp.where(vis, scores, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # nothing visible yet: no inf - inf
         w = jnp.where(vis, jnp.exp(scores - m_safe[:, None]), 0.0)
         corr = jnp.exp(m - m_safe)                          # m = -inf -> 0
         vb = jnp.where(filled[:, None], vb, jnp.zeros((), vb.dtype))
-        pv = jax.lax.dot_general(w.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+        pv = tiling.dot(w.astype(vb.dtype), vb, (1, 0))
         return m_new, l * corr + jnp.sum(w, axis=1), acc * corr[:, None] + pv
 
     init = (jnp.full((rows,), -jnp.inf, _F32), jnp.zeros((rows,), _F32), jnp.zeros(acc_ref.shape, _F32))

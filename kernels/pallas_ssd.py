@@ -71,12 +71,7 @@ def check_ssd_tiling(chunk, head_dim: int, dstate: int, block_rows=None) -> None
         )
 
 
-def _dot(a, b, contract: tuple[int, int]):
-    """2-D dot with fp32 accumulation; fp32 operands at full precision (Triton's default would be TF32)."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == _F32 else None
-    return jax.lax.dot_general(
-        a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision, preferred_element_type=_F32
-    )
+_dot = tiling.dot
 
 
 def _compiler_params(num_warps: int, interpret: bool):

@@ -204,12 +204,9 @@ _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16
 
 
 def _state_dot(a, b, contract: tuple[int, int], interpret: bool):
-    """2-D fp32 dot with fp32 accumulation. On a GPU 3-pass TF32 (error ~1e-6, like fp32; one pass of TF32 would
-    round the state to 10 mantissa bits); in interpret mode full fp32."""
-    precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-    return jax.lax.dot_general(
-        a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision, preferred_element_type=_F32
-    )
+    """tiling.dot of fp32 operands: on a GPU 3-pass TF32 (error ~1e-6, like fp32; one pass of TF32 would round
+    the state to 10 mantissa bits) on the tensor cores; in interpret mode full fp32."""
+    return tiling.dot(a, b, contract, None if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
 
 
 def _mamba2_matrix_kernel(tokens: int, rows: int, interpret: bool):

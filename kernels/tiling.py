@@ -63,3 +63,16 @@ def mamba_block_c(batch: int, channels: int, dstate: int, aligned_to: int | None
 def num_warps(tile_elements: int) -> int:
     """About 16 fp32 state values per thread, 1 to 4 warps."""
     return max(1, min(4, tile_elements // 512))
+
+
+def dot(a, b, contract: tuple[int, int], precision=None):
+    """The 2-D dot of the Pallas kernels: contract dim contract[0] of a with contract[1] of b, fp32 accumulation.
+    precision None: fp32 operands at full precision (Triton's default would round them to TF32), others as they
+    are (bf16 on the tensor cores)."""
+    import jax
+    import jax.numpy as jnp
+
+    if precision is None and a.dtype == jnp.float32:
+        precision = jax.lax.Precision.HIGHEST
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)

@@ -62,9 +62,12 @@ class Block(nnx.Module):
     def __call__(self, x, ctx: Context, cache):
         return self.forward_io(x, ctx, cache)[:2]
 
-    def forward_io(self, x, ctx: Context, cache):
-        """(block output, new cache, the mixer's normalised input u, the mixer's output h)."""
+    def forward_io(self, x, ctx: Context, cache, mixer=None):
+        """(block output, new cache, the mixer's normalised input u, the mixer's output h).
+
+        mixer: None, or a callable (u, ctx, cache) -> (h, cache) run in place of the block's own mixer."""
         mix = self.mixer.verify if isinstance(cache, SpecSSMCache) else self.mixer
+        mix = mix if mixer is None else mixer
         u = self.attn_norm(x)
         h, cache = mix(u, ctx, cache)
         x = x + h
@@ -153,6 +156,26 @@ class CausalLM(nnx.Module):
             if i in layers:
                 inputs[i], outputs[i] = u, h
         return inputs, outputs
+
+    def swap_hidden(self, tokens, donor: "CausalLM", sel, *, mask=None):
+        """Final hidden states [B, L, D] of this model with layer `sel`'s mixer taken from `donor` (same trunk;
+        its mixers differ at some layers): sel is an int32 scalar, traced, so one compiled program serves every
+        choice of layer (lax.cond runs one mixer per layer at run time). A sel at which the two models' mixers
+        do not differ leaves this model as it is."""
+        ctx = self._context(tokens, None, mask, "xla")
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            other = donor.layers[i].mixer
+            if donor.cfg.layer_mixers[i] == self.cfg.layer_mixers[i]:
+                x = layer(x, ctx, None)[0]
+                continue
+
+            def mixer(u, ctx, cache, i=i, own=layer.mixer, other=other):
+                h = jax.lax.cond(sel == i, lambda u: other(u, ctx, None)[0], lambda u: own(u, ctx, None)[0], u)
+                return h, cache
+
+            x = layer.forward_io(x, ctx, None, mixer=mixer)[0]
+        return self.final_norm(x)
 
     def apply_mixer(self, i: int, u, *, mask=None):
         """Layer i's mixer on its normalised input u [B, L, D] -> [B, L, D] (a full sequence, no cache)."""

@@ -12,6 +12,8 @@ from dataclasses import field
 from typing import Dict, List, Optional
 
 STAGE_KINDS = ("stage0", "stage1", "sft", "dpo")
+# stage1.layer_order values that rank the layers after the align-all stage, and the score each ranks by
+ALIGNED_ORDERS = {"aligned": "nmse", "aligned_kl": "kl"}
 # what resume_with_changes=true lets differ from an out's config.yaml: these keys of every stage, and `steps`
 # of a stage kind none of whose stages has finished; data, model, loss and batch settings stay refused
 CHANGEABLE_ON_RESUME = ("lr", "betas", "eps", "weight_decay", "clip_norm", "warmup_steps", "warmup_ratio",
@@ -106,9 +108,10 @@ class Stage0Config(StageConfig):
 class Stage1Config(StageConfig):
     attn_fractions: List[float] = field(default_factory=lambda: [0.75, 0.5])   # [] skips stage 1
     stepwise: bool = False               # one layer per round (MiL's stepwise order) instead
-    # which layers turn Mamba first: "mil" (MiL's interleaving: 50% -> the even layers convert) or "aligned":
+    # which layers turn Mamba first: "mil" (MiL's interleaving: 50% -> the even layers convert), "aligned":
     # stage 0 once with every layer converted, then the layers its mixers reproduce best convert first
-    # (train.align.conversion_order); every round takes its new mixers from that aligned student
+    # (train.align.layer_nmse, conversion_order); every round takes its new mixers from that aligned student;
+    # "aligned_kl": the same, ranked by what converting each layer alone costs the output (train.align.layer_kl)
     layer_order: str = "mil"
     steps: Optional[int] = 64            # per round
     round_steps: Optional[List[int]] = None   # steps of each round (one per attn_fraction), instead of steps
@@ -240,12 +243,14 @@ def check_config(c) -> None:
         problems.append(f"calibration_rows={c.calibration_rows} must be >= 1")
     if c.stage1.kl_reduction not in ("token_mean", "mil"):
         problems.append(f"stage1.kl_reduction={c.stage1.kl_reduction!r}: choose 'token_mean' or 'mil'")
-    if c.stage1.layer_order not in ("mil", "aligned"):
-        problems.append(f"stage1.layer_order={c.stage1.layer_order!r}: choose 'mil' (MiL's interleaving) or "
-                        "'aligned' (by stage-0 alignment error)")
-    elif c.stage1.layer_order == "aligned" and not c.stage0.enabled:
-        problems.append("stage1.layer_order='aligned' ranks the layers by a stage-0 run with every layer "
-                        "converted; set stage0.enabled=true (its steps, batch and lr are used) or layer_order=mil")
+    if c.stage1.layer_order not in ("mil", *ALIGNED_ORDERS):
+        problems.append(f"stage1.layer_order={c.stage1.layer_order!r}: choose 'mil' (MiL's interleaving), "
+                        "'aligned' (by stage-0 alignment error) or 'aligned_kl' (by the output KL of each layer "
+                        "converted alone)")
+    elif c.stage1.layer_order in ALIGNED_ORDERS and not c.stage0.enabled:
+        problems.append(f"stage1.layer_order={c.stage1.layer_order!r} ranks the layers by a stage-0 run with every "
+                        "layer converted; set stage0.enabled=true (its steps, batch and lr are used) or "
+                        "layer_order=mil")
     if c.sft.loss not in ("ce", "kd"):
         problems.append(f"sft.loss={c.sft.loss!r}: choose 'ce' (cross-entropy on answers) or 'kd' (end-to-end KD)")
     if c.dpo.reference not in ("teacher", "sft"):

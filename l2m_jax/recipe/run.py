@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import UsageError, use_kernels
+from .config import ALIGNED_ORDERS, UsageError, use_kernels
 from l2m_jax.data.jsonl import write_json
 
 from .data import (calibration_tokens, chat_rows, distill_rows, heldout_ids, load_teacher, preference_rows, say,
@@ -135,7 +135,8 @@ class Run:
 
             path = self.out / "stages" / ALIGN_ALL / "model"
             if not path.exists():
-                raise UsageError(f"stage1.layer_order=aligned needs the {ALIGN_ALL} stage's model in {path}; "
+                raise UsageError(f"stage1.layer_order={self.c.stage1.layer_order} needs the {ALIGN_ALL} stage's "
+                                 f"model in {path}; "
                                  "run the recipe's layer_order(run) first")
             self._aligned = l2m_jax.load(path)
         return self._aligned
@@ -176,13 +177,13 @@ def make_plan(c, n_layers: int, order=None):
     """The stages of the run (l2m_jax.train.stages.schedule).
 
     stage1.layer_order="mil": MiL's layer sets, stage 0 (if enabled) before every stage-1 round on its layers.
-    "aligned": first `ALIGN_ALL`, stage 0 with every layer converted, then the rounds with the layer sets of
-    `order` (`layer_order(run)`, from that stage; None gives MiL's sets, for the stage names only) and no
+    "aligned" / "aligned_kl": first `ALIGN_ALL`, stage 0 with every layer converted, then the rounds with the
+    layer sets of `order` (`layer_order(run)`, from that stage; None gives MiL's sets, for the stage names only) and no
     per-round stage 0: each round takes its new mixers from the aligned student (`convert`).
     """
     from l2m_jax.train.stages import PlannedStage, schedule
 
-    aligned = c.stage1.layer_order == "aligned"
+    aligned = c.stage1.layer_order in ALIGNED_ORDERS
     plan = schedule(n_layers, stage1=list(c.stage1.attn_fractions), sft=list(c.sft.attn_fractions),
                     dpo=c.dpo.enabled, stepwise=c.stage1.stepwise, align=c.stage0.enabled and not aligned,
                     order=order)
@@ -190,16 +191,18 @@ def make_plan(c, n_layers: int, order=None):
 
 
 def layer_order(run: Run) -> list[int] | None:
-    """The conversion order of stage1.layer_order="aligned" (None for "mil"): runs stage `ALIGN_ALL` (stage 0
-    with every layer converted, resumable like every stage) unless an earlier run finished it, then ranks the
-    layers by its per-layer error (`train.align.layer_nmse` on the first 128 stage-1 rows, `conversion_order`);
-    kept in out/layer_order.json and in the report's data notes."""
-    from l2m_jax.train.align import conversion_order, layer_nmse
+    """The conversion order of stage1.layer_order="aligned" / "aligned_kl" (None for "mil"): runs stage
+    `ALIGN_ALL` (stage 0 with every layer converted, resumable like every stage) unless an earlier run finished
+    it, then ranks the layers by its per-layer error ("aligned": `train.align.layer_nmse`) or by the output KL
+    of each layer converted alone ("aligned_kl": `train.align.layer_kl`), on the first 128 stage-1 rows
+    (`conversion_order`); kept in out/layer_order.json and in the report's data notes."""
+    from l2m_jax.train.align import LAYER_SCORES, conversion_order
     from l2m_jax.train.stages import PlannedStage
 
     c = run.c
-    if c.stage1.layer_order != "aligned":
+    if c.stage1.layer_order not in ALIGNED_ORDERS:
         return None
+    metric = ALIGNED_ORDERS[c.stage1.layer_order]
     path = run.out / "layer_order.json"
     if path.exists():
         return json.loads(path.read_text())["order"]
@@ -208,11 +211,13 @@ def layer_order(run: Run) -> list[int] | None:
     if not done.exists():
         say(f"{ALIGN_ALL}: stage 0 with all {n_layers} layers converted, to rank them (stage1.layer_order=aligned)")
         run_stage(run, 0, stage, run.teacher, AlignAllAhead.start(run))
-    scores = layer_nmse(run.aligned_model(), run.teacher, run.data("stage0"), batch_size=c.stage0.batch_size)
+    scores = LAYER_SCORES[metric](run.aligned_model(), run.teacher, run.data("stage0"),
+                                  batch_size=c.stage0.batch_size)
     order = conversion_order(scores, n_layers)
     plan = make_plan(c, n_layers, order)
     keeps = {p.name: list(p.attn_layers) for p in plan if p.kind == "stage1"}
-    record = {"order": order, "nmse": {str(i): v for i, v in sorted(scores.items())}, "attention_kept": keeps}
+    record = {"order": order, "metric": metric, metric: {str(i): v for i, v in sorted(scores.items())},
+              "attention_kept": keeps}
     write_json(path, record)
     run.notes["layer_order"] = record
     write_json(run.out / "data_notes.json", run.notes)
@@ -222,7 +227,8 @@ def layer_order(run: Run) -> list[int] | None:
 
 def order_line(record: dict) -> str:
     """One line on a layer order (`layer_order`'s record): the order and the attention layers of each round."""
-    return (f"layer order ({ALIGN_ALL}'s stage-0 error per layer, converted first to last): {record['order']}; "
+    by = {"nmse": "stage-0 error", "kl": "output KL with it converted alone"}[record.get("metric", "nmse")]
+    return (f"layer order ({ALIGN_ALL}'s {by} per layer, converted first to last): {record['order']}; "
             "attention kept: " + "; ".join(f"{k} {v}" for k, v in record["attention_kept"].items()))
 
 
@@ -270,7 +276,7 @@ def convert(run: Run, index: int, stage, student):
         return student
     key = jax.random.fold_in(jax.random.key(c.seed), index)
     t0 = time.perf_counter()
-    if c.stage1.layer_order == "aligned" and stage.name != ALIGN_ALL:
+    if c.stage1.layer_order in ALIGNED_ORDERS and stage.name != ALIGN_ALL:
         # the new mixers come from the student aligned with every layer converted; their init is replaced
         new = [i for i in range(s_cfg.n_layers) if i in s_cfg.attn_layers and i not in stage.attn_layers]
         s_cfg, s_params = take_mixers(l2m_jax.hybridize(s_cfg, s_params, stage.attn_layers, c.mixer, key,
@@ -427,7 +433,7 @@ class AlignAllAhead:
     """Compiles stage `ALIGN_ALL`'s train step in a daemon thread while the chat data is made (the stage's
     conversion asks for the data first): its model is the teacher with every layer converted and its batch
     [stage0.batch_size, data.seq_len], both known from the config; then its evaluation and the per-layer
-    errors that rank the layers after it (`train.align.layer_nmse`). `claim` waits for it, so the stage loads the
+    scores that rank the layers after it (`train.align.LAYER_SCORES`). `claim` waits for it, so the stage loads the
     executable from the persistent compilation cache. Like `CompileAhead` it only ever saves time."""
 
     def __init__(self, run: Run):
@@ -455,9 +461,10 @@ class AlignAllAhead:
             precompile_stage(setup, settings, stage_batch(setup, settings, rows), mesh=run.mesh)
             say(f"compile ahead: {ALIGN_ALL} train step compiled in {time.perf_counter() - t0:.1f}s")
             precompile_eval(run, model, ALIGN_ALL)
-            from l2m_jax.train.align import precompile_layer_nmse
+            from l2m_jax.train.align import precompile_layer_scores
 
-            precompile_layer_nmse(model, teacher, (c.stage0.batch_size, c.data.seq_len))   # the ranking after it
+            precompile_layer_scores(ALIGNED_ORDERS.get(c.stage1.layer_order, "nmse"), model, teacher,
+                                    (c.stage0.batch_size, c.data.seq_len))                # the ranking after it
         except Exception as e:                               # never fails the run
             say(f"compile ahead: {ALIGN_ALL} not compiled ahead ({type(e).__name__}: {e}); it compiles when it starts")
 

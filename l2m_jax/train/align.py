@@ -112,6 +112,16 @@ def align_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], 
 
 
 # ------------------------------------------------------------------------------------------------ layer order
+def _scored_rows(data: Mapping[str, np.ndarray], max_rows: int | None, what: str):
+    """(tokens, loss mask, how many rows to score) of a per-layer score's data (the stage-1 schema)."""
+    tokens = np.asarray(data["tokens"])
+    mask = np.asarray(data["loss_mask"]) if "loss_mask" in data else np.ones(tokens.shape, bool)
+    n = len(tokens) if max_rows is None else min(len(tokens), int(max_rows))
+    if n == 0:
+        raise StageError(f"{what}: the data has no rows")
+    return tokens, mask, n
+
+
 def layer_nmse(student: Model, teacher: Model, data: Mapping[str, np.ndarray], *, batch_size: int = 32,
                max_rows: int | None = 128) -> dict[int, float]:
     """{layer: stage-0 loss term} of every aligned layer (`aligned_layers`), on the first `max_rows` rows of
@@ -121,11 +131,7 @@ def layer_nmse(student: Model, teacher: Model, data: Mapping[str, np.ndarray], *
     better than the output's mean. No gradient, one compiled forward per batch shape."""
     (s_cfg, s_params), (t_cfg, t_params) = student, teacher
     layers = aligned_layers(s_cfg, t_cfg)
-    tokens = np.asarray(data["tokens"])
-    mask = np.asarray(data["loss_mask"]) if "loss_mask" in data else np.ones(tokens.shape, bool)
-    n = len(tokens) if max_rows is None else min(len(tokens), int(max_rows))
-    if n == 0:
-        raise StageError("layer_nmse: the data has no rows")
+    tokens, mask, n = _scored_rows(data, max_rows, "layer_nmse")
     loss_fn = _nmse_fn(s_cfg, t_cfg, layers)
     params = {"student": s_params, "teacher": t_params}
     sums, weight = np.zeros(len(layers)), 0.0
@@ -154,9 +160,63 @@ def precompile_layer_nmse(student: Model, teacher: Model, rows: tuple[int, int])
         shape_structs({"student": s_params, "teacher": t_params}), batch, None).compile()
 
 
+def layer_kl(student: Model, teacher: Model, data: Mapping[str, np.ndarray], *, batch_size: int = 32,
+             max_rows: int | None = 128) -> dict[int, float]:
+    """{layer: KL(teacher ‖ the teacher with only that layer's attention replaced by the student's mixer)} of
+    every aligned layer (`aligned_layers`): next-token KL, token mean over the real positions of the first
+    `max_rows` rows of `data` (None: all), in batches of `batch_size`, weighted by each batch's real tokens.
+
+    How much converting that one layer alone costs the model's output, where `layer_nmse` measures how badly
+    the mixer reproduces its own layer's output: an error the later layers absorb counts little here. No
+    gradient; one compiled program per batch shape serves every layer (`CausalLM.swap_hidden`)."""
+    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
+    layers = aligned_layers(s_cfg, t_cfg)
+    tokens, mask, n = _scored_rows(data, max_rows, "layer_kl")
+    fn = _swap_kl_fn(s_cfg, t_cfg)
+    sums, weight = np.zeros(len(layers)), 0.0
+    for start in range(0, n, batch_size):
+        batch = {"tokens": jnp.asarray(tokens[start:start + batch_size]),
+                 "loss_mask": jnp.asarray(mask[start:start + batch_size])}
+        w = float(np.sum(mask[start:start + batch_size]))
+        sums += w * np.asarray(fn(s_params, t_params, batch, jnp.asarray(layers, jnp.int32)), np.float64)
+        weight += w
+    return {i: float(v / max(weight, 1.0)) for i, v in zip(layers, sums)}
+
+
+@functools.lru_cache(maxsize=16)
+def _swap_kl_fn(student: ModelConfig, reference: ModelConfig):
+    from ..models import bind
+    from .losses import kl_divergence
+
+    @jax.jit
+    def fn(s_params, t_params, batch, layers):
+        """[len(layers)] KLs: the teacher's logits once, then one swapped forward per layer (lax.map)."""
+        model, donor = bind(reference, t_params), bind(student, s_params)
+        tokens, mask = batch["tokens"], batch["loss_mask"]
+        want = model.logits(model.hidden(tokens)[0])
+        return jax.lax.map(lambda sel: kl_divergence(model.logits(model.swap_hidden(tokens, donor, sel)), want,
+                                                     mask=mask), layers)
+    return fn
+
+
+LAYER_SCORES = {"nmse": layer_nmse, "kl": layer_kl}   # the per-layer scores a conversion order ranks by
+
+
+def precompile_layer_scores(metric: str, student: Model, teacher: Model, rows: tuple[int, int]) -> None:
+    """Compile LAYER_SCORES[metric]'s program for batches of `rows` = (batch_size, seq_len) (params may be
+    abstract), e.g. in a thread while the student trains; the later call reuses the executable."""
+    if metric == "nmse":
+        return precompile_layer_nmse(student, teacher, rows)
+    (s_cfg, s_params), (t_cfg, t_params) = student, teacher
+    batch = {"tokens": jax.ShapeDtypeStruct(rows, jnp.int32), "loss_mask": jax.ShapeDtypeStruct(rows, jnp.bool_)}
+    layers = jax.ShapeDtypeStruct((len(aligned_layers(s_cfg, t_cfg)),), jnp.int32)
+    _swap_kl_fn(s_cfg, t_cfg).lower(shape_structs(s_params), shape_structs(t_params), batch, layers).compile()
+
+
 def conversion_order(scores: Mapping[int, float], n_layers: int) -> list[int]:
-    """Every layer, in the order to convert them to Mamba: the lowest `layer_nmse` first (the attention layers
-    an aligned mixer reproduces best), the worst reproduced last (they keep attention longest); ties by index.
+    """Every layer, in the order to convert them to Mamba: the lowest score first (`layer_nmse`: the attention
+    layers an aligned mixer reproduces best; `layer_kl`: those whose conversion alone costs the output least),
+    the worst last (they keep attention longest); ties by index.
     For `hybridize.attention_layers_for(n, f, order)` and `stages.schedule(..., order=)`."""
     if sorted(int(i) for i in scores) != list(range(n_layers)):
         raise StageError(f"a conversion order needs a score for every one of the {n_layers} layers; got "

@@ -6,8 +6,8 @@ import pytest
 import l2m_jax
 from l2m_jax.config import ModelConfig
 from l2m_jax.convert.hybridize import attention_layers_for, hybridize
-from l2m_jax.train.align import (align_loss_fn, align_stage, aligned_layers, conversion_order, layer_nmse,
-                                 take_mixers)
+from l2m_jax.train.align import (align_loss_fn, align_stage, aligned_layers, conversion_order, layer_kl, layer_nmse,
+                                 precompile_layer_scores, take_mixers)
 from l2m_jax.train.optim import StagePreset
 from l2m_jax.train.stages import StageError, StageSettings, schedule
 
@@ -169,6 +169,28 @@ def test_layer_nmse_is_the_token_weighted_numpy_loss_of_each_batch(models):
     assert sorted(got) == [0, 2]
     np.testing.assert_allclose([got[0], got[2]], (w1 * np.array(first) + w2 * np.array(second)) / (w1 + w2),
                                rtol=1e-4)
+
+
+def test_layer_kl_is_the_output_kl_of_each_layer_converted_alone(models):
+    """Against an independent path: a model with only layer i converted (hybridize, that mixer taken from the
+    student), its forward and the token-mean KL to the teacher over both batches' real tokens."""
+    import jax.numpy as jnp
+
+    from l2m_jax.train.losses import kl_divergence
+
+    t, s = models
+    tokens, mask = _rows(5, 3, 10, 6)
+    got = layer_kl(s, t, {"tokens": tokens, "loss_mask": mask}, batch_size=2)
+    assert sorted(got) == [0, 2]
+    want_logits = l2m_jax.forward(*t, jnp.asarray(tokens))[0]
+    for i in (0, 2):
+        one = take_mixers(hybridize(*t, [j for j in range(TEACHER.n_layers) if j != i], "mamba2",
+                                    jax.random.key(9), init="random"), s, [i])
+        logits = l2m_jax.forward(*one, jnp.asarray(tokens))[0]
+        want = float(kl_divergence(logits, want_logits, mask=jnp.asarray(mask)))
+        assert want > 1e-6 and got[i] == pytest.approx(want, rel=1e-4)
+    precompile_layer_scores("kl", s, t, (2, 10))            # the same program, compiled ahead from shapes
+    precompile_layer_scores("nmse", s, t, (2, 10))
 
 
 def test_conversion_order_converts_the_best_reproduced_layers_first():
