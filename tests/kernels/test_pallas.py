@@ -1,4 +1,4 @@
-"""Pallas kernels (interpret=True on CPU) against the pure-JAX reference: both variants, both jobs,
+"""Pallas kernels (interpret=INTERPRET on CPU) against the pure-JAX reference: both variants, both jobs,
 fp32 and bf16 inputs, tiles spread over several programs and replay counts 0..T."""
 
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 
 from l2m_jax.kernels import pallas_ssm, ssm_update, ssm_verify, tiling
 from l2m_jax.kernels.inputs import random_problem, step_args
+from tests.kernels import INTERPRET
 
 # B=3, T=3; dims chosen so the grid has several tiles per row (see tiling.py) and groups differ per input
 DIMS = {
@@ -48,13 +49,13 @@ def test_pallas_matches_reference(variant, dtype, form):
     kw = dict(variant=variant, **_params(p))
 
     want = ssm_update(*step_args(p), backend="xla", **kw)
-    got = ssm_update(*step_args(p), backend="pallas", interpret=True, **kw)
+    got = ssm_update(*step_args(p), backend="pallas", interpret=INTERPRET, **kw)
     _close(got[0], want[0], Y_TOL[dtype])
     _close(got[1], want[1], STATE_TOL)
 
     args = (p["h"], p["cache"], p["n_replay"], p["x"], p["dt"], p["B"], p["C"])
     want = ssm_verify(*args, backend="xla", **kw)
-    got = ssm_verify(*args, backend="pallas", interpret=True, **kw)
+    got = ssm_verify(*args, backend="pallas", interpret=INTERPRET, **kw)
     _close(got[0], want[0], Y_TOL[dtype])
     for g, w in zip(got[1:3], want[1:3]):
         _close(g, w, STATE_TOL)
@@ -66,7 +67,7 @@ def test_pallas_matches_reference(variant, dtype, form):
 def _verify_both(p, variant):
     kw = dict(variant=variant, **_params(p))
     args = (p["h"], p["cache"], p["n_replay"], p["x"], p["dt"], p["B"], p["C"])
-    return ssm_verify(*args, backend="pallas", interpret=True, **kw), ssm_verify(*args, backend="xla", **kw)
+    return ssm_verify(*args, backend="pallas", interpret=INTERPRET, **kw), ssm_verify(*args, backend="xla", **kw)
 
 
 # the matrix form's dots need P, N >= 16; N = 128 gives 16-row blocks, so P = 32 makes two of them
@@ -106,7 +107,7 @@ def test_matrix_form_leaves_mamba1_and_steps_to_their_loops(form):
         _close(g, w, STATE_TOL)
     q = random_problem(13, "mamba2", batch=3, tokens=3, **DIMS["mamba2"])    # P = 8: a step has no dot to tile
     kw = dict(variant="mamba2", **_params(q))
-    _close(ssm_update(*step_args(q), backend="pallas", interpret=True, **kw)[1],
+    _close(ssm_update(*step_args(q), backend="pallas", interpret=INTERPRET, **kw)[1],
            ssm_update(*step_args(q), backend="xla", **kw)[1], STATE_TOL)
 
 

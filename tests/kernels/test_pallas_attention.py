@@ -1,6 +1,6 @@
-"""The fused Pallas attention decode (kernels/pallas_attention.py, interpret mode on the CPU) against the
-full-cache reference: GQA ratios, T = 1 and 5 queries with pads, sliding windows, blocks that do and do not
-divide the cache, one and several splits, stale NaN slots, and the shapes it refuses."""
+"""The fused Pallas attention decode (kernels/pallas_attention.py; interpret mode on a CPU, compiled on a GPU)
+against the full-cache reference: GQA ratios, T = 1 and 5 queries with pads, sliding windows, blocks that do and
+do not divide the cache, one and several splits, stale NaN slots, and the shapes it refuses."""
 import zlib
 
 import jax.numpy as jnp
@@ -9,6 +9,7 @@ import pytest
 
 from l2m_jax.kernels.pallas_attention import decode_attention, decode_tiles
 from tests.ops.test_attention_decode import TOL, _case, _reference
+from tests.kernels import INTERPRET
 
 
 def _check(out, ref, sees, dtype):
@@ -27,7 +28,7 @@ def test_decode_kernel_equals_full_cache(dtype, t, g, window):
                                           dtype=dtype)
     ref, sees = _reference(q, kc, vc, pos, new_len, window)
     assert np.asarray(sees)[np.asarray(mask)].all()
-    out = decode_attention(q, kc, vc, pos, new_len, sliding_window=window, interpret=True)
+    out = decode_attention(q, kc, vc, pos, new_len, sliding_window=window, interpret=INTERPRET)
     assert out.shape == q.shape and out.dtype == q.dtype
     _check(out, ref, sees, dtype)
 
@@ -36,7 +37,7 @@ def test_decode_kernel_equals_full_cache(dtype, t, g, window):
 def test_blocks_and_splits(block, splits):
     q, kc, vc, pos, _, new_len = _case(5, t=5, g=2, p=16)
     ref, sees = _reference(q, kc, vc, pos, new_len, None)
-    _check(decode_attention(q, kc, vc, pos, new_len, block=block, splits=splits, interpret=True), ref, sees,
+    _check(decode_attention(q, kc, vc, pos, new_len, block=block, splits=splits, interpret=INTERPRET), ref, sees,
            "float32")
 
 
@@ -47,7 +48,7 @@ def test_slots_past_each_row_are_not_read():
     past = (jnp.arange(64)[None, :] >= new_len[:, None])[:, :, None, None]
     kn, vn = jnp.where(past, jnp.nan, kc), jnp.where(past, jnp.nan, vc)
     for block, splits in ((16, 1), (32, 2), (64, 1)):
-        _check(decode_attention(q, kn, vn, pos, new_len, block=block, splits=splits, interpret=True), ref, sees,
+        _check(decode_attention(q, kn, vn, pos, new_len, block=block, splits=splits, interpret=INTERPRET), ref, sees,
                "float32")
 
 
@@ -65,7 +66,7 @@ def test_default_tiles_fill_the_gpu_but_not_past_the_cache():
 def test_refuses_what_it_cannot_tile(change, match):
     q, kc, vc, pos, _, new_len = _case(1, **{"p": 16, **change})
     with pytest.raises(ValueError, match=match):
-        decode_attention(q, kc, vc, pos, new_len, interpret=True)
+        decode_attention(q, kc, vc, pos, new_len, interpret=INTERPRET)
     q, kc, vc, pos, _, new_len = _case(1, p=16)
     with pytest.raises(ValueError, match="block must be a power of two"):
-        decode_attention(q, kc, vc, pos, new_len, block=48, interpret=True)
+        decode_attention(q, kc, vc, pos, new_len, block=48, interpret=INTERPRET)

@@ -1,4 +1,4 @@
-"""The fused Pallas SSD forward (interpret=True on CPU) against the XLA reference `ssd_chunked`: outputs and
+"""The fused Pallas SSD forward (interpret=INTERPRET on CPU) against the XLA reference `ssd_chunked`: outputs and
 final states for fp32 and bf16 inputs, h0, masks, L not a multiple of the chunk, several heads per group,
 the fused backward's gradients of every input against the reference's VJP (fp32 and bf16), and the errors for
 shapes the kernels cannot tile."""
@@ -12,6 +12,7 @@ from l2m_jax.kernels import BackendUnavailableError
 from l2m_jax.kernels.dispatch import ssd
 from l2m_jax.kernels.pallas_ssd import pass_states, ssd_chunked_pallas
 from l2m_jax.ops.ssm import ssd_chunked
+from tests.kernels import INTERPRET
 
 # B=2, L=40 (chunk 32: one full chunk and a padded one), H=4 heads in G=2 groups, P=32, N=16; block_rows=16
 # gives two row blocks per chunk (so the causal loop runs over one and two column blocks) and two P blocks
@@ -86,7 +87,7 @@ def test_forward_matches_reference(dtype, case):
         args = (jnp.asarray(x, dtype),) + args[1:]
     y_ref, h_ref = ssd_chunked(*args, **kw)
     D = kw.pop("D")
-    y, h = ssd_chunked_pallas(*args, D, interpret=True, block_rows=ROWS, **kw)
+    y, h = ssd_chunked_pallas(*args, D, interpret=INTERPRET, block_rows=ROWS, **kw)
     assert y.dtype == dtype and h.dtype == jnp.float32
     tol = TOL[dtype]
     _close(y, y_ref, tol["y"], tol["rel"])
@@ -109,13 +110,13 @@ def test_pass_states_is_the_linear_recurrence(reverse):
 
     want_final, want = jax.lax.scan(step, init, (jnp.moveaxis(add, 1, 0), jnp.moveaxis(decay, 2, 0)),
                                     reverse=reverse)
-    got, final = pass_states(add, decay, init, reverse=reverse, interpret=True)
+    got, final = pass_states(add, decay, init, reverse=reverse, interpret=INTERPRET)
     np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.moveaxis(want, 0, 1)), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(final), np.asarray(want_final), rtol=1e-6, atol=1e-6)
     first = 0 if not reverse else n - 1                 # the carry entering the first step is init itself
     np.testing.assert_array_equal(np.asarray(got[:, first]), np.asarray(init))
     with pytest.raises(ValueError, match="do not fit"):
-        pass_states(add, decay[:, :, 1:], init, interpret=True)
+        pass_states(add, decay[:, :, 1:], init, interpret=INTERPRET)
 
 
 def test_default_tiles_and_one_head_per_group():
@@ -123,7 +124,7 @@ def test_default_tiles_and_one_head_per_group():
     dims = dict(DIMS, groups=DIMS["heads"], head_dim=16)
     p = _problem(2, **dims)
     args = tuple(p[k] for k in ("x", "dt", "A", "B", "C", "D"))
-    run = jax.jit(lambda *a: ssd(*a, chunk=16, h0=p["h0"], backend="pallas", interpret=True))
+    run = jax.jit(lambda *a: ssd(*a, chunk=16, h0=p["h0"], backend="pallas", interpret=INTERPRET))
     y, h = run(*args)
     y_ref, h_ref = ssd(*args, chunk=16, h0=p["h0"], backend="xla")
     _close(y, y_ref, TOL[jnp.float32]["y"], TOL[jnp.float32]["rel"])
@@ -159,7 +160,7 @@ def test_fused_backward_equals_the_reference_vjp(dtype, case):
 
     def fused(backward):
         return lambda x, dt, A, B, C, D, h0: ssd_chunked_pallas(
-            x, dt, A, B, C, D, chunk=CHUNK, h0=h0, mask=mask, interpret=True, block_rows=ROWS, backward=backward)
+            x, dt, A, B, C, D, chunk=CHUNK, h0=h0, mask=mask, interpret=INTERPRET, block_rows=ROWS, backward=backward)
 
     def reference(x, dt, A, B, C, D, h0):
         return ssd_chunked(x, dt, A, B, C, chunk=CHUNK, D=D, h0=h0, mask=mask)
@@ -188,7 +189,7 @@ def test_fused_backward_under_jit_with_one_row_block():
     def loss(fn):
         return lambda *a: jnp.sum(jnp.sin(fn(*a)[0]))
 
-    fused = jax.jit(jax.value_and_grad(loss(lambda *a: ssd_chunked_pallas(*a, chunk=16, interpret=True)),
+    fused = jax.jit(jax.value_and_grad(loss(lambda *a: ssd_chunked_pallas(*a, chunk=16, interpret=INTERPRET)),
                                        argnums=tuple(range(6))))
     ref = jax.value_and_grad(loss(lambda x, dt, A, B, C, D: ssd_chunked(x, dt, A, B, C, chunk=16, D=D)),
                              argnums=tuple(range(6)))
@@ -201,7 +202,7 @@ def test_fused_backward_under_jit_with_one_row_block():
 def test_unknown_backward_is_refused():
     p = _problem(8, **dict(DIMS, length=8))
     with pytest.raises(ValueError, match="backward='cuda': choose 'pallas'"):
-        ssd_chunked_pallas(*(p[k] for k in ("x", "dt", "A", "B", "C")), chunk=CHUNK, interpret=True,
+        ssd_chunked_pallas(*(p[k] for k in ("x", "dt", "A", "B", "C")), chunk=CHUNK, interpret=INTERPRET,
                            backward="cuda")
 
 
@@ -223,10 +224,10 @@ def test_bad_inputs_name_the_fix(change, match):
     p = _problem(5, **dict(DIMS, length=8, **change))
     args = tuple(p[k] for k in ("x", "dt", "A", "B", "C"))
     with pytest.raises(ValueError, match=match):
-        ssd_chunked_pallas(*args, interpret=True, **kw)
+        ssd_chunked_pallas(*args, interpret=INTERPRET, **kw)
     if kw["block_rows"] is None:  # the dispatch raises the same errors
         with pytest.raises(ValueError, match=match):
-            ssd(*args, chunk=kw["chunk"], backend="pallas", interpret=True)
+            ssd(*args, chunk=kw["chunk"], backend="pallas", interpret=INTERPRET)
 
 
 def test_dispatch_backends():
