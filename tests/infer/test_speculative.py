@@ -24,6 +24,24 @@ def test_greedy_speculative_equals_greedy(models, target):
         assert 0.0 <= stats.acceptance_rate <= 1.0 and 1.0 <= stats.tokens_per_call <= k + 1
 
 
+def test_greedy_speculative_equals_greedy_with_the_fused_decode_attention(models):
+    """The attention layers' decode and verification calls through the Pallas decode kernel
+    (set_decode_attention("pallas"); interpret mode on a CPU) give the full-cache path's greedy tokens."""
+    from l2m_jax.ops import attention as attn_ops
+
+    cfg, params = models["hybrid50-mamba2"]
+    ref = l2m_jax.generate(cfg, params, PROMPTS, 10)
+    attn_ops.set_decode_attention("pallas", interpret=jax.default_backend() != "gpu")
+    jax.clear_caches()                                   # the switch is read when the decode loops trace
+    try:
+        assert l2m_jax.generate(cfg, params, PROMPTS, 10) == ref
+        out, _ = l2m_jax.speculative_generate((cfg, params), shrink(cfg, params, [0, 2]), PROMPTS, 10, k=3)
+        assert out == ref
+    finally:
+        attn_ops.set_decode_attention("full", interpret=False)
+        jax.clear_caches()
+
+
 def test_self_draft_accepts_everything(models):
     cfg, params = models["hybrid50-mamba2"]
     out, stats = l2m_jax.speculative_generate((cfg, params), (cfg, params), PROMPTS, 12, k=3)
