@@ -137,16 +137,12 @@ def bench_spec_round(t_cfg, t_params, d_cfg, d_params, k, max_new, reps, backend
     cap = 64 + max_new + k + 16
 
     with pallas_ssm.backend_form(backend) as kernel:      # "pallas-matrix": the pallas kernels in that form
-        if kernel != backend:
-            jax.clear_caches()                            # the form is read when _speculate traces
 
         def once():
             return _speculate(t_params, d_params, prompt, lens, key, t_cfg=t_cfg, d_cfg=d_cfg, k=k, sampling=GREEDY,
                               max_new=max_new, eos_id=None, capacity=cap, backend=kernel)
         t = median_time(once, reps)
         calls = int(once()[2])
-    if kernel != backend:
-        jax.clear_caches()
     return t / calls, calls
 
 

@@ -173,3 +173,46 @@ def test_model_decode_blocked_equals_full(window):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     finally:
         attn_ops.set_decode_attention(interpret=False)
+
+
+def _switches():
+    from l2m_jax.kernels import pallas_ssm
+    from l2m_jax.ops import ssm as ssm_ops
+
+    return {  # name: (read the setting, set it to another value, set it back)
+        "decode": (lambda: attn_ops.DECODE_IMPL, lambda: attn_ops.set_decode_attention("blocked"),
+                   lambda: attn_ops.set_decode_attention("full")),
+        "attention": (lambda: attn_ops.ATTN_IMPL, lambda: attn_ops.set_attention("xla"),
+                      lambda: attn_ops.set_attention("reference")),
+        "ssd": (lambda: ssm_ops.SSD_BACKEND, lambda: ssm_ops.set_ssd_backend("pallas", interpret=True),
+                lambda: ssm_ops.set_ssd_backend("xla")),
+        "verify form": (lambda: pallas_ssm.FORM, lambda: pallas_ssm.set_form("matrix"),
+                        lambda: pallas_ssm.set_form("loop")),
+    }
+
+
+@pytest.mark.parametrize("switch", ["decode", "attention", "ssd", "verify form"])
+def test_a_changed_switch_retraces_programs_traced_before(switch):
+    """The switches are read when a program traces; changing one makes jitted functions trace again (an
+    unchanged setting keeps what was compiled)."""
+    read, change, restore = _switches()[switch]
+    seen = []
+
+    @jax.jit
+    def f(x):
+        seen.append(read())
+        return x + 1
+
+    f(1.0), f(1.0)
+    first = seen[:]
+    change()
+    try:
+        f(1.0)
+        assert len(first) == 1 and len(seen) == 2 and seen[1] != seen[0]
+        change()                                         # the same value again: nothing to retrace
+        f(1.0)
+        assert len(seen) == 2
+    finally:
+        restore()
+    f(1.0)
+    assert seen[-1] == first[0]
