@@ -34,6 +34,7 @@ from l2m_jax.infer.speculative import _speculate
 from l2m_jax.kernels import pallas_ssm
 from l2m_jax.models import bind, init_params
 from l2m_jax.ops import attention as attn_ops
+from l2m_jax.ops import switches
 from l2m_jax.ops.sampling import GREEDY
 
 HBM = 4.19e12  # B/s, measured copy bandwidth of the H200 (read + write)
@@ -140,7 +141,7 @@ def bench_spec_round(t_cfg, t_params, d_cfg, d_params, k, max_new, reps, backend
 
         def once():
             return _speculate(t_params, d_params, prompt, lens, key, t_cfg=t_cfg, d_cfg=d_cfg, k=k, sampling=GREEDY,
-                              max_new=max_new, eos_id=None, capacity=cap, backend=kernel)
+                              max_new=max_new, eos_id=None, capacity=cap, backend=kernel, switches=switches())
         t = median_time(once, reps)
         calls = int(once()[2])
     return t / calls, calls

@@ -11,7 +11,7 @@ So the big state crosses HBM once in and once (update) or twice (verify) out.
 On GPU this lowers through Pallas' Triton backend (tiles must then be powers of two); on CPU it runs with
 interpret=True. Inputs are assumed validated by dispatch.py.
 
-`set_form(form)` (read when a kernel is traced; a change retraces) picks how the verification runs its tokens:
+`set_form(form)` (read when a kernel is traced) picks how the verification runs its tokens:
   "loop"      (default) fori_loops over the replay and the new tokens, as above;
   "unrolled"  both token loops unrolled into straight-line code: every per-token load then has a static address
               the compiler can issue ahead of the state updates, and the replay runs all T cached steps with
@@ -49,14 +49,12 @@ FORM = "loop"  # see set_form
 
 
 def set_form(form: str) -> None:
-    """How the kernels traced from now on run their tokens: one of FORMS (module docstring). A change clears JAX's
-    in-memory caches (jax.clear_caches), so programs traced before it trace again with the new form."""
+    """How the kernels traced from now on run their tokens: one of FORMS (module docstring). l2m_jax's jitted entry
+    points key their programs on it (`l2m_jax.ops.switches`)."""
     global FORM
     if form not in FORMS:
         raise ValueError(f"set_form takes one of {FORMS}, got {form!r}")
-    before, FORM = FORM, form
-    if before != form:
-        jax.clear_caches()
+    FORM = form
 
 
 @contextlib.contextmanager

@@ -9,16 +9,18 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..models import forward
+from ..ops import switches
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _top1(cfg: ModelConfig, params, tokens):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("switches",))
+def _top1(cfg: ModelConfig, params, tokens, switches: tuple = ()):
+    del switches                                   # the kernel switches: only a key of the compiled program
     return jnp.argmax(forward(cfg, params, tokens)[0], axis=-1).astype(jnp.int32)
 
 
 def top1_predictions(cfg: ModelConfig, params, tokens) -> np.ndarray:
     """The most likely next token at every position: tokens int32 [N, W] -> int32 [N, W]."""
-    return np.asarray(_top1(cfg, params, jnp.asarray(tokens, jnp.int32)))
+    return np.asarray(_top1(cfg, params, jnp.asarray(tokens, jnp.int32), switches=switches()))
 
 
 def top1_agreement(student_top1, teacher_top1) -> float:

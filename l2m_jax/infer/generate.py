@@ -12,13 +12,17 @@ from ..config import ModelConfig
 from ..models import bind
 from ..kernels.dispatch import resolve_backend
 from ..ops.sampling import GREEDY, Sampling, draw
+from ..ops import switches
 from .common import _round_up, check_length, pad_prompts, trim
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new", "eos_id", "capacity", "backend"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new", "eos_id", "capacity", "backend",
+                                             "switches"))
 def _generate(params, tokens, lens, key, *, cfg: ModelConfig, sampling: Sampling, max_new: int,
-              eos_id: int | None, capacity: int, backend: str):
-    """tokens int32 [B, Lp] (right-padded), lens int32 [B] -> (new tokens int32 [B, max_new], steps run)."""
+              eos_id: int | None, capacity: int, backend: str, switches: tuple = ()):
+    """tokens int32 [B, Lp] (right-padded), lens int32 [B] -> (new tokens int32 [B, max_new], steps run).
+    switches: `l2m_jax.ops.switches()`, a key of the compiled program only."""
+    del switches                                   # the kernel switches: only a key of the compiled program
     model = bind(cfg, params)
     b, lp = tokens.shape
     rows = jnp.arange(b)
@@ -70,6 +74,6 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, sampling: S
     key = jax.random.key(0) if key is None else key
     out, steps = _generate(params, jnp.asarray(tokens), jnp.asarray(lens), key, cfg=cfg,
                            sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id,
-                           capacity=capacity, backend=backend)
+                           capacity=capacity, backend=backend, switches=switches())
     out = np.asarray(out)
     return trim(out, np.full(len(lens), int(steps)), eos_id)

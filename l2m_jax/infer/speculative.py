@@ -19,6 +19,7 @@ from ..cache import AttnCache, DecodeState, SpecState, init_state, spec_state_fr
 from ..config import ModelConfig
 from ..models import bind
 from ..kernels.dispatch import resolve_backend
+from ..ops import switches
 from ..ops.sampling import GREEDY, Sampling, adjusted_probs, sample, speculative_accept
 from .common import _round_up, check_length, pad_prompts, trim
 
@@ -48,9 +49,11 @@ def _rollback_draft(state: DecodeState, snaps, idx, base_len):
 
 
 @functools.partial(jax.jit, static_argnames=("t_cfg", "d_cfg", "k", "sampling", "max_new", "eos_id", "capacity",
-                                             "backend"))
+                                             "backend", "switches"))
 def _speculate(t_params, d_params, tokens, lens, key, *, t_cfg: ModelConfig, d_cfg: ModelConfig, k: int,
-               sampling: Sampling, max_new: int, eos_id: int | None, capacity: int, backend: str):
+               sampling: Sampling, max_new: int, eos_id: int | None, capacity: int, backend: str,
+               switches: tuple = ()):
+    del switches                                   # the kernel switches: only a key of the compiled program
     target, draft = bind(t_cfg, t_params), bind(d_cfg, d_params)
     b, lp = tokens.shape
     rows = jnp.arange(b)
@@ -214,7 +217,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int, k: int = 4
     key = jax.random.key(0) if key is None else key
     out, n_out, calls, acc, drafted = _speculate(
         t_params, d_params, jnp.asarray(tokens), jnp.asarray(lens), key, t_cfg=t_cfg, d_cfg=d_cfg, k=k,
-        sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id, capacity=capacity, backend=backend)
+        sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id, capacity=capacity, backend=backend,
+        switches=switches())
     out, n_out = np.asarray(out), np.minimum(np.asarray(n_out), max_new_tokens)
     tokens_out = trim(out, n_out, eos_id)
     calls, acc, drafted = int(calls), int(acc), int(drafted)

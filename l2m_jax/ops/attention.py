@@ -40,8 +40,7 @@ def gqa_attention(q, k, v, mask):
 
 
 # ---- full-sequence attention (training, scoring, prefill): one switch between implementations ----------------
-# Read when a model call is traced, like the decode switch below; changing it makes jitted programs trace again
-# (`retrace_if_changed`). "reference" (gqa_attention on a materialised mask) stays the default and is what the
+# Read when a model call is traced, like the decode switch below (`l2m_jax.ops.switches`). "reference" (gqa_attention on a materialised mask) stays the default and is what the
 # others are tested against.
 #   "reference"  gqa_attention with attention_mask
 #   "xla"        jax.nn.dot_product_attention(implementation="xla"): the same math, masks built from lengths
@@ -58,20 +57,11 @@ def _check_impl(impl: str) -> str:
     return impl
 
 
-def retrace_if_changed(before, after) -> None:
-    """A kernel switch is read when a program is traced: where a setter changed one, JAX's in-memory caches are
-    cleared (jax.clear_caches) so that every jitted function traces again with the new setting instead of
-    running the program it traced before (with a persistent compilation cache on, recompiling mostly reads it)."""
-    if before != after:
-        jax.clear_caches()
-
-
 def set_attention(impl: str) -> None:
-    """Switch the full-sequence attention implementation: programs traced afterwards use it, and a change clears
-    the compiled programs traced before (`retrace_if_changed`)."""
+    """Switch the full-sequence attention implementation for programs traced afterwards (`l2m_jax.ops.switches`:
+    the library's jitted entry points key their programs on it)."""
     global ATTN_IMPL
-    before, ATTN_IMPL = ATTN_IMPL, _check_impl(impl)
-    retrace_if_changed(before, ATTN_IMPL)
+    ATTN_IMPL = _check_impl(impl)
 
 
 @contextlib.contextmanager
@@ -161,7 +151,7 @@ def causal_attention(q, k, v, *, kv_lengths=None, sliding_window: int | None = N
 # ---- decode against a KV cache: read only the filled part -------------------------------------------------------
 # The cached path (`gqa_attention_cached`) is used by Attention for calls of at most DECODE_MAX_QUERIES tokens
 # (decode steps, speculative verification); longer calls (prefill) keep the full-cache reference. These are read
-# when a model call is traced (a change retraces, `retrace_if_changed`). The full-cache path stays the default
+# when a model call is traced (`l2m_jax.ops.switches`). The full-cache path stays the default
 # until another is measured faster on a GPU (experiments/bench_decode.py --decode-attn pallas,blocked,full).
 #   "full"     gqa_attention over the whole cache, masked
 #   "blocked"  gqa_attention_cached: an XLA loop over the filled KV blocks, online softmax
@@ -177,17 +167,9 @@ DECODE_INTERPRET = False       # "pallas" in Pallas' interpret mode (CPU tests)
 
 def set_decode_attention(impl: str | None = None, *, block: int | None = None, max_queries: int | None = None,
                          loop: str | None = None, interpret: bool | None = None):
-    """Switch the cached attention path: programs traced afterwards use it, and a change clears the compiled
-    programs traced before (`retrace_if_changed`). block and loop set the "blocked" path's; the "pallas" kernel
+    """Switch the cached attention path for programs traced afterwards (`l2m_jax.ops.switches`: the library's
+    jitted entry points key their programs on it). block and loop set the "blocked" path's; the "pallas" kernel
     picks its own tiles. interpret: run "pallas" in interpret mode."""
-    before = (DECODE_IMPL, DECODE_BLOCK, DECODE_MAX_QUERIES, DECODE_LOOP, DECODE_INTERPRET)
-    try:
-        _set_decode(impl, block, max_queries, loop, interpret)
-    finally:
-        retrace_if_changed(before, (DECODE_IMPL, DECODE_BLOCK, DECODE_MAX_QUERIES, DECODE_LOOP, DECODE_INTERPRET))
-
-
-def _set_decode(impl, block, max_queries, loop, interpret):
     global DECODE_IMPL, DECODE_BLOCK, DECODE_MAX_QUERIES, DECODE_LOOP, DECODE_INTERPRET
     if interpret is not None:
         DECODE_INTERPRET = bool(interpret)

@@ -41,17 +41,14 @@ SSD_BACKEND = ("xla", False)
 
 
 def set_ssd_backend(backend: str, *, interpret: bool = False) -> None:
-    """Switch the Mamba-2 mixer's full-sequence scan: programs traced afterwards use it, and a change clears the
-    compiled programs traced before (`l2m_jax.ops.attention.retrace_if_changed`)."""
-    from .attention import retrace_if_changed
-
+    """Switch the Mamba-2 mixer's full-sequence scan for programs traced afterwards (`l2m_jax.ops.switches`: the
+    library's jitted entry points key their programs on it)."""
     global SSD_BACKEND
     if backend not in ("xla", "pallas"):
         raise ValueError(f"ssd backend {backend!r}: choose 'xla' (ssd_chunked) or 'pallas' (the fused kernels)")
     if interpret and backend != "pallas":
         raise ValueError("interpret=True applies to the 'pallas' SSD backend only")
-    before, SSD_BACKEND = SSD_BACKEND, (backend, bool(interpret))
-    retrace_if_changed(before, SSD_BACKEND)
+    SSD_BACKEND = (backend, bool(interpret))
 
 
 @contextlib.contextmanager

@@ -192,27 +192,36 @@ def _switches():
 
 
 @pytest.mark.parametrize("switch", ["decode", "attention", "ssd", "verify form"])
-def test_a_changed_switch_retraces_programs_traced_before(switch):
-    """The switches are read when a program traces; changing one makes jitted functions trace again (an
-    unchanged setting keeps what was compiled)."""
+def test_every_switch_is_part_of_the_key_of_the_jitted_entry_points(switch):
+    from l2m_jax.ops import switches
+
     read, change, restore = _switches()[switch]
-    seen = []
-
-    @jax.jit
-    def f(x):
-        seen.append(read())
-        return x + 1
-
-    f(1.0), f(1.0)
-    first = seen[:]
+    before = switches()
     change()
     try:
-        f(1.0)
-        assert len(first) == 1 and len(seen) == 2 and seen[1] != seen[0]
-        change()                                         # the same value again: nothing to retrace
-        f(1.0)
-        assert len(seen) == 2
+        assert switches() != before and read() in switches()
     finally:
         restore()
-    f(1.0)
-    assert seen[-1] == first[0]
+    assert switches() == before
+
+
+def test_generate_traces_anew_after_a_switch_and_finds_its_program_when_switched_back():
+    """A changed switch gives `generate` a new program instead of the one traced before it; switching back
+    reuses the first (the switches are a static argument of the jitted decode loop)."""
+    from l2m_jax.infer.generate import _generate
+
+    cfg = ModelConfig.tiny(vocab_size=48, n_layers=2)
+    params = l2m_jax.init_params(cfg, 0)
+    prompts = [[5, 6, 7], [8]]
+    first = l2m_jax.generate(cfg, params, prompts, 3)
+    size = _generate._cache_size()
+    l2m_jax.generate(cfg, params, prompts, 3)
+    assert _generate._cache_size() == size                   # the same settings: the same program
+    attn_ops.set_decode_attention("blocked", block=4)
+    try:
+        assert l2m_jax.generate(cfg, params, prompts, 3) == first
+        assert _generate._cache_size() == size + 1            # traced with the blocked path
+    finally:
+        attn_ops.set_decode_attention("full", block=256)
+    l2m_jax.generate(cfg, params, prompts, 3)
+    assert _generate._cache_size() == size + 1                # back to the first program
