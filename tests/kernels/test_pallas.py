@@ -74,8 +74,8 @@ def _verify_both(p, variant):
 MATRIX_DIMS = dict(heads=4, head_dim=32, dstate=128, groups=(2, 1, 4))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("tokens", [3, 16, 17], ids=["T3-padded", "T16-one-tile", "T17-two-tiles"])
+@pytest.mark.parametrize("dtype,tokens", [(jnp.float32, 3), (jnp.float32, 16), (jnp.float32, 17), (jnp.bfloat16, 5)],
+                         ids=["fp32-T3-padded", "fp32-T16-one-tile", "fp32-T17-two-tiles", "bf16-T5"])
 @pytest.mark.parametrize("form", ["matrix"], indirect=True)
 def test_matrix_form_matches_reference(dtype, tokens, form):
     """The SSD-form Mamba-2 verification (module docstring of pallas_ssm): every output against the reference,

@@ -167,6 +167,8 @@ def test_model_decode_blocked_equals_full(window):
     for loop in ("dynamic", "static"):
         for a, b in zip(run("blocked", loop), full):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    if window is not None:
+        return                                           # the Pallas kernel's windows: tests/kernels
     attn_ops.set_decode_attention(interpret=jax.default_backend() != "gpu")    # the fused Pallas kernel
     try:
         for a, b in zip(run("pallas"), full):
