@@ -184,6 +184,10 @@ def run(args):
     print(f"jax {jax.__version__}, devices {jax.devices()}; mamba_ssm: {'yes' if mamba else 'no (' + why + ')'}")
     fns = {b: _jax_fns(dispatch, b, chunk, interpret=args.quick and b.startswith("pallas")) for b in backends}
     rows, ok = [], True
+    t0 = time.perf_counter()
+
+    def say(msg):                               # progress: compiling (and mamba_ssm's autotuning) takes minutes
+        print(f"  [{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
     sizes = cfg["sizes"]
     if args.sizes:
         sizes = [tuple(int(n) for n in s.split("x")) for s in args.sizes.split(",")]
@@ -209,6 +213,7 @@ def run(args):
             except Exception as e:  # noqa: BLE001 - report and carry on with the other backends
                 row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
                 ok &= backend == "mamba_ssm"
+            say(f"{batch}x{length} {backend}: forward {'failed' if 'error' in row else 'ran'}")
         grads = {}
         for backend in fns:                         # the gradients of every input, JAX backends
             if backend in outs:
@@ -217,6 +222,7 @@ def run(args):
                 except Exception as e:  # noqa: BLE001
                     shape_rows[backend]["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
                     ok = False
+                say(f"{batch}x{length} {backend}: gradients {'failed' if backend not in grads else 'ran'}")
         for backend, row in shape_rows.items():
             if backend == "xla" or "xla" not in outs or backend not in outs:
                 continue
@@ -239,11 +245,20 @@ def run(args):
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
                 ok &= backend == "mamba_ssm"
+            say(f"{batch}x{length} {backend}: timed")
         for row in shape_rows.values():
             rows.append(row)
             print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
+        if args.json:                           # every finished shape is on disk if a later one is stopped
+            _write_json(args.json, rows)
     return rows, ok
+
+
+def _write_json(path, rows):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
+                                     indent=1))
 
 
 def table(rows) -> str:
@@ -279,8 +294,7 @@ def main(argv=None):
     rows, ok = run(args)
     device = jax.devices()[0].device_kind
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(device=device, jax=jax.__version__, rows=rows), indent=1))
+        _write_json(args.json, rows)
     print(f"\n## SSD forward and forward+backward ({device}; checks {'passed' if ok else 'FAILED'})\n")
     print(table(rows))
     return 0 if ok else 1
