@@ -137,17 +137,25 @@ def test_missing_text_source_is_named(tmp_path):
     assert run.returncode == 2 and "/no/such/texts" in run.stderr and "do not exist" in run.stderr
 
 
-def test_end_to_end_kd_instead_of_sft_trains_every_parameter(tmp_path):
-    out = tmp_path / "kd"
-    done = command(*TINY, "sft.loss=kd", "dpo.enabled=false", f"out={out}")
+@pytest.fixture(scope="module")
+def aligned_kd_run(tmp_path_factory):
+    """One run for two features: the aligned layer order, and end-to-end KD in place of SFT."""
+    out = tmp_path_factory.mktemp("aligned") / "run"
+    done = command(*TINY, "stage1.layer_order=aligned", "sft.loss=kd", "dpo.enabled=false", f"out={out}")
     assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_end_to_end_kd_instead_of_sft_trains_every_parameter(aligned_kd_run):
+    out = aligned_kd_run
     _, before = l2m_jax.load(out / "stages" / "stage1-mamba50" / "model")
     _, after = l2m_jax.load(out / "stages" / "sft-mamba50" / "model")
-    layer_before, layer_after = before["layers"][1], after["layers"][1]    # an attention layer
+    record = json.loads((out / "stages" / "sft-mamba50" / "done.json").read_text())
+    kept = record["attn_layers"][0]                                           # an attention layer
+    layer_before, layer_after = before["layers"][kept], after["layers"][kept]
     # stage 1 froze the MLPs and the attention; end-to-end KD trains them
     assert not np.array_equal(layer_before["mlp"]["up"]["kernel"], layer_after["mlp"]["up"]["kernel"])
     assert not np.array_equal(layer_before["mixer"]["q"]["kernel"], layer_after["mixer"]["q"]["kernel"])
-    record = json.loads((out / "stages" / "sft-mamba50" / "done.json").read_text())
     assert record["kind"] == "sft" and record["final_loss"] >= 0
 
 
@@ -290,14 +298,11 @@ def test_compute_dtype_and_train_attention_reach_the_stages():
         check_config(c)
 
 
-def test_aligned_layer_order_ranks_layers_by_one_stage0_of_every_layer(tmp_path):
+def test_aligned_layer_order_ranks_layers_by_one_stage0_of_every_layer(aligned_kd_run, tmp_path):
     from l2m_jax.convert.hybridize import attention_layers_for
 
-    out = tmp_path / "aligned"
-    done = command(*TINY, "stage1.layer_order=aligned", "sft.attn_fractions=[]", "dpo.enabled=false",
-                   f"out={out}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in (out / "stages").iterdir()) == ["align-all", "stage1-mamba50"]
+    out = aligned_kd_run
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["align-all", "sft-mamba50", "stage1-mamba50"]
     order = json.loads((out / "layer_order.json").read_text())
     n = json.loads((out / "stages" / "align-all" / "done.json").read_text())["n_layers"]
     assert sorted(order["order"]) == list(range(n)) and len(order["nmse"]) == n

@@ -18,6 +18,9 @@ def _loss(p, remat):
     return jnp.mean(l2m_jax.forward(_S_CFG, p, _TOKENS, remat=remat)[0] ** 2)
 
 
+_GRAD = jax.jit(jax.grad(_loss), static_argnums=1)      # one compile per policy; the plain one is shared
+
+
 def _dots_in_grad(remat) -> int:
     """dot_generals in the gradient's jaxpr (sub-jaxprs printed inline): recomputed matmuls add to the count."""
     return len(re.findall(r"\bdot_general\[", str(jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(_PARAMS, remat))))
@@ -29,7 +32,7 @@ def test_tiny_hybrid_has_both_mixers():
 
 @pytest.mark.parametrize("remat", [True, *REMAT_POLICIES])
 def test_remat_gradients_equal_plain_gradients(remat):
-    plain, rem = jax.grad(_loss)(_PARAMS, False), jax.grad(_loss)(_PARAMS, remat)
+    plain, rem = _GRAD(_PARAMS, False), _GRAD(_PARAMS, remat)
     assert jax.tree.structure(plain) == jax.tree.structure(rem)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rem)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)

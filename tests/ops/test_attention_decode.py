@@ -152,12 +152,14 @@ def test_model_decode_blocked_equals_full(window):
 
     def run(impl, loop="dynamic"):
         attn_ops.set_decode_attention(impl, block=4, loop=loop)
+        # a new jitted function per setting: the setting is read while tracing, and jit's cache does not see it
+        fwd = jax.jit(lambda p, t, s, m: l2m_jax.forward(cfg, p, t, s, mask=m))
         try:
             state = init_state(cfg, 3, 24)
-            logits, state = l2m_jax.forward(cfg, params, prompt, state, mask=pmask)
+            logits, state = fwd(params, prompt, state, pmask)
             outs = []
             for tok, m in steps:
-                logits, state = l2m_jax.forward(cfg, params, tok, state, mask=m)
+                logits, state = fwd(params, tok, state, m)
                 outs.append(np.asarray(logits) if m is None else np.asarray(logits)[np.asarray(m)])
             return outs
         finally:

@@ -159,10 +159,10 @@ def test_compute_dtype_is_mixed_precision(setup):
     s = settings("stage1", kl_weight=1.0)
     setup32, setup16 = (distill_setup(student, teacher, s, compute_dtype=d) for d in (None, "bfloat16"))
     batch = {k: v[:2] for k, v in rows.items()}
-    (l32, _), (l16, m16) = (st.make_loss()(st.params, batch, None) for st in (setup32, setup16))
+    (l32, _), (l16, m16) = (jax.jit(st.make_loss())(st.params, batch, None) for st in (setup32, setup16))
     assert l16.dtype == np.float32 and m16["loss"].dtype == np.float32
     assert abs(float(l16) - float(l32)) < 0.02 * abs(float(l32)) and float(l16) != float(l32)
-    g = jax.grad(lambda p: setup16.make_loss()(dict(setup16.params, student=p), batch, None)[0])(student[1])
+    g = jax.jit(jax.grad(lambda p: setup16.make_loss()(dict(setup16.params, student=p), batch, None)[0]))(student[1])
     assert {x.dtype for x in jax.tree.leaves(g)} == {np.dtype(np.float32)}      # fp32 gradients for fp32 params
     assert setup16.cfg == student[0] and setup16.config["compute_dtype"] == "bfloat16"
     assert "compute_dtype" not in setup32.config          # the default leaves older checkpoints' config alone
