@@ -22,7 +22,7 @@ run: setup
 	$(BIN)/python -m experiments.zephyr_distill
 
 test: setup
-	# one worker per core (at most 4), each test file whole in one worker (module fixtures run once)
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
+	# one worker per CPU (at most 4), each test file whole in one worker (module fixtures run once)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n logical --maxprocesses 4 --dist loadfile tests
 
 .PHONY: setup run test
