@@ -1,10 +1,12 @@
 """Attention decode against a KV cache, per layer: the fused Pallas kernel vs the XLA paths, and the HBM floor.
 
     python -m experiments.bench_attn_decode [--quick] [--reps 20] [--paths pallas,blocked,full] [--out DIR]
+        [--contexts 1024,8192,32768] [--batches 1,8,32]
 
 Paths (l2m_jax.ops.attention.set_decode_attention): "pallas" (kernels/pallas_attention.py: one launch, split-K
 over the filled KV blocks), "blocked" (gqa_attention_cached: an XLA while loop over the filled blocks), "full"
-(gqa_attention over every preallocated slot, masked; what decoding uses by default).
+(gqa_attention over every preallocated slot, masked; what decoding uses by default). "pallas:BLOCKxSPLITS"
+(e.g. pallas:128x1; SPLITS 0 = the kernel's own choice) times the kernel with those tiles instead of its own.
 Shapes (Llama-3-8B attention layer): H = 32 query heads, G = 8 KV heads, P = 128, bf16 cache, T = 1 (a decode
 step) and T = 5 (a K = 4 verification) queries, batch 1 / 8 / 32, filled context 1k / 8k / 32k tokens in a cache
 of context + 256 slots, and a 1k context in a 32k cache (a long-context server's preallocation).
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_decode import median_time
+from l2m_jax.kernels import pallas_attention
 from l2m_jax.ops import attention as attn_ops
 
 HBM = 4.19e12
@@ -50,9 +53,32 @@ def _full(q, k, v, pos, lengths):
     return attn_ops.gqa_attention(q, k, v, attn_ops.attention_mask(pos, slots, slots < lengths[:, None]))
 
 
+def tiles(path: str) -> tuple[int, int | None] | None:
+    """(block, splits or None) of a "pallas:BLOCKxSPLITS" path, None for the named paths; ValueError if bad."""
+    if not path.startswith("pallas:"):
+        if path not in PATHS:
+            raise ValueError(path)
+        return None
+    try:
+        block, splits = (int(n) for n in path.split(":", 1)[1].split("x"))
+    except ValueError:
+        raise ValueError(path) from None
+    pallas_attention.check_decode_tiling(128, 1 << 20, block)       # a block the kernel takes
+    if splits < 0:
+        raise ValueError(path)
+    return block, splits or None
+
+
 def compiled(path, interpret, args):
     """`path` over the stacked layers' caches, lowered and compiled while its decode setting is in force."""
-    op = _full if path == "full" else attn_ops.cached_decode_attention
+    tiled = tiles(path)
+    if tiled is not None:
+        def op(q, k, v, pos, lengths):
+            return pallas_attention.decode_attention(q, k, v, pos, lengths, block=tiled[0], splits=tiled[1],
+                                                     interpret=interpret)
+        path = "full"                                        # no switch to set
+    else:
+        op = _full if path == "full" else attn_ops.cached_decode_attention
 
     def run(q, ks, vs, pos, lengths):
         return [op(q, ks[i], vs[i], pos, lengths) for i in range(ks.shape[0])]
@@ -72,14 +98,22 @@ def main(argv=None):
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop starting new rows after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    ap.add_argument("--contexts", default="1024,8192,32768", help="filled context lengths (full shapes)")
+    ap.add_argument("--batches", default="1,8,32", help="batch sizes (full shapes)")
     a = ap.parse_args(argv)
     paths = a.paths.split(",")
-    bad = [p for p in paths if p not in PATHS]
+    bad = []
+    for p in paths:
+        try:
+            tiles(p)
+        except ValueError:
+            bad.append(p)
     if bad:
-        ap.error(f"--paths takes {', '.join(PATHS)}; got {', '.join(bad)}")
+        ap.error(f"--paths takes {', '.join(PATHS)} or pallas:BLOCKxSPLITS (block a power of two in [16, 128], "
+                 f"splits >= 0); got {', '.join(bad)}")
     gpu = jax.default_backend() == "gpu"
     interpret = not gpu
-    if "pallas" in paths and not gpu and not a.quick:
+    if any(p.startswith("pallas") for p in paths) and not gpu and not a.quick:
         ap.error("the pallas path needs a GPU; on a CPU pass --quick (interpret mode, tiny shapes)")
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
     if a.quick:
@@ -87,8 +121,9 @@ def main(argv=None):
         cases = [(1, 1, 40, 64), (2, 5, 100, 128)]
     else:
         heads, groups, head_dim = 32, 8, 128
-        cases = [(b, t, c, c + 256) for c in (1024, 8192, 32768) for b in (1, 8, 32) for t in (1, 5)]
-        cases += [(b, 1, 1024, 32768) for b in (1, 8)]
+        contexts, batches = (tuple(int(n) for n in x.split(",")) for x in (a.contexts, a.batches))
+        cases = [(b, t, c, c + 256) for c in contexts for b in batches for t in (1, 5)]
+        cases += [(b, 1, 1024, 32768) for b in batches if b <= 8 and 1024 in contexts]
     rows, start, ok = [], time.time(), True
     for batch, tokens, context, capacity in cases:
         if time.time() - start > a.budget_s:
