@@ -19,6 +19,7 @@ Prints a markdown table; writes results.json to --out (default $OUT when set).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -72,19 +73,19 @@ def tiles(path: str) -> tuple[int, int | None] | None:
 def compiled(path, interpret, args):
     """`path` over the stacked layers' caches, lowered and compiled while its decode setting is in force."""
     tiled = tiles(path)
-    if tiled is not None:
-        def op(q, k, v, pos, lengths):
-            return pallas_attention.decode_attention(q, k, v, pos, lengths, block=tiled[0], splits=tiled[1],
-                                                     interpret=interpret)
-        path = "full"                                        # no switch to set
+    if tiled is not None:                                  # the kernel itself with given tiles: no switch to set
+        op, switch = functools.partial(pallas_attention.decode_attention, block=tiled[0], splits=tiled[1],
+                                       interpret=interpret), None
+    elif path == "full":
+        op, switch = _full, None
     else:
-        op = _full if path == "full" else attn_ops.cached_decode_attention
+        op, switch = attn_ops.cached_decode_attention, path
 
     def run(q, ks, vs, pos, lengths):
         return [op(q, ks[i], vs[i], pos, lengths) for i in range(ks.shape[0])]
 
-    if path != "full":
-        attn_ops.set_decode_attention(path, interpret=interpret)
+    if switch is not None:
+        attn_ops.set_decode_attention(switch, interpret=interpret)
     try:
         return jax.jit(run).lower(*args).compile()
     finally:
