@@ -21,19 +21,22 @@ def test_recipe_arms_in_mil_and_aligned_layer_order(tmp_path):
         [sys.executable, "-m", "experiments.fidelity_ablation", "--preset", "smollm2", "--run", str(tmp_path / "run"),
          "--out", str(out), "--steps", "2", "--stage0-steps", "2", "--groups", "recipe", "--set", *TINY,
          "--variant", "mil", "stage1.layer_order=mil", "rounds=0.5",
-         "--variant", "aligned", "stage1.layer_order=aligned", "rounds=0.5,sft:0.25",
+         "--variant", "aligned", "stage1.layer_order=aligned", "rounds=0.5,sft:0.5,sft:0.25",
          "--variant", "kl", "stage1.layer_order=aligned_kl", "rounds=0.5"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     arms = json.loads((out / "ablation.json").read_text())["arms"]
     assert [(a["variant"], a["round"], a["kind"]) for a in arms] == [
-        ("mil", 0.5, "stage1"), ("aligned", 0.5, "stage1"), ("aligned", 0.25, "sft"), ("kl", 0.5, "stage1")]
+        ("mil", 0.5, "stage1"), ("aligned", 0.5, "stage1"), ("aligned", 0.5, "sft"), ("aligned", 0.25, "sft"),
+        ("kl", 0.5, "stage1")]
     n = 4                                                   # the tiny teacher's layers
     assert arms[0]["attn_layers"] == attention_layers_for(n, 0.5) and arms[0]["stage0"]
-    aligned = arms[1:3]
+    aligned = arms[1:4]
     assert not any(a["stage0"] for a in arms[1:])           # one stage 0 over every layer, none per round
-    assert len(arms[3]["attn_layers"]) == n // 2            # ranked by output KL, from the same aligned student
-    assert set(aligned[1]["attn_layers"]) < set(aligned[0]["attn_layers"])
+    assert len(arms[4]["attn_layers"]) == n // 2            # ranked by output KL, from the same aligned student
+    # an SFT round at the stage-1 round's fraction converts nothing; it starts where that round ended
+    assert aligned[1]["attn_layers"] == aligned[0]["attn_layers"] and aligned[1]["before"] == aligned[0]["after"]
+    assert set(aligned[2]["attn_layers"]) < set(aligned[1]["attn_layers"])
     for a in arms:
         assert all(v["ratio"] > 0 for v in a["after"].values())
     assert "recipe: aligned SFT @ 0.25" in (out / "ablation.md").read_text()

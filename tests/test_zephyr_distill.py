@@ -139,9 +139,11 @@ def test_missing_text_source_is_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def aligned_kd_run(tmp_path_factory):
-    """One run for two features: the aligned layer order, and end-to-end KD in place of SFT."""
+    """One run for three features: the aligned layer order, end-to-end KD in place of SFT, and SFT rounds
+    interleaved with the stage-1 rounds (stage1-mamba50, sft-mamba50, stage1-mamba75, sft-mamba75)."""
     out = tmp_path_factory.mktemp("aligned") / "run"
-    done = command(*TINY, "stage1.layer_order=aligned", "sft.loss=kd", "dpo.enabled=false", f"out={out}")
+    done = command(*TINY, "stage1.layer_order=aligned", "sft.loss=kd", "dpo.enabled=false", f"out={out}",
+                   "stage1.attn_fractions=[0.5,0.25]", "sft.attn_fractions=[0.5,0.25]", "sft.interleave=true")
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -157,6 +159,19 @@ def test_end_to_end_kd_instead_of_sft_trains_every_parameter(aligned_kd_run):
     assert not np.array_equal(layer_before["mlp"]["up"]["kernel"], layer_after["mlp"]["up"]["kernel"])
     assert not np.array_equal(layer_before["mixer"]["q"]["kernel"], layer_after["mixer"]["q"]["kernel"])
     assert record["kind"] == "sft" and record["final_loss"] >= 0
+
+
+def test_interleaved_stage1_round_continues_from_the_sft_round_before_it(aligned_kd_run):
+    out = aligned_kd_run
+    plan = json.loads((out / "report.json").read_text())["plan"]
+    assert plan == ["align-all", "stage1-mamba50", "sft-mamba50", "stage1-mamba75", "sft-mamba75"]
+    (_, s1), (_, kd), (_, s2) = (l2m_jax.load(out / "stages" / n / "model")
+                                 for n in ("stage1-mamba50", "sft-mamba50", "stage1-mamba75"))
+    # stage 1 freezes the MLPs: the 25% round's are those the SFT round at 50% trained, not stage 1's
+    assert len(s2["layers"]) == 4
+    for i in s2["layers"]:
+        up = [m["layers"][i]["mlp"]["up"]["kernel"] for m in (s1, kd, s2)]
+        assert np.array_equal(up[1], up[2]) and not np.array_equal(up[0], up[2])
 
 
 # ------------------------------------------------------------------------- stage-1 data, in process
@@ -278,6 +293,18 @@ def test_round_steps_give_each_stage1_round_its_own_steps():
             check_config(c)
 
 
+def test_interleave_needs_an_sft_round_at_a_stage1_fraction():
+    from l2m_jax.recipe import UsageError, check_config
+    from l2m_jax.recipe.config import RecipeConfig, SftConfig, Stage1Config
+
+    check_config(RecipeConfig(teacher="tiny-random", stage1=Stage1Config(attn_fractions=[0.5, 0.25]),
+                              sft=SftConfig(attn_fractions=[0.25, 0.125], interleave=True)))
+    for stage1 in (Stage1Config(attn_fractions=[0.5]), Stage1Config(attn_fractions=[0.25], stepwise=True)):
+        with pytest.raises(UsageError, match="sft.interleave=true runs each SFT round right after"):
+            check_config(RecipeConfig(teacher="tiny-random", stage1=stage1,
+                                      sft=SftConfig(attn_fractions=[0.25], interleave=True)))
+
+
 def test_compute_dtype_and_train_attention_reach_the_stages():
     from l2m_jax.recipe import UsageError, check_config
     from l2m_jax.recipe.config import RecipeConfig
@@ -302,7 +329,8 @@ def test_aligned_layer_order_ranks_layers_by_one_stage0_of_every_layer(aligned_k
     from l2m_jax.convert.hybridize import attention_layers_for
 
     out = aligned_kd_run
-    assert sorted(p.name for p in (out / "stages").iterdir()) == ["align-all", "sft-mamba50", "stage1-mamba50"]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["align-all", "sft-mamba50", "sft-mamba75",
+                                                                  "stage1-mamba50", "stage1-mamba75"]
     order = json.loads((out / "layer_order.json").read_text())
     n = json.loads((out / "stages" / "align-all" / "done.json").read_text())["n_layers"]
     assert sorted(order["order"]) == list(range(n)) and len(order["nmse"]) == n

@@ -130,6 +130,8 @@ class Stage1Config(StageConfig):
 @dataclasses.dataclass
 class SftConfig(StageConfig):
     attn_fractions: List[float] = field(default_factory=lambda: [0.5])   # append 0.25, 0.125, 0.0 for more rounds
+    interleave: bool = False             # an SFT round at a stage-1 fraction runs right after that round (the
+                                         # next stage-1 round continues from it); false: every SFT round at the end
     steps: Optional[int] = 32
     lr: float = 5e-5
     loss: str = "ce"                     # "ce": CE on the answers (SFT); "kd": MiL's end-to-end KD, every parameter
@@ -264,6 +266,12 @@ def check_config(c) -> None:
                 isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in rs):
             problems.append(f"stage1.round_steps={list(rs)} must give one positive step count per round of "
                             f"stage1.attn_fractions={list(c.stage1.attn_fractions)} (or null: stage1.steps each)")
+    if c.sft.interleave and c.sft.attn_fractions and (c.stage1.stepwise or not set(
+            map(float, c.sft.attn_fractions)) & set(map(float, c.stage1.attn_fractions))):
+        problems.append(f"sft.interleave=true runs each SFT round right after the stage-1 round at its fraction, but "
+                        f"sft.attn_fractions={list(c.sft.attn_fractions)} share none with stage1.attn_fractions="
+                        f"{list(c.stage1.attn_fractions)}" + (" (stage1.stepwise rounds have none)" if c.stage1.stepwise
+                                                              else "") + "; list a stage-1 fraction or set false")
     for name in STAGE_KINDS:
         s = getattr(c, name)
         if s.steps is not None and s.steps < 1:

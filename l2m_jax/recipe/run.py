@@ -186,7 +186,7 @@ def make_plan(c, n_layers: int, order=None):
     aligned = c.stage1.layer_order in ALIGNED_ORDERS
     plan = schedule(n_layers, stage1=list(c.stage1.attn_fractions), sft=list(c.sft.attn_fractions),
                     dpo=c.dpo.enabled, stepwise=c.stage1.stepwise, align=c.stage0.enabled and not aligned,
-                    order=order)
+                    order=order, interleave=c.sft.interleave)
     return [PlannedStage(ALIGN_ALL, "stage0", ())] + plan if aligned else plan
 
 

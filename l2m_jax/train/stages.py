@@ -77,7 +77,8 @@ def _mamba_pct(n_layers: int, attn: Sequence[int], fraction: float | None) -> st
 
 
 def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Sequence[float] = (0.5,),
-             dpo: bool = True, stepwise: bool = False, align: bool = False, order=None) -> list[PlannedStage]:
+             dpo: bool = True, stepwise: bool = False, align: bool = False, order=None,
+             interleave: bool = False) -> list[PlannedStage]:
     """The stages of a MiL run: progressive stage-1 rounds, SFT rounds, then DPO.
 
     stage1: attention fractions of the distillation rounds, each from the previous round's model (MiL: 0.75
@@ -90,6 +91,9 @@ def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Seque
       `train.align`) before every stage-1 round, on the same layer set.
     order: the layers in the order they are converted (`attention_layers_for`; e.g. by how well an aligned
       mixer reproduces each attention layer, `train.align.conversion_order`); None: MiL's.
+    interleave: every SFT round whose fraction is also a stage-1 fraction runs right after that stage-1 round
+      (end-to-end at each fraction; the next stage-1 round continues from it); the other SFT rounds follow the
+      last stage-1 round as without it.
     Every round keeps a subset of the previous round's attention layers (a Mamba layer never turns back).
     """
     for name, fracs in (("stage1", stage1), ("sft", sft)):
@@ -105,7 +109,17 @@ def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Seque
             rounds.append((f"stage1-step{s:02d}", attn, None))
     else:
         rounds += [("stage1", tuple(attention_layers_for(n_layers, float(f), order)), float(f)) for f in stage1]
-    rounds += [("sft", tuple(attention_layers_for(n_layers, float(f), order)), float(f)) for f in sft]
+    sft_rounds = [("sft", tuple(attention_layers_for(n_layers, float(f), order)), float(f)) for f in sft]
+    if interleave:
+        together = [float(f) for f in stage1] if not stepwise else []
+        if not any(f in together for _, _, f in sft_rounds):
+            raise StageError(f"interleave puts each SFT round right after the stage-1 round at its fraction, but "
+                             f"the SFT fractions {list(sft)} share none with the stage-1 fractions {list(stage1)}"
+                             + (" (stepwise rounds have no fraction of their own)" if stepwise else ""))
+        after = {r[2]: r for r in sft_rounds if r[2] in together}
+        sft_rounds = [r for r in sft_rounds if r[2] not in after]
+        rounds = [r for s1 in rounds for r in ([s1, after[s1[2]]] if s1[2] in after else [s1])]
+    rounds += sft_rounds
     plan, prev = [], tuple(range(n_layers))
     for kind, attn, frac in rounds:
         if not set(attn) <= set(prev):

@@ -64,6 +64,23 @@ def test_schedule_follows_mil_layer_sets():
         schedule(8, stage1=(), sft=(), dpo=True)
 
 
+def test_interleaved_schedule_puts_each_sft_round_after_its_stage1_round():
+    plan = schedule(8, stage1=(0.5, 0.25), sft=(0.5, 0.25, 0.0), dpo=True, interleave=True)
+    assert [p.name for p in plan] == ["stage1-mamba50", "sft-mamba50", "stage1-mamba75", "sft-mamba75",
+                                      "sft-mamba100", "dpo-mamba100"]
+    assert plan[0].attn_layers == plan[1].attn_layers == (1, 3, 5, 7)
+    assert plan[2].attn_layers == plan[3].attn_layers == (3, 7)
+    assert plan[4].attn_layers == ()
+    # the same rounds without interleave: every SFT round after the last stage-1 round
+    assert [p.name for p in schedule(8, stage1=(0.5, 0.25), sft=(0.25, 0.0), dpo=False)] == [
+        "stage1-mamba50", "stage1-mamba75", "sft-mamba75", "sft-mamba100"]
+    # an SFT fraction above a later stage-1 round's is still refused as a layer turning back to attention
+    with pytest.raises(StageError, match="already made Mamba"):
+        schedule(8, stage1=(0.5, 0.25), sft=(0.25, 0.375), dpo=False, interleave=True)
+    with pytest.raises(StageError, match="share none"):
+        schedule(8, stage1=(0.5,), sft=(0.25,), interleave=True)
+
+
 def test_three_stages_end_to_end(setup, tmp_path):
     tok, teacher, rows, pairs = setup
     t_cfg, t_params = teacher
