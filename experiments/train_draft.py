@@ -237,7 +237,8 @@ def run(a, overrides: list[str]) -> dict:
     say(f"draft: {draft_name}, {draft[0].pattern}; {len(data['tokens'])} training rows of "
         f"{data['tokens'].shape[1]} tokens ({source}); {len(prompts)} held-out prompts")
 
-    measure = dict(ks=ks, max_new_tokens=a.max_new, eos_id=eos_id, target_name=target_name, draft_name=draft_name)
+    measure = dict(ks=ks, max_new_tokens=a.max_new, eos_id=eos_id, target_name=target_name, draft_name=draft_name,
+                   say=say)
     before = None if a.no_before else acceptance(target, draft, prompts, **measure)
     if before:
         say("before training: " + "; ".join(f"K={k} acceptance {v['acceptance_rate']:.3f}"
@@ -251,15 +252,6 @@ def run(a, overrides: list[str]) -> dict:
                     "seconds": result.seconds, "stopped_by_budget": result.stopped_by_budget,
                     "tokens_per_s": result.tokens_per_s, "kl_first": result.kl_first, "kl_last": result.kl_last,
                     "final_loss": result.history[-1]["loss"] if result.history else None}
-    after = acceptance(target, draft, prompts, **measure) if training or not before else before
-    speed = None
-    if speed_batches:
-        speed = decode_speed(target, draft, prompts, ks, a.max_new, batch_sizes=speed_batches, eos_id=eos_id,
-                             reps=a.speed_reps, say=say)
-    save_draft(out, draft, tok)
-    label = f"KD, {training['steps']} steps" if training else "as loaded"
-    k4 = {w: t[ROUND_OVER_STEP_K]["tokens_per_call"] / ROUND_OVER_STEP_8B
-          for w, t in (("before", before), ("after", after)) if t and ROUND_OVER_STEP_K in t}
     record = {"settings": {"choice": choice, "teacher": c.teacher, "preset": c.preset, "run": a.run,
                            "target": a.target or c.teacher, "data": a.data, "kind": a.kind if not a.draft else None,
                            "layer_ids": layer_ids, "draft": a.draft, "steps": steps, "seconds": a.seconds,
@@ -270,12 +262,27 @@ def run(a, overrides: list[str]) -> dict:
               "data": {"rows": int(len(data["tokens"])), "seq_len": int(data["tokens"].shape[1]),
                        "heldout_prompts": len(prompts)},
               "training": training,
-              "acceptance": {"before": {str(k): v for k, v in before.items()} if before else None,
-                             "after": {str(k): v for k, v in after.items()}},
-              "speedup_8b": {"round_over_step": ROUND_OVER_STEP_8B, "k": ROUND_OVER_STEP_K, **k4},
-              "decode_speed": ({str(b): {str(k): v for k, v in e.items()} for b, e in speed.items()}
-                               if speed else None)}
+              "acceptance": {"before": {str(k): v for k, v in before.items()} if before else None, "after": None},
+              "speedup_8b": None, "decode_speed": None}
+    if training:         # saved before it is measured: a measurement that fails or is stopped loses no training
+        save_draft(out, draft, tok)
+        write_json(out / "draft.json", record)
+        say(f"draft saved to {out}; measuring its acceptance at K = {', '.join(map(str, ks))}")
+    after = acceptance(target, draft, prompts, **measure) if training or not before else before
+    k4 = {w: t[ROUND_OVER_STEP_K]["tokens_per_call"] / ROUND_OVER_STEP_8B
+          for w, t in (("before", before), ("after", after)) if t and ROUND_OVER_STEP_K in t}
+    record["acceptance"]["after"] = {str(k): v for k, v in after.items()}
+    record["speedup_8b"] = {"round_over_step": ROUND_OVER_STEP_8B, "k": ROUND_OVER_STEP_K, **k4}
+    if not training:
+        save_draft(out, draft, tok)
     write_json(out / "draft.json", record)
+    speed = None
+    if speed_batches:
+        speed = decode_speed(target, draft, prompts, ks, a.max_new, batch_sizes=speed_batches, eos_id=eos_id,
+                             reps=a.speed_reps, say=say)
+        record["decode_speed"] = {str(b): {str(k): v for k, v in e.items()} for b, e in speed.items()}
+        write_json(out / "draft.json", record)
+    label = f"KD, {training['steps']} steps" if training else "as loaded"
     print(f"\n{draft_name} of the {t_cfg.n_layers}-layer teacher, target {target_name}, {len(prompts)} held-out "
           f"prompts, <= {a.max_new} new tokens\n")
     print(_table(ks, before, after, label))

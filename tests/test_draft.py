@@ -184,6 +184,7 @@ def test_command_end_to_end_and_generate_loads_the_draft(setup, tmp_path, capsys
     after = record["acceptance"]["after"]["2"]
     assert 0 <= after["acceptance_rate"] <= 1 and after["greedy_match"] == 1.0
     assert "| 2 |" in printed and (run_dir / "chat" / "answers").exists()
+    assert "K=2: acceptance" in printed                              # each K reported as it is measured
     # what `python -m l2m_jax.generate --model TARGET --draft OUT` loads (and checks against the target)
     d_cfg, _ = _load_draft(str(out), teacher[0], resolve_tokenizer(str(target)), None)
     assert d_cfg.n_layers == 2
@@ -199,6 +200,28 @@ def test_command_end_to_end_and_generate_loads_the_draft(setup, tmp_path, capsys
     assert "| 2 | 2 |" in printed and "wall-clock greedy decoding" in printed
     assert record["acceptance"]["before"] is None and record["training"] is None
     assert record["acceptance"]["after"]["2"]["acceptance_rate"] == after["acceptance_rate"]
+
+
+def test_the_trained_draft_is_saved_before_it_is_measured(setup, tmp_path, monkeypatch):
+    import l2m_jax.recipe
+    from experiments import train_draft
+    from experiments.distill_config import check_out_dir, load_config
+
+    run_dir, out = tmp_path / "run", tmp_path / "draft"
+    c, _ = load_config(["preset=smollm2", f"out={run_dir}", *TINY])
+    check_out_dir(c)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped while measuring")
+
+    monkeypatch.setattr(l2m_jax.recipe, "acceptance", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train_draft.main(["--run", str(run_dir), "--kind", "llama", "--layers", "2", "--steps", "2", "--batch", "2",
+                          "--no-before", "--k", "2", "--max-new", "4", "--eval-prompts", "2", "--out", str(out)])
+    record = json.loads((out / "draft.json").read_text())
+    assert record["training"]["steps"] == 2 and record["acceptance"]["after"] is None
+    cfg, _ = l2m_jax.load(out)
+    assert cfg.n_layers == 2 and (out / "tokenizer.json").exists()
 
 
 def test_command_refuses_a_draft_without_a_tokenizer(setup, tmp_path, capsys):

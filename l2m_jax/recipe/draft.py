@@ -207,8 +207,9 @@ def load_draft(path, target_cfg, target_tok, *, target: str = "the target"):
 # ------------------------------------------------------------------------------------------------ acceptance
 def acceptance(target, draft, prompts, ks: Sequence[int] = (2, 4, 6, 8), max_new_tokens: int = 48, *,
                eos_id: int | None = None, batch_size: int | None = None, backend: str = "xla",
-               target_name: str = "the target", draft_name: str = "the draft") -> dict[int, dict]:
-    """Greedy speculative decoding of `prompts` (token-id lists) with every K: {K: measures}.
+               target_name: str = "the target", draft_name: str = "the draft", say=None) -> dict[int, dict]:
+    """Greedy speculative decoding of `prompts` (token-id lists) with every K: {K: measures}; `say`, if
+    given, hears each K's measures as they are done.
 
     Measures: "acceptance_rate" (accepted / proposed drafts), "tokens_per_call" (tokens emitted per verifier
     call and row), "target_calls", "seconds" (wall clock, compilation included), "greedy_match" (the share
@@ -245,6 +246,9 @@ def acceptance(target, draft, prompts, ks: Sequence[int] = (2, 4, 6, 8), max_new
         table[k] = {"acceptance_rate": rate, "tokens_per_call": 1 + k * rate, "target_calls": calls,
                     "seconds": time.perf_counter() - t0,
                     "greedy_match": float(np.mean([a == g for a, g in zip(out, greedy)]))}
+        if say:
+            say(f"K={k}: acceptance {rate:.3f}, {1 + k * rate:.2f} tokens per target call, {calls} target calls, "
+                f"{table[k]['seconds']:.0f}s (compilation included)")
     return table
 
 
