@@ -10,8 +10,11 @@
    (K = 1..8) that also replays K cached tokens (the most work a call can do). One jitted call runs the op
    on L layers, each with its own state (enough layers that the states do not stay in L2), timed with
    block_until_ready after warm-up; the median over repeats, divided by L, is the time per layer.
-   Bytes: the fewest an op must move (state in once, out once for a step and twice for a verification, plus
-   its per-token inputs and outputs), against 4.2 TB/s. The wall clock includes launching one kernel per
+   The verification is timed as the models call it: it writes the checkpoint and not the state after its new
+   tokens (`final_state=False`), so its state crosses HBM once in and once out, like a step's; --final-state
+   also times it writing both (MiL's two states), beside, as verifyK_final_us.
+   Bytes: the fewest an op must move (state in once and out once, or twice for --final-state, plus its
+   per-token inputs and outputs), against 4.2 TB/s. The wall clock includes launching one kernel per
    layer: where the floor is a microsecond or two (batch 1) the times measure launches, not the kernels.
 Prints a markdown table last; writes results.json to --out (default $OUT when set).
 """
@@ -135,15 +138,15 @@ def check(backends, batch=4, tokens=5):
     return ok, rows
 
 
-def _min_bytes(p, variant, verify):
-    """Fewest bytes an op must move: the state in once and out once (step) or twice (verify), every input
-    read once, y written once. p's token arrays hold exactly the op's tokens."""
+def _min_bytes(p, variant, verify, final_state=False):
+    """Fewest bytes an op must move: the state in once and out once (step; verify) or twice (verify with its
+    final state), every input read once, y written once. p's token arrays hold exactly the op's tokens."""
     y_per_x = p["h"].shape[1] // p["x"].shape[2] if variant == "mamba2" else 1  # y has H heads, x only Gx groups
     tokens = sum(p[k].nbytes for k in ("x", "dt", "B", "C")) + p["x"].nbytes * y_per_x
     state = p["h"].size * 4
     if not verify:
         return 2 * state + tokens
-    return 3 * state + tokens + sum(a.nbytes for a in p["cache"]) + p["n_replay"].nbytes
+    return (3 if final_state else 2) * state + tokens + sum(a.nbytes for a in p["cache"]) + p["n_replay"].nbytes
 
 
 def _time(fn, args, reps):
@@ -157,7 +160,7 @@ def _time(fn, args, reps):
     return statistics.median(times)
 
 
-def bench(backends, batches, ks, budget_s, reps):
+def bench(backends, batches, ks, budget_s, reps, also_final=False):
     print(f"\n## Timing (µs per layer, median of {reps}; verify replays K cached tokens and runs K new ones)")
     start, results = time.time(), []
     for variant, dims in SHAPES.items():
@@ -185,12 +188,14 @@ def bench(backends, batches, ks, budget_s, reps):
                             sub = {n: p[n][:, :k] for n in ("x", "dt", "B", "C")}
                             cache = tuple(a[:, :k] for a in p["cache"])
                             n_rep = jnp.full((batch,), k, jnp.int32)
-                            vop = jax.jit(lambda h, c, n, x, dt, B, C: K.ssm_verify(h, c, n, x, dt, B, C, **kw)[:3])
-                            vrun = jax.jit(lambda hs, *a: [vop(h, *a) for h in hs])
                             args = (states, cache, n_rep, sub["x"], sub["dt"], sub["B"], sub["C"])
-                            row[f"verify{k}_us"] = _time(vrun, args, reps) / layers * 1e6
                             problem = {**p, **sub, "cache": cache, "n_replay": n_rep}
-                            row[f"verify{k}_bytes"] = _min_bytes(problem, variant, True)
+                            for final, tag in [(False, "")] + [(True, "_final")] * also_final:
+                                vop = jax.jit(lambda h, c, n, x, dt, B, C, final=final: K.ssm_verify(
+                                    h, c, n, x, dt, B, C, final_state=final, **kw)[:3])
+                                vrun = jax.jit(lambda hs, *a, vop=vop: [vop(h, *a) for h in hs])
+                                row[f"verify{k}{tag}_us"] = _time(vrun, args, reps) / layers * 1e6
+                                row[f"verify{k}{tag}_bytes"] = _min_bytes(problem, variant, True, final)
                 except Exception as e:  # noqa: BLE001 - report and carry on
                     row["error"] = f"{type(e).__name__}: {str(e)[:800]}"
                     print(f"  {variant} B={batch} {backend}: FAILED {row['error']}")
@@ -209,7 +214,9 @@ def tables(results, ks):
         if "step_us" not in r:
             continue
         cells = [
-            f"{r[f'verify{k}_us']:.1f} ({r[f'verify{k}_us'] / r['step_us']:.2f})" if f"verify{k}_us" in r else "-"
+            (f"{r[f'verify{k}_us']:.1f} ({r[f'verify{k}_us'] / r['step_us']:.2f})"
+             + (f"; final state too {r[f'verify{k}_final_us']:.1f} ({r[f'verify{k}_final_us'] / r['step_us']:.2f})"
+                if f"verify{k}_final_us" in r else "")) if f"verify{k}_us" in r else "-"
             for k in ks
         ]
         head = f"| {r['variant']} | {r['batch']} | {r['backend']} | {r['step_us']:.1f} | "
@@ -253,6 +260,9 @@ def main(argv=None):
     ap.add_argument("--pallas-forms", default="",
                     help="also time the pallas kernels in these other forms of pallas_ssm.set_form, comma-separated "
                          "(unrolled, matrix), as backends pallas-unrolled / pallas-matrix")
+    ap.add_argument("--final-state", action="store_true",
+                    help="also time the verification that writes the state after its new tokens (MiL's second "
+                    "state), beside")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
 
@@ -270,7 +280,8 @@ def main(argv=None):
     batches, ks = ((1, 64), (1, 4, 8)) if args.quick else ((1, 16, 64), tuple(range(1, 9)))
     ok, check_rows = check(backends)
     # the kernels first: if the time budget runs out, the reference is what goes untimed
-    results = bench(sorted(backends, key=lambda b: b == "xla"), batches, ks, args.budget_s, args.reps)
+    results = bench(sorted(backends, key=lambda b: b == "xla"), batches, ks, args.budget_s, args.reps,
+                    args.final_state)
     table = tables(results, ks)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

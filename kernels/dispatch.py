@@ -154,6 +154,7 @@ def ssm_verify(
     backend: str = "xla",
     interpret: bool = False,
     fallback: bool = False,
+    final_state: bool = True,
 ):
     """The speculative verifier's MultiStep, fused: per row b, start from h_ckpt[b], replay the first
     n_replay[b] cached steps without outputs (the accepted tokens of the previous call), keep that state as
@@ -162,7 +163,8 @@ def ssm_verify(
     Returns:
       y: [B, T, H, P] (mamba2) or [B, T, C] (mamba), in x's dtype.
       h_ckpt_new: state after the replay (the last verified token), fp32.
-      h_run_new: state after the T new tokens, fp32.
+      h_run_new: state after the T new tokens, fp32; None with final_state=False, where no kernel writes it
+        (one state write per call, as in a step).
       cache_new: (x, dt, B), to pass as `cache` to the next call.
 
     n_replay is checked against [0, T] when concrete; under jit it is clamped to [0, T], so a kernel never
@@ -181,18 +183,20 @@ def ssm_verify(
     h_ckpt, x, dt, B, C = map(jnp.asarray, (h_ckpt, x, dt, B, C))
     cache = tuple(map(jnp.asarray, cache))
     if backend == "xla":
-        return reference.ssm_verify_ref(
+        outs = reference.ssm_verify_ref(
             h_ckpt, cache, n_replay, x, dt, B, C, A=A, D=D, dt_bias=dt_bias, variant=variant
-        )
-    if backend == "pallas":
+        )[:3]
+    elif backend == "pallas":
         fn = pallas_ssm.mamba2_verify if variant == "mamba2" else pallas_ssm.mamba_verify
-        outs = fn(h_ckpt, cache, n_replay, x, dt, B, C, A=A, D=D, dt_bias=dt_bias, interpret=interpret)
+        outs = fn(h_ckpt, cache, n_replay, x, dt, B, C, A=A, D=D, dt_bias=dt_bias, interpret=interpret,
+                  final_state=final_state)
     else:
         from . import triton_ssm_verify
 
         fn = triton_ssm_verify.mamba2_verify if variant == "mamba2" else triton_ssm_verify.mamba_verify
-        outs = fn(h_ckpt, cache, n_replay, x, dt, B, C, A=A, D=D, dt_bias=dt_bias)
-    return (*outs, (x, dt, B))
+        outs = fn(h_ckpt, cache, n_replay, x, dt, B, C, A=A, D=D, dt_bias=dt_bias, final_state=final_state)
+    y, h_ckpt_new, h_run_new = outs
+    return y, h_ckpt_new, h_run_new if final_state else None, (x, dt, B)
 
 
 def _resolve_ssd(backend: str, interpret: bool, fallback: bool) -> str:

@@ -4,9 +4,10 @@ One kernel body (`_token_loops`) serves both jobs and both variants. Each progra
 ([bp, N] rows of one Mamba-2 head, or [bc, N] channels of Mamba-1), loads it once and keeps it in registers
 while it
   (verify) replays the first n_replay[b] cached steps without outputs, stores the checkpoint,
-  then runs the T new tokens, writing y per token, and stores the final state;
+  then runs the T new tokens, writing y per token, and stores the final state unless final_state=False (the
+  models' verifier replays from the checkpoint and never reads it);
   (update) runs the single new token and stores the state.
-So the big state crosses HBM once in and once (update) or twice (verify) out.
+So the big state crosses HBM once in and once out (update; verify with final_state=False) or twice out (verify).
 
 On GPU this lowers through Pallas' Triton backend (tiles must then be powers of two); on CPU it runs with
 interpret=True. Inputs are assumed validated by dispatch.py.
@@ -93,11 +94,12 @@ def _check_pow2(interpret: bool, **sizes: int) -> None:
             )
 
 
-def _token_loops(refs, length, replay, make_step, unroll=False):
+def _token_loops(refs, length, replay, make_step, unroll=False, store_final=True):
     """The kernel body shared by both variants: replay (verify only), checkpoint, new tokens, final state.
 
     make_step(A_ref, D_ref, dt_bias_ref) -> (advance, output) with advance(h, x, dt, B) -> (h, x_fp32)
-    and output(h, x_fp32, C) -> y. unroll: straight-line loops (module docstring).
+    and output(h, x_fp32, C) -> y. unroll: straight-line loops (module docstring). store_final=False (verify
+    only): the state after the new tokens is not written (the verifier replays from the checkpoint instead).
     """
     if replay:
         n_ref, h_ref, cx_ref, cdt_ref, cb_ref, *refs = refs
@@ -123,12 +125,13 @@ def _token_loops(refs, length, replay, make_step, unroll=False):
     if unroll:
         for t in range(length):
             h = new_token(t, h)
-        state_outs[-1][...] = h
     else:
-        state_outs[-1][...] = jax.lax.fori_loop(0, length, new_token, h)
+        h = jax.lax.fori_loop(0, length, new_token, h)
+    if store_final:
+        state_outs[-1][...] = h
 
 
-def _mamba2_kernel(length: int, replay: bool, unroll: bool):
+def _mamba2_kernel(length: int, replay: bool, unroll: bool, store_final: bool = True):
     def make_step(a_ref, d_ref, bias_ref):
         a, d, bias = a_ref[0].astype(_F32), d_ref[0].astype(_F32), bias_ref[0].astype(_F32)
 
@@ -142,14 +145,15 @@ def _mamba2_kernel(length: int, replay: bool, unroll: bool):
 
         return advance, output
 
-    return lambda *refs: _token_loops(refs, length, replay, make_step, unroll)
+    return lambda *refs: _token_loops(refs, length, replay, make_step, unroll, store_final)
 
 
 # ----------------------------------------------------------------------------------------------- Mamba-2
 
 
-def _mamba2_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
-    """x [B, T, Gx, P], dt [B, T, H], B [B, T, Gb, N], C [B, T, Gc, N]; replay_args = (n, cx, cdt, cB) or None."""
+def _mamba2_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret, store_final=True):
+    """x [B, T, Gx, P], dt [B, T, H], B [B, T, Gb, N], C [B, T, Gc, N]; replay_args = (n, cx, cdt, cB) or None.
+    Returns (y, h_new) without replay, (y, h_ckpt_new[, h_run_new if store_final]) with it."""
     batch, heads, hdim, dstate = h.shape
     length = x.shape[1]
     rx, rb, rc = heads // x.shape[2], heads // B.shape[2], heads // C.shape[2]
@@ -171,10 +175,10 @@ def _mamba2_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
         n, cx, cdt, cb = replay_args
         in_specs = [pl.BlockSpec((1,), lambda b, i, p: (b,)), state, x_spec, dt_spec, b_spec] + in_specs[1:]
         args = [n, h, cx, cdt, cb] + args[1:]
-        n_states = 2
+        n_states = 2 if store_final else 1
     state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
     outs = pl.pallas_call(
-        _mamba2_kernel(length, replay_args is not None, FORM == "unrolled"),
+        _mamba2_kernel(length, replay_args is not None, FORM == "unrolled", store_final),
         out_shape=(jax.ShapeDtypeStruct((batch, length, heads, hdim), x.dtype),) + (state_shape,) * n_states,
         grid=(batch, heads, hdim // bp),
         in_specs=in_specs,
@@ -192,11 +196,14 @@ def mamba2_update(h, x, dt, B, C, *, A, D, dt_bias, interpret=False):
     return y[:, 0], h_new
 
 
-def mamba2_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, interpret=False):
-    """Fused Mamba-2 MultiStep; shapes as in reference.ssm_verify_ref. Returns (y, h_ckpt_new, h_run_new)."""
+def mamba2_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, interpret=False, final_state=True):
+    """Fused Mamba-2 MultiStep; shapes as in reference.ssm_verify_ref. Returns (y, h_ckpt_new, h_run_new);
+    final_state=False leaves h_run_new unwritten (None): the state crosses HBM once in and once out, as in a step."""
     if FORM == "matrix":
-        return _mamba2_matrix_call(h_ckpt, cache, n_replay, x, dt, B, C, A, D, dt_bias, interpret)
-    return _mamba2_call(h_ckpt, x, dt, B, C, A, D, dt_bias, (n_replay, *cache), interpret)
+        outs = _mamba2_matrix_call(h_ckpt, cache, n_replay, x, dt, B, C, A, D, dt_bias, interpret, final_state)
+    else:
+        outs = _mamba2_call(h_ckpt, x, dt, B, C, A, D, dt_bias, (n_replay, *cache), interpret, final_state)
+    return outs if final_state else (*outs, None)
 
 
 # ------------------------------------------------------------------------- Mamba-2 verification, matrix form
@@ -210,13 +217,13 @@ def _state_dot(a, b, contract: tuple[int, int], interpret: bool):
     return tiling.dot(a, b, contract, None if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
 
 
-def _mamba2_matrix_kernel(tokens: int, rows: int, interpret: bool):
+def _mamba2_matrix_kernel(tokens: int, rows: int, interpret: bool, store_final: bool = True):
     """One program per (batch row, head, group of P rows): the T new tokens (and the T cached ones) as one SSD
     chunk (module docstring). Token tiles are [T', ...] with rows >= tokens zero-padded. What depends only on the
     head (Δ, decays, C·Bᵀ) is computed once; the program's P rows then go through in blocks of `rows`."""
 
     def kernel(n_ref, h_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref, bias_ref,
-               y_ref, ckpt_ref, run_ref):
+               y_ref, ckpt_ref, *run_ref):
         dot = functools.partial(_state_dot, interpret=interpret)
         padded = x_ref.shape[0]
         a, d, bias = a_ref[0].astype(_F32), d_ref[0].astype(_F32), bias_ref[0].astype(_F32)
@@ -245,7 +252,8 @@ def _mamba2_matrix_kernel(tokens: int, rows: int, interpret: bool):
             h_ckpt = jnp.exp(total_c) * h_ref[p, :] + dot(cx_ref[:, p].astype(_F32), weighted_c, (0, 0))  # [rows, N]
             ckpt_ref[p, :] = h_ckpt
             x = x_ref[:, p].astype(_F32)                                                       # [T', rows]
-            run_ref[p, :] = jnp.exp(total) * h_ckpt + dot(x, weighted, (0, 0))
+            if store_final:
+                run_ref[0][p, :] = jnp.exp(total) * h_ckpt + dot(x, weighted, (0, 0))
             y = decay_in * dot(c, h_ckpt, (1, 1)) + dot(mix, x, (1, 0)) + d * x               # [T', rows]
             y_ref[:, p] = y.astype(y_ref.dtype)
             return carry
@@ -269,7 +277,7 @@ def check_matrix_tiling(head_dim: int, dstate: int) -> None:
             )
 
 
-def _mamba2_matrix_call(h, cache, n_replay, x, dt, B, C, A, D, dt_bias, interpret):
+def _mamba2_matrix_call(h, cache, n_replay, x, dt, B, C, A, D, dt_bias, interpret, store_final=True):
     """x [B, T, Gx, P], dt [B, T, H], B [B, T, Gb, N], C [B, T, Gc, N]; cache = (x, dt, B) like the new ones."""
     batch, heads, hdim, dstate = h.shape
     tokens = x.shape[1]
@@ -291,24 +299,25 @@ def _mamba2_matrix_call(h, cache, n_replay, x, dt, B, C, A, D, dt_bias, interpre
     head = pl.BlockSpec((1,), lambda b, i, p: (i,))
     y_spec = pl.BlockSpec((None, padded, None, bp), lambda b, i, p: (b, 0, i, p))
     state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
-    y, h_ckpt, h_run = pl.pallas_call(
-        _mamba2_matrix_kernel(tokens, rows, interpret),
-        out_shape=(jax.ShapeDtypeStruct((batch, padded, heads, hdim), x.dtype), state_shape, state_shape),
+    n_states = 2 if store_final else 1
+    y, *states = pl.pallas_call(
+        _mamba2_matrix_kernel(tokens, rows, interpret, store_final),
+        out_shape=(jax.ShapeDtypeStruct((batch, padded, heads, hdim), x.dtype),) + (state_shape,) * n_states,
         grid=(batch, heads, hdim // bp),
         in_specs=[pl.BlockSpec((1,), lambda b, i, p: (b,)), state, x_spec, dt_spec, b_spec,
                   x_spec, dt_spec, b_spec, c_spec, head, head, head],
-        out_specs=(y_spec, state, state),
+        out_specs=(y_spec,) + (state,) * n_states,
         interpret=interpret,
         compiler_params=_compiler_params(rows * dstate, interpret),
         name="mamba2_verify_matrix",
     )(n_replay, h, *map(pad, cache), *map(pad, (x, dt, B, C)), A, D, dt_bias)
-    return y[:, :tokens], h_ckpt, h_run
+    return (y[:, :tokens], *states)
 
 
 # ----------------------------------------------------------------------------------------------- Mamba-1
 
 
-def _mamba_kernel(length: int, replay: bool, unroll: bool):
+def _mamba_kernel(length: int, replay: bool, unroll: bool, store_final: bool = True):
     def make_step(a_ref, d_ref, bias_ref):
         a = a_ref[...].astype(_F32)  # [bc, N]
         d, bias = d_ref[...].astype(_F32), bias_ref[...].astype(_F32)  # [bc]
@@ -323,10 +332,10 @@ def _mamba_kernel(length: int, replay: bool, unroll: bool):
 
         return advance, output
 
-    return lambda *refs: _token_loops(refs, length, replay, make_step, unroll)
+    return lambda *refs: _token_loops(refs, length, replay, make_step, unroll, store_final)
 
 
-def _mamba_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
+def _mamba_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret, store_final=True):
     """x, dt [B, T, C]; B [B, T, Gb, N]; C [B, T, Gc, N]; replay_args = (n, cx, cdt, cB) or None."""
     batch, channels, dstate = h.shape
     length = x.shape[1]
@@ -349,10 +358,10 @@ def _mamba_call(h, x, dt, B, C, A, D, dt_bias, replay_args, interpret):
         n, cx, cdt, cb = replay_args
         in_specs = [pl.BlockSpec((1,), lambda b, j: (b,)), state, chan, chan, b_spec] + in_specs[1:]
         args = [n, h, cx, cdt, cb] + args[1:]
-        n_states = 2
+        n_states = 2 if store_final else 1
     state_shape = jax.ShapeDtypeStruct(h.shape, _F32)
     return pl.pallas_call(
-        _mamba_kernel(length, replay_args is not None, FORM == "unrolled"),
+        _mamba_kernel(length, replay_args is not None, FORM == "unrolled", store_final),
         out_shape=(jax.ShapeDtypeStruct((batch, length, channels), x.dtype),) + (state_shape,) * n_states,
         grid=(batch, channels // bc),
         in_specs=in_specs,
@@ -369,6 +378,8 @@ def mamba_update(h, x, dt, B, C, *, A, D, dt_bias, interpret=False):
     return y[:, 0], h_new
 
 
-def mamba_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, interpret=False):
-    """Fused Mamba-1 MultiStep; shapes as in reference.ssm_verify_ref. Returns (y, h_ckpt_new, h_run_new)."""
-    return _mamba_call(h_ckpt, x, dt, B, C, A, D, dt_bias, (n_replay, *cache), interpret)
+def mamba_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, interpret=False, final_state=True):
+    """Fused Mamba-1 MultiStep; shapes as in reference.ssm_verify_ref. Returns (y, h_ckpt_new, h_run_new), h_run_new
+    None (not written) with final_state=False."""
+    outs = _mamba_call(h_ckpt, x, dt, B, C, A, D, dt_bias, (n_replay, *cache), interpret, final_state)
+    return outs if final_state else (*outs, None)

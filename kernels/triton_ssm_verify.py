@@ -2,8 +2,9 @@
 
 Per program (one tile of one row's state): load the checkpoint tile once; replay the first n_replay[b]
 cached steps (x, dt, B of the previous call) without outputs; store the tile as the new checkpoint; run the
-T new tokens, writing y for each; store the tile as the running state. The state crosses HBM once in and
-twice out whatever T is. T is a compile-time constant (one kernel per T, any batch size); n_replay is
+T new tokens, writing y for each; store the tile as the running state unless final_state=False (then that
+output is left unwritten and not returned). The state crosses HBM once in and twice out (once without the
+running state) whatever T is. T is a compile-time constant (one kernel per T, any batch size); n_replay is
 read per row at run time. Imported lazily by dispatch.py.
 """
 
@@ -43,7 +44,7 @@ def _mamba2_verify_kernel(
     y_ptr, hc_out_ptr, hr_out_ptr,  # outputs
     T: tl.constexpr, H: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
     GX: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     head = tl.program_id(1)
@@ -77,7 +78,8 @@ def _mamba2_verify_kernel(
     tl.store(hc_out_ptr + state, h, mask=mask)
     for t in range(0, T):
         h = _mamba2_token(h, t, *new, OUTPUT=True)
-    tl.store(hr_out_ptr + state, h, mask=mask)
+    if STORE_FINAL:
+        tl.store(hr_out_ptr + state, h, mask=mask)
 
 
 @triton.jit
@@ -101,7 +103,7 @@ def _mamba_verify_kernel(
     x_ptr, dt_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr,  # new tokens, params
     y_ptr, hc_out_ptr, hr_out_ptr,  # outputs
     T: tl.constexpr, CH: tl.constexpr, N: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -131,7 +133,8 @@ def _mamba_verify_kernel(
     tl.store(hc_out_ptr + state, h, mask=mask)
     for t in range(0, T):
         h = _mamba_token(h, t, *new, OUTPUT=True)
-    tl.store(hr_out_ptr + state, h, mask=mask)
+    if STORE_FINAL:
+        tl.store(hr_out_ptr + state, h, mask=mask)
 
 
 def _outputs(x, h, y_shape):
@@ -139,16 +142,16 @@ def _outputs(x, h, y_shape):
     return jax.ShapeDtypeStruct(y_shape, x.dtype), state, state
 
 
-def mamba2_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias):
+def mamba2_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, final_state=True):
     """Fused Mamba-2 MultiStep. h_ckpt [B, H, P, N] fp32; cache = (x, dt, B) of the previous call and the
     new x [B, T, Gx, P], dt [B, T, H], B [B, T, Gb, N], C [B, T, Gc, N]; n_replay int32 [B] in [0, T];
-    fp32 params [H]. Returns (y [B, T, H, P] in x's dtype, h_ckpt_new, h_run_new)."""
+    fp32 params [H]. Returns (y [B, T, H, P] in x's dtype, h_ckpt_new, h_run_new or None)."""
     import jax_triton as jt
 
     batch, heads, hdim, dstate = h_ckpt.shape
     length = x.shape[1]
     bp, bn = tiling.mamba2_block_p(batch, heads, hdim, dstate), tiling.next_pow2(dstate)
-    return jt.triton_call(
+    y, h_ckpt_new, h_run_new = jt.triton_call(
         h_ckpt, n_replay, *cache, x, dt, B, C, A, D, dt_bias,
         kernel=_mamba2_verify_kernel,
         out_shape=_outputs(x, h_ckpt, (batch, length, heads, hdim)),
@@ -156,19 +159,21 @@ def mamba2_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias):
         num_warps=tiling.num_warps(bp * bn),
         num_stages=1,
         T=length, H=heads, P=hdim, N=dstate, GX=x.shape[2], GB=B.shape[2], GC=C.shape[2], BLOCK_P=bp, BLOCK_N=bn,
+        STORE_FINAL=bool(final_state),
     )
+    return y, h_ckpt_new, h_run_new if final_state else None
 
 
-def mamba_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias):
+def mamba_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias, final_state=True):
     """Fused Mamba-1 MultiStep. h_ckpt [B, C, N] fp32; cache = (x, dt, B) of the previous call and the new
     x and dt [B, T, C], B [B, T, Gb, N], C [B, T, Gc, N]; n_replay int32 [B] in [0, T]; fp32 params
-    A [C, N], D and dt_bias [C]. Returns (y [B, T, C] in x's dtype, h_ckpt_new, h_run_new)."""
+    A [C, N], D and dt_bias [C]. Returns (y [B, T, C] in x's dtype, h_ckpt_new, h_run_new or None)."""
     import jax_triton as jt
 
     batch, channels, dstate = h_ckpt.shape
     length = x.shape[1]
     bc, bn = tiling.mamba_block_c(batch, channels, dstate), tiling.next_pow2(dstate)
-    return jt.triton_call(
+    y, h_ckpt_new, h_run_new = jt.triton_call(
         h_ckpt, n_replay, *cache, x, dt, B, C, A, D, dt_bias,
         kernel=_mamba_verify_kernel,
         out_shape=_outputs(x, h_ckpt, (batch, length, channels)),
@@ -176,4 +181,6 @@ def mamba_verify(h_ckpt, cache, n_replay, x, dt, B, C, *, A, D, dt_bias):
         num_warps=tiling.num_warps(bc * bn),
         num_stages=1,
         T=length, CH=channels, N=dstate, GB=B.shape[2], GC=C.shape[2], BLOCK_C=bc, BLOCK_N=bn,
+        STORE_FINAL=bool(final_state),
     )
+    return y, h_ckpt_new, h_run_new if final_state else None

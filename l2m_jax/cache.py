@@ -25,15 +25,17 @@ class SSMCache(NamedTuple):
 
 
 class SpecSSMCache(NamedTuple):
-    """A Mamba layer of a speculative verifier: two SSM states and the inputs of the last call (MIL_SPEC §3).
+    """A Mamba layer of a speculative verifier: one SSM state and the inputs of the last call (MIL_SPEC §3).
 
     The next call replays the first n_replay cached steps from `ssm_ckpt` (the accepted ones), stores the result
     as the new checkpoint and runs its T new tokens; the conv state is rebuilt by pointer from the same window.
+    MiL's verifier also keeps the state after the last call's tokens, to continue from it when every draft was
+    accepted; here that case replays all T cached steps instead, so a call writes one state, as a decode step does.
     """
     conv_ckpt: jax.Array  # [B, W-1, C]  conv inputs before the last call's first token
     conv_in: jax.Array    # [B, T, C]    the last call's conv inputs
-    ssm_ckpt: jax.Array   # state before the last call's first token, fp32
-    ssm_run: jax.Array    # state after all of the last call's tokens, fp32
+    ssm_ckpt: jax.Array   # state before the last call's first token, fp32 (the one state kept: every call
+                          # replays its accepted steps from it, so the state after the last call is not stored)
     x: jax.Array          # [B, T, ...] cached replay inputs: x after conv (pre GQA repeat),
     dt: jax.Array         # [B, T, H | C]  Δ before bias and softplus,
     B: jax.Array          # [B, T, Gb, N]  B after conv
@@ -106,7 +108,7 @@ def spec_state_from(cfg: ModelConfig, state: DecodeState, t: int) -> SpecState:
             dts = jnp.zeros((b, t, s.d_inner), dt)
             bb = jnp.zeros((b, t, s.d_xb // s.d_state, s.d_state), dt)
         conv_in = jnp.zeros((b, t, c.conv.shape[-1]), dt)
-        layers.append(SpecSSMCache(c.conv, conv_in, c.ssm, c.ssm, x, dts, bb))
+        layers.append(SpecSSMCache(c.conv, conv_in, c.ssm, x, dts, bb))
     return SpecState(tuple(layers), state.lengths, jnp.zeros_like(state.lengths))
 
 

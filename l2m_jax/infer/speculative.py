@@ -1,8 +1,9 @@
 """Speculative decoding for hybrid and pure-Mamba targets, batched, with per-row acceptance.
 
 Each round the draft proposes K tokens; the target runs ONE verifier call over [last, d_1..d_K] (T = K+1
-positions). Mamba layers keep two states (checkpoint, running) and the last call's inputs: the next call replays
-the accepted prefix from the checkpoint inside the same fused kernel (MIL_SPEC §3). Attention layers roll back by
+positions). Mamba layers keep one state (the checkpoint) and the last call's inputs: the next call replays the
+accepted prefix from it inside the same fused kernel (MIL_SPEC §3, whose second, running state is not kept: when
+every draft was accepted the next call replays all of them), so a call writes the state once, as a step does. Attention layers roll back by
 length (slot = position, rejected slots are overwritten). The draft, which is small, keeps a snapshot of its SSM
 states after each drafted token and rolls back by selecting one.
 """

@@ -105,10 +105,11 @@ class MambaMixer(nnx.Module):
         B = self.B_proj(u).reshape(b, t, s.d_xb // s.d_state, s.d_state)     # groups: channel c reads c // (C/Gb)
         C = self.C_proj(u).reshape(b, t, s.d_inner // s.d_state, s.d_state)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        y, h_ckpt, h_run, (xc, dtc, bc) = ssm_verify(
+        y, h_ckpt, _, (xc, dtc, bc) = ssm_verify(
             cache.ssm_ckpt, (cache.x, cache.dt, cache.B), ctx.n_replay, x, self.dt_raw(u), B, C,
-            A=A, D=self.D[...], dt_bias=self.dt_proj["bias"][...], variant="mamba", backend=ctx.backend)
+            A=A, D=self.D[...], dt_bias=self.dt_proj["bias"][...], variant="mamba", backend=ctx.backend,
+            final_state=False)
         y = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-        new = SpecSSMCache(conv_state, x_raw.astype(cache.conv_in.dtype), h_ckpt, h_run,
+        new = SpecSSMCache(conv_state, x_raw.astype(cache.conv_in.dtype), h_ckpt,
                            xc.astype(cache.x.dtype), dtc.astype(cache.dt.dtype), bc.astype(cache.B.dtype))
         return self.out_proj(y.astype(u.dtype)), new

@@ -114,11 +114,12 @@ class Mamba2Mixer(nnx.Module):
         B = B.reshape(b, t, g, s.d_state)                                                    # [B, T, G, N]
         C = C.reshape(b, t, s.n_heads, s.d_state)                                            # [B, T, H, N]
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        y, h_ckpt, h_run, (xc, dtc, bc) = ssm_verify(
+        y, h_ckpt, _, (xc, dtc, bc) = ssm_verify(
             cache.ssm_ckpt, (cache.x, cache.dt, cache.B), ctx.n_replay, x, dt, B, C,
-            A=A, D=self.D[...], dt_bias=self.dt_bias[...], variant="mamba2", backend=ctx.backend)
+            A=A, D=self.D[...], dt_bias=self.dt_bias[...], variant="mamba2", backend=ctx.backend,
+            final_state=False)
         y = gated_rms_norm(y.reshape(b, t, s.d_inner), z, self.norm["scale"][...], group_size=s.head_dim,
                            eps=s.norm_eps)
-        new = SpecSSMCache(conv_state, xbc_raw.astype(cache.conv_in.dtype), h_ckpt, h_run,
+        new = SpecSSMCache(conv_state, xbc_raw.astype(cache.conv_in.dtype), h_ckpt,
                            xc.astype(cache.x.dtype), dtc.astype(cache.dt.dtype), bc.astype(cache.B.dtype))
         return self.out_proj(y.astype(u.dtype)), new

@@ -64,6 +64,35 @@ def test_pallas_matches_reference(variant, dtype, form):
     assert np.abs(np.asarray(got[1][1]) - np.asarray(p["h"][1])).max() > 1e-3
 
 
+@pytest.mark.parametrize("variant,form", [("mamba2", "loop"), ("mamba2", "unrolled"), ("mamba2", "matrix"),
+                                          ("mamba", "loop"), ("mamba", "unrolled")], indirect=["form"])
+def test_verify_without_the_final_state_writes_one_state(variant, form):
+    """final_state=False (what the models' verifier asks for): the same y and checkpoint, no final state, and
+    the kernel has one state output fewer."""
+    import jax
+
+    dims = MATRIX_DIMS if form == "matrix" else DIMS[variant]
+    p = random_problem(5, variant, batch=3, tokens=4, **dims)
+    kw = dict(variant=variant, **_params(p))
+    args = (p["h"], p["cache"], p["n_replay"], p["x"], p["dt"], p["B"], p["C"])
+    full = ssm_verify(*args, backend="pallas", interpret=INTERPRET, **kw)
+    lean = ssm_verify(*args, backend="pallas", interpret=INTERPRET, final_state=False, **kw)
+    want = ssm_verify(*args, backend="xla", final_state=False, **kw)
+    assert lean[2] is None and want[2] is None and full[2] is not None
+    for got in (lean, want):
+        _close(got[0], full[0], Y_TOL[jnp.float32])
+        _close(got[1], full[1], STATE_TOL)
+    fn = pallas_ssm.mamba2_verify if variant == "mamba2" else pallas_ssm.mamba_verify
+
+    def kernel_state_outputs(flag):
+        jaxpr = jax.make_jaxpr(lambda *a: fn(*a, interpret=INTERPRET, final_state=flag, **_params(p)))(*args)
+        calls = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+        assert len(calls) == 1
+        return sum(v.aval.shape == p["h"].shape for v in calls[0].outvars)
+
+    assert (kernel_state_outputs(True), kernel_state_outputs(False)) == (2, 1)
+
+
 def _verify_both(p, variant):
     kw = dict(variant=variant, **_params(p))
     args = (p["h"], p["cache"], p["n_replay"], p["x"], p["dt"], p["B"], p["C"])
