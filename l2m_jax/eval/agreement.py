@@ -1,26 +1,22 @@
 """Top-1 agreement between a student and its teacher: how often both predict the same next token."""
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
 from ..models import forward
-from ..ops import switches
+from ..ops import keyed_jit
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("switches",))
-def _top1(cfg: ModelConfig, params, tokens, switches: tuple = ()):
-    del switches                                   # the kernel switches: only a key of the compiled program
+@keyed_jit(static_argnums=0)
+def _top1(cfg: ModelConfig, params, tokens):
     return jnp.argmax(forward(cfg, params, tokens)[0], axis=-1).astype(jnp.int32)
 
 
 def top1_predictions(cfg: ModelConfig, params, tokens) -> np.ndarray:
     """The most likely next token at every position: tokens int32 [N, W] -> int32 [N, W]."""
-    return np.asarray(_top1(cfg, params, jnp.asarray(tokens, jnp.int32), switches=switches()))
+    return np.asarray(_top1(cfg, params, jnp.asarray(tokens, jnp.int32)))
 
 
 def top1_agreement(student_top1, teacher_top1) -> float:

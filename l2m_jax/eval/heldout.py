@@ -11,7 +11,6 @@ of one per window. Padding sits after each window's real tokens, so causality ke
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -20,15 +19,14 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..models import forward, shape_structs
-from ..ops import switches
+from ..ops import keyed_jit
 
 __all__ = ["score_texts", "score_batch_shape", "precompile_score"]
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("switches",))
-def _score(cfg: ModelConfig, params, tokens, switches: tuple = ()):
+@keyed_jit(static_argnums=0)
+def _score(cfg: ModelConfig, params, tokens):
     """tokens int32 [N, W] -> (nll of tokens[:, 1:] float32 [N, W-1], argmax int32 [N, W])."""
-    del switches                                   # the kernel switches: only a key of the compiled program
     logits = forward(cfg, params, tokens, checked=False)[0].astype(jnp.float32)   # ids checked on the host
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -75,7 +73,7 @@ def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: 
         batch[i, :c.size] = c
     nll, top1 = [], []
     for s in range(0, n, batch_rows):
-        a, b = _score(cfg, params, jnp.asarray(batch[s:s + batch_rows]), switches=switches())
+        a, b = _score(cfg, params, jnp.asarray(batch[s:s + batch_rows]))
         nll.append(np.asarray(a, np.float64))
         top1.append(np.asarray(b))
     nll, top1 = np.concatenate(nll), np.concatenate(top1)
@@ -100,4 +98,4 @@ def precompile_score(cfg: ModelConfig, params, shape: tuple[int, int]) -> None:
     """Compile `score_texts`' forward for `cfg` (params may be jax.ShapeDtypeStructs) on token batches of
     `shape` (`score_batch_shape`): a later evaluation in this process reuses the executable (and, with JAX's
     persistent compilation cache on, another process loads it)."""
-    _score.lower(cfg, shape_structs(params), jax.ShapeDtypeStruct(shape, jnp.int32), switches=switches()).compile()
+    _score.lower(cfg, shape_structs(params), jax.ShapeDtypeStruct(shape, jnp.int32)).compile()

@@ -23,7 +23,6 @@ string.
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
@@ -33,17 +32,16 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from ..ops import switches
+from ..ops import keyed_jit
 
 __all__ = ["L2MJaxLM", "main"]
 
 _LENGTH_BUCKET = 32          # padded sequence lengths are multiples of it: few compilations
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("switches",))
-def _token_logprobs(cfg, params, tokens, targets, switches: tuple = ()):
+@keyed_jit(static_argnums=0)
+def _token_logprobs(cfg, params, tokens, targets):
     """tokens/targets int32 [B, L] -> (log p(target) fp32 [B, L], target is the argmax bool [B, L])."""
-    del switches                                   # the kernel switches: only a key of the compiled program
     from .. import forward
 
     logits, _ = forward(cfg, params, tokens)
@@ -160,8 +158,7 @@ class L2MJaxLM(TemplateLM):
             targets = np.zeros((self.batch_size, width), np.int32)
             for j, (_, inp, tgt, _) in enumerate(group):
                 tokens[j, :len(inp)], targets[j, :len(tgt)] = inp, tgt
-            logp, greedy = _token_logprobs(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(targets),
-                                           switches=switches())
+            logp, greedy = _token_logprobs(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(targets))
             logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
             for j, (i, inp, _, n) in enumerate(group):
                 span = slice(len(inp) - n, len(inp))

@@ -9,7 +9,6 @@ own window. Log-probabilities come from an fp32 log-softmax; the sum runs in flo
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import sys
@@ -19,15 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from ..ops import switches
+from ..ops import keyed_jit
 
 __all__ = ["perplexity", "main"]
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("switches",))
-def _window_nll(cfg: ModelConfig, params, tokens, n_valid, switches: tuple = ()):  # tokens [1, W] -> [W-1]
+@keyed_jit(static_argnums=0)
+def _window_nll(cfg: ModelConfig, params, tokens, n_valid):  # tokens [1, W] -> [W-1]
     """Negative log-likelihood of tokens[1:n_valid] given their prefix; 0 past n_valid (padding)."""
-    del switches                                   # the kernel switches: only a key of the compiled program
     from .. import forward
 
     logits, _ = forward(cfg, params, tokens)
@@ -67,7 +65,7 @@ def perplexity(cfg: ModelConfig, params, token_ids, *, max_tokens: int | None = 
         chunk = ids[start:start + window]
         padded[:] = 0
         padded[0, :chunk.size] = chunk
-        nll = _window_nll(cfg, params, jnp.asarray(padded), chunk.size, switches=switches())
+        nll = _window_nll(cfg, params, jnp.asarray(padded), chunk.size)
         total += float(np.sum(np.asarray(nll, np.float64)))
         scored += chunk.size - 1
     return scored, math.exp(total / scored)

@@ -1,7 +1,6 @@
 """Batched generation: one prefill with the chunked scan, then a jitted `lax.while_loop` of single steps."""
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,17 +11,15 @@ from ..config import ModelConfig
 from ..models import bind
 from ..kernels.dispatch import resolve_backend
 from ..ops.sampling import GREEDY, Sampling, draw
-from ..ops import switches
+from ..ops import keyed_jit
 from .common import _round_up, check_length, pad_prompts, trim
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new", "eos_id", "capacity", "backend",
-                                             "switches"))
+@keyed_jit(static_argnames=("cfg", "sampling", "max_new", "eos_id", "capacity", "backend"))
 def _generate(params, tokens, lens, key, *, cfg: ModelConfig, sampling: Sampling, max_new: int,
-              eos_id: int | None, capacity: int, backend: str, switches: tuple = ()):
-    """tokens int32 [B, Lp] (right-padded), lens int32 [B] -> (new tokens int32 [B, max_new], steps run).
-    switches: `l2m_jax.ops.switches()`, a key of the compiled program only."""
-    del switches                                   # the kernel switches: only a key of the compiled program
+              eos_id: int | None, capacity: int, backend: str):
+    """tokens int32 [B, Lp] (right-padded), lens int32 [B] -> (new tokens int32 [B, max_new], steps run); its
+    programs are keyed on `l2m_jax.ops.switches()` too (`keyed_jit`)."""
     model = bind(cfg, params)
     b, lp = tokens.shape
     rows = jnp.arange(b)
@@ -74,6 +71,6 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, sampling: S
     key = jax.random.key(0) if key is None else key
     out, steps = _generate(params, jnp.asarray(tokens), jnp.asarray(lens), key, cfg=cfg,
                            sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id,
-                           capacity=capacity, backend=backend, switches=switches())
+                           capacity=capacity, backend=backend)
     out = np.asarray(out)
     return trim(out, np.full(len(lens), int(steps)), eos_id)

@@ -3,14 +3,13 @@
 Each round the draft proposes K tokens; the target runs ONE verifier call over [last, d_1..d_K] (T = K+1
 positions). Mamba layers keep one state (the checkpoint) and the last call's inputs: the next call replays the
 accepted prefix from it inside the same fused kernel (MIL_SPEC §3, whose second, running state is not kept: when
-every draft was accepted the next call replays all of them), so a call writes the state once, as a step does. Attention layers roll back by
-length (slot = position, rejected slots are overwritten). The draft, which is small, keeps a snapshot of its SSM
-states after each drafted token and rolls back by selecting one.
+every draft was accepted the next call replays all of them), so a call writes the state once, as a step does.
+Attention layers roll back by length (slot = position, rejected slots are overwritten). The draft, which is
+small, keeps a snapshot of its SSM states after each drafted token and rolls back by selecting one.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from ..cache import AttnCache, DecodeState, SpecState, init_state, spec_state_fr
 from ..config import ModelConfig
 from ..models import bind
 from ..kernels.dispatch import resolve_backend
-from ..ops import switches
+from ..ops import keyed_jit
 from ..ops.sampling import GREEDY, Sampling, adjusted_probs, sample, speculative_accept
 from .common import _round_up, check_length, pad_prompts, trim
 
@@ -49,12 +48,9 @@ def _rollback_draft(state: DecodeState, snaps, idx, base_len):
     return DecodeState(tuple(layers), base_len + idx)
 
 
-@functools.partial(jax.jit, static_argnames=("t_cfg", "d_cfg", "k", "sampling", "max_new", "eos_id", "capacity",
-                                             "backend", "switches"))
+@keyed_jit(static_argnames=("t_cfg", "d_cfg", "k", "sampling", "max_new", "eos_id", "capacity", "backend"))
 def _speculate(t_params, d_params, tokens, lens, key, *, t_cfg: ModelConfig, d_cfg: ModelConfig, k: int,
-               sampling: Sampling, max_new: int, eos_id: int | None, capacity: int, backend: str,
-               switches: tuple = ()):
-    del switches                                   # the kernel switches: only a key of the compiled program
+               sampling: Sampling, max_new: int, eos_id: int | None, capacity: int, backend: str):
     target, draft = bind(t_cfg, t_params), bind(d_cfg, d_params)
     b, lp = tokens.shape
     rows = jnp.arange(b)
@@ -218,8 +214,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int, k: int = 4
     key = jax.random.key(0) if key is None else key
     out, n_out, calls, acc, drafted = _speculate(
         t_params, d_params, jnp.asarray(tokens), jnp.asarray(lens), key, t_cfg=t_cfg, d_cfg=d_cfg, k=k,
-        sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id, capacity=capacity, backend=backend,
-        switches=switches())
+        sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id, capacity=capacity, backend=backend)
     out, n_out = np.asarray(out), np.minimum(np.asarray(n_out), max_new_tokens)
     tokens_out = trim(out, n_out, eos_id)
     calls, acc, drafted = int(calls), int(acc), int(drafted)

@@ -8,14 +8,13 @@ interrupt) simply stops iterating: no further chunk is computed. Nothing here pr
 """
 from __future__ import annotations
 
-import functools
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..ops import switches
+from ..ops import keyed_jit
 from ..cache import init_state
 from ..config import ModelConfig
 from ..kernels.dispatch import resolve_backend
@@ -26,11 +25,9 @@ from .common import _round_up, check_context, pad_prompts
 __all__ = ["generate_stream"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "capacity", "backend", "switches"))
-def _prefill(params, tokens, lens, key, *, cfg: ModelConfig, sampling: Sampling, capacity: int, backend: str,
-             switches: tuple = ()):
+@keyed_jit(static_argnames=("cfg", "sampling", "capacity", "backend"))
+def _prefill(params, tokens, lens, key, *, cfg: ModelConfig, sampling: Sampling, capacity: int, backend: str):
     """The prompt pass and the first new token, as in `generate` (same ops, same key split)."""
-    del switches                                   # the kernel switches: only a key of the compiled program
     model = bind(cfg, params)
     b, lp = tokens.shape
     rows = jnp.arange(b)
@@ -41,11 +38,9 @@ def _prefill(params, tokens, lens, key, *, cfg: ModelConfig, sampling: Sampling,
     return state, draw(logits, sampling, k0), key
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "n", "backend", "switches"))
-def _steps(params, state, tok, key, *, cfg: ModelConfig, sampling: Sampling, n: int, backend: str,
-           switches: tuple = ()):
+@keyed_jit(static_argnames=("cfg", "sampling", "n", "backend"))
+def _steps(params, state, tok, key, *, cfg: ModelConfig, sampling: Sampling, n: int, backend: str):
     """n decode steps from the last token: (state, last token, key, new tokens int32 [B, n])."""
-    del switches                                   # the kernel switches: only a key of the compiled program
     model = bind(cfg, params)
 
     def body(c, _):
@@ -79,7 +74,7 @@ def generate_stream(cfg: ModelConfig, params, prompts, max_new_tokens: int, samp
     sampling = sampling or GREEDY
     key = jax.random.key(0) if key is None else key
     state, tok, key = _prefill(params, jnp.asarray(tokens), jnp.asarray(lens), key, cfg=cfg, sampling=sampling,
-                               capacity=capacity, backend=backend, switches=switches())
+                               capacity=capacity, backend=backend)
     done = np.zeros(len(lens), bool)
 
     def emit(new: np.ndarray) -> list[list[int]]:
@@ -98,7 +93,6 @@ def generate_stream(cfg: ModelConfig, params, prompts, max_new_tokens: int, samp
     left = max_new_tokens - 1
     while left > 0 and not done.all():
         n = min(chunk, left)
-        state, tok, key, new = _steps(params, state, tok, key, cfg=cfg, sampling=sampling, n=n, backend=backend,
-                                      switches=switches())
+        state, tok, key, new = _steps(params, state, tok, key, cfg=cfg, sampling=sampling, n=n, backend=backend)
         left -= n
         yield emit(np.asarray(new))

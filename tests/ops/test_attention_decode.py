@@ -229,3 +229,32 @@ def test_generate_traces_anew_after_a_switch_and_finds_its_program_when_switched
         attn_ops.set_decode_attention("full", block=256)
     l2m_jax.generate(cfg, params, prompts, 3)
     assert _generate._cache_size() == size + 1                # back to the first program
+
+
+def test_keyed_jit_keys_programs_on_the_switches_and_keeps_jits_arguments():
+    import jax.numpy as jnp
+
+    from l2m_jax.ops import keyed_jit
+
+    traced = []
+
+    @keyed_jit(static_argnums=0, static_argnames=("n",))
+    def scale(offset, x, *, n: int):
+        traced.append(n)
+        return x * n + offset
+
+    x = jnp.ones(3)
+    assert scale(1, x, n=2).tolist() == [3.0, 3.0, 3.0] and scale.__name__ == "scale"
+    scale(1, x, n=2)
+    assert traced == [2]                                     # static arguments as jax.jit has them
+    attn_ops.set_decode_attention("blocked", block=4)
+    try:
+        scale(1, x, n=2)
+        assert traced == [2, 2]                              # a switch changed: traced anew
+    finally:
+        attn_ops.set_decode_attention("full", block=256)
+    scale(1, x, n=2)
+    assert traced == [2, 2] and scale._cache_size() == 2     # switched back: the first program
+    assert scale.lower(1, x, n=3).compile()(x).tolist() == [4.0, 4.0, 4.0]       # static arguments left out
+    with pytest.raises(TypeError, match="has a parameter named 'switches'"):
+        keyed_jit(lambda x, switches: x)
