@@ -293,6 +293,32 @@ def test_round_steps_give_each_stage1_round_its_own_steps():
             check_config(c)
 
 
+def test_preference_eval_equals_dpo_metrics_over_all_pairs_at_once():
+    """Batches of 2 over 5 pairs (the last one filled up) give the metrics of one DPO loss over all 5, and the
+    evaluation compiles one program."""
+    import jax
+    import jax.numpy as jnp
+
+    from l2m_jax.config import ModelConfig
+    from l2m_jax.recipe.run import preference_eval
+    from l2m_jax.train.stages import dpo_loss_fn, dpo_pair_logratios
+
+    cfg = ModelConfig.tiny(vocab_size=40, n_layers=2)
+    policy, reference = (cfg, l2m_jax.init_params(cfg, 1)), (cfg, l2m_jax.init_params(cfg, 2))
+    rng = np.random.default_rng(0)
+    pairs = {k: rng.integers(0, 40, (5, 12)).astype(np.int32) for k in ("chosen_tokens", "rejected_tokens")}
+    pairs |= {k: np.arange(12)[None, :] >= rng.integers(2, 8, (5, 1)) for k in ("chosen_mask", "rejected_mask")}
+    got = preference_eval(policy, reference, pairs, beta=0.1, batch_size=2)
+    _, want = dpo_loss_fn(cfg, cfg, beta=0.1)({"policy": policy[1], "reference": reference[1]},
+                                              jax.tree.map(jnp.asarray, pairs), None)
+    assert got["pairs"] == 5
+    for k in ("loss", "reward_margin", "reward_accuracy"):
+        np.testing.assert_allclose(got[k], float(want[k]), rtol=1e-5, atol=1e-6)
+    before = dpo_pair_logratios._cache_size()
+    preference_eval(policy, reference, pairs, beta=0.1, batch_size=2)
+    assert dpo_pair_logratios._cache_size() == before       # the same program again
+
+
 def test_interleave_needs_an_sft_round_at_a_stage1_fraction():
     from l2m_jax.recipe import UsageError, check_config
     from l2m_jax.recipe.config import RecipeConfig, SftConfig, Stage1Config

@@ -64,20 +64,41 @@ def evaluate(cfg, params, texts: dict[str, np.ndarray], window: int, teacher_top
 
 
 def preference_eval(policy, reference, pairs: dict, beta: float, batch_size: int) -> dict:
-    """DPO's reward accuracy and mean reward margin of `policy` against `reference` on preference pairs."""
+    """DPO's reward accuracy, mean reward margin and loss of `policy` against `reference` on preference pairs.
+
+    Every batch has `batch_size` rows (the last one filled up with copies of its first pair, whose results are
+    dropped), so the evaluations before and after DPO run one compiled program (`stages.dpo_pair_logratios`,
+    which `CompileAhead` compiles while earlier stages train)."""
+    from l2m_jax.train.stages import dpo_pair_logratios, preference_metrics
+
+    n = len(pairs["chosen_tokens"])
+    chosen, rejected = [], []
+    for s in range(0, n, batch_size):
+        batch = {k: _fill_rows(v[s:s + batch_size], batch_size) for k, v in pairs.items()}
+        c, r = dpo_pair_logratios(policy[0], reference[0], policy[1], reference[1], batch)
+        rows = min(batch_size, n - s)
+        chosen.append(np.asarray(c)[:rows])
+        rejected.append(np.asarray(r)[:rows])
+    return preference_metrics(np.concatenate(chosen), np.concatenate(rejected), beta) | {"pairs": n}
+
+
+def _fill_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """`a` [n, ...] with n <= rows, filled up to `rows` rows with copies of its first row."""
+    a = np.asarray(a)
+    return a if len(a) == rows else np.concatenate([a, np.repeat(a[:1], rows - len(a), axis=0)])
+
+
+def precompile_preference_eval(policy, reference, pairs_shapes: dict, batch_size: int) -> None:
+    """Compile `preference_eval`'s program for models (cfg, params; abstract or not) and the held-out pairs'
+    shapes {key: (shape, dtype)} into the persistent compilation cache."""
     import jax
 
-    from l2m_jax.train.stages import dpo_loss_fn
+    from l2m_jax.models import shape_structs
+    from l2m_jax.train.stages import dpo_pair_logratios
 
-    fn = jax.jit(dpo_loss_fn(policy[0], reference[0], beta=beta))
-    n = len(pairs["chosen_tokens"])
-    totals: dict[str, float] = {}
-    for s in range(0, n, batch_size):
-        batch = {k: v[s:s + batch_size] for k, v in pairs.items()}
-        _, m = fn({"policy": policy[1], "reference": reference[1]}, batch, None)
-        for k in ("reward_accuracy", "reward_margin", "loss"):
-            totals[k] = totals.get(k, 0.0) + float(m[k]) * len(batch["chosen_tokens"])
-    return {k: v / n for k, v in totals.items()} | {"pairs": n}
+    batch = {k: jax.ShapeDtypeStruct((batch_size, *shape[1:]), dtype) for k, (shape, dtype) in pairs_shapes.items()}
+    dpo_pair_logratios.lower(policy[0], reference[0], shape_structs(policy[1]), shape_structs(reference[1]),
+                             batch).compile()
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -350,9 +371,12 @@ class CompileAhead:
 
         stage_inputs(run, plan[first])                      # the first stage's data first
         self._jobs = []
+        self._heldout = None                   # DPO's held-out pairs: their evaluation compiles ahead too
         for i in range(first + 1, len(plan)):
-            data, _, settings = stage_inputs(run, plan[i])
+            data, heldout, settings = stage_inputs(run, plan[i])
             self._jobs.append((i, plan[i], settings, {k: (v.shape, v.dtype) for k, v in data.items()}))
+            if heldout is not None:
+                self._heldout = {k: (v.shape, v.dtype) for k, v in heldout.items()}
         self._state: dict[str, str] = {}        # stage name -> "running" | "done" | "failed" | "started"
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._work, args=(run, plan[first], first, student),
@@ -382,8 +406,11 @@ class CompileAhead:
                     setup = stage_setup(c, stage, model, teacher, settings, reference)
                     data = {k: np.empty((0, *shape[1:]), dtype) for k, (shape, dtype) in shapes.items()}
                     precompile_stage(setup, settings, stage_batch(setup, settings, data), mesh=run.mesh)
+                    if stage.kind == "dpo" and self._heldout is not None:
+                        precompile_preference_eval(model, reference, self._heldout, c.dpo.batch_size)
                     outcome = "done"
-                    say(f"compile ahead: {stage.name} train step compiled in {time.perf_counter() - t0:.1f}s")
+                    say(f"compile ahead: {stage.name} train step{' and preference evaluation' * (stage.kind == 'dpo')}"
+                        f" compiled in {time.perf_counter() - t0:.1f}s")
                 except Exception as e:                      # never fails the run
                     say(f"compile ahead: {stage.name} not compiled ahead ({type(e).__name__}: {e}); it compiles "
                         "when it starts")

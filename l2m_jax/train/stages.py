@@ -49,6 +49,7 @@ from ..convert.hybridize import attention_layers_for, stepwise_order
 from ..data.chat import DataError
 from ..data.packing import BatchIterator
 from ..models import forward
+from ..ops import keyed_jit
 from . import chunked, losses
 from .loop import Trainer, precompile_step
 from .optim import StagePreset, trainable_mask
@@ -477,6 +478,29 @@ def dpo_loss_fn(policy_cfg: ModelConfig, ref_cfg: ModelConfig, *, beta: float,
         r = jax.lax.stop_gradient(losses.sequence_logprobs(r_logits, tokens, mask))
         return losses.dpo_loss(p[:b], p[b:], r[:b], r[b:], beta=beta)
     return loss_fn
+
+
+@keyed_jit(static_argnums=(0, 1))
+def dpo_pair_logratios(policy_cfg: ModelConfig, ref_cfg: ModelConfig, policy_params, ref_params,
+                       batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per preference pair, the sequence log-ratios π − ref of the chosen and of the rejected answer (fp32 [B]
+    each; summed over the response tokens, as `dpo_loss_fn` sums them). One compiled program per pair of configs
+    and batch shape: DPO's held-out evaluation before and after training shares it (`preference_metrics`)."""
+    b = batch["chosen_tokens"].shape[0]
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)        # [2B, L]
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)              # [2B, L]
+    p = losses.sequence_logprobs(forward(policy_cfg, policy_params, tokens, checked=False)[0], tokens, mask)
+    r = losses.sequence_logprobs(forward(ref_cfg, ref_params, tokens, checked=False)[0], tokens, mask)
+    ratio = p - r
+    return ratio[:b], ratio[b:]
+
+
+def preference_metrics(chosen_logratio: np.ndarray, rejected_logratio: np.ndarray, beta: float) -> dict:
+    """`losses.dpo_loss`'s metrics over whole arrays of per-pair log-ratios (numpy): loss, reward_margin,
+    reward_accuracy (chosen reward above the rejected one)."""
+    margin = beta * (np.asarray(chosen_logratio, np.float64) - np.asarray(rejected_logratio, np.float64))
+    return {"loss": float(np.mean(np.logaddexp(0.0, -margin))), "reward_margin": float(np.mean(margin)),
+            "reward_accuracy": float(np.mean(margin > 0))}
 
 
 def dpo_setup(policy: Model, reference: Model, settings: StageSettings, *,

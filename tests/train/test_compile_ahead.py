@@ -229,7 +229,7 @@ def test_compile_ahead_thread_precompiles_later_stages_and_survives_failures(tmp
         ahead.join(timeout=600)
         said = capsys.readouterr().out
         assert "compile ahead: sft-mamba75 not compiled ahead (RuntimeError: no compiler today)" in said
-        assert "compile ahead: dpo-mamba75 train step compiled in" in said
+        assert "compile ahead: dpo-mamba75 train step and preference evaluation compiled in" in said
         assert "compile ahead: align" not in said     # the first stage is the one running meanwhile
         before = cache.count()
         _train_real(run, plan, 3, models[3], tmp_path)          # compiled ahead: a hit
