@@ -194,7 +194,20 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int, k: int = 4
     the target's own greedy decoding. With sampling the output follows the target's distribution exactly
     (Leviathan et al.'s rule). backend / fallback: the verification kernels, as in `l2m_jax.generate`.
     """
-    backend = resolve_backend(backend, fallback=fallback)
+    args, kwargs = _speculate_inputs(target, draft, prompts, max_new_tokens, k, sampling, key, eos_id,
+                                     resolve_backend(backend, fallback=fallback))
+    out, n_out, calls, acc, drafted = _speculate(*args, **kwargs)
+    out, n_out = np.asarray(out), np.minimum(np.asarray(n_out), max_new_tokens)
+    tokens_out = trim(out, n_out, eos_id)
+    calls, acc, drafted = int(calls), int(acc), int(drafted)
+    # every active row-round emits its accepted drafts plus one target token
+    stats = SpecStats(acceptance_rate=acc / max(drafted, 1), tokens_per_call=1 + k * acc / max(drafted, 1),
+                      target_calls=calls, accepted=acc, drafted=drafted)
+    return tokens_out, stats
+
+
+def _speculate_inputs(target, draft, prompts, max_new_tokens: int, k: int, sampling, key, eos_id, backend: str):
+    """(args, kwargs) of `_speculate` for `speculative_generate`'s inputs, checked."""
     (t_cfg, t_params), (d_cfg, d_params) = target, draft
     if k < 1:
         raise ValueError(f"k={k}: the draft must propose at least one token per round")
@@ -212,16 +225,27 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int, k: int = 4
     check_length(d_cfg, needed)
     capacity = _round_up(tokens.shape[1] + max_new_tokens + k + 1, 16)
     key = jax.random.key(0) if key is None else key
-    out, n_out, calls, acc, drafted = _speculate(
-        t_params, d_params, jnp.asarray(tokens), jnp.asarray(lens), key, t_cfg=t_cfg, d_cfg=d_cfg, k=k,
-        sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id, capacity=capacity, backend=backend)
-    out, n_out = np.asarray(out), np.minimum(np.asarray(n_out), max_new_tokens)
-    tokens_out = trim(out, n_out, eos_id)
-    calls, acc, drafted = int(calls), int(acc), int(drafted)
-    # every active row-round emits its accepted drafts plus one target token
-    stats = SpecStats(acceptance_rate=acc / max(drafted, 1), tokens_per_call=1 + k * acc / max(drafted, 1),
-                      target_calls=calls, accepted=acc, drafted=drafted)
-    return tokens_out, stats
+    return ((t_params, d_params, jnp.asarray(tokens), jnp.asarray(lens), key),
+            dict(t_cfg=t_cfg, d_cfg=d_cfg, k=k, sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id,
+                 capacity=capacity, backend=backend))
+
+
+def precompile_speculative(target, draft, prompts, max_new_tokens: int, ks, sampling: Sampling | None = None, *,
+                           eos_id: int | None = None, backend: str = "xla", fallback: bool = False,
+                           workers: int | None = None) -> bool:
+    """Compile the programs `speculative_generate` runs for these inputs at every K of `ks`, in parallel threads,
+    into JAX's persistent compilation cache, so that the calls after it load them instead of compiling one K
+    after another. Returns False, doing nothing, when that cache is off (`jax_compilation_cache_dir` unset)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not jax.config.jax_compilation_cache_dir:
+        return False
+    backend = resolve_backend(backend, fallback=fallback)
+    jobs = [_speculate_inputs(target, draft, prompts, max_new_tokens, int(k), sampling, None, eos_id, backend)
+            for k in ks]                                     # every K checked before anything compiles
+    with ThreadPoolExecutor(max_workers=workers or len(jobs)) as pool:
+        list(pool.map(lambda job: _speculate.lower(*job[0], **job[1]).compile(), jobs))
+    return True
 
 
 def shrink(cfg: ModelConfig, params, layers) -> tuple[ModelConfig, dict]:

@@ -212,12 +212,14 @@ def acceptance(target, draft, prompts, ks: Sequence[int] = (2, 4, 6, 8), max_new
     given, hears each K's measures as they are done.
 
     Measures: "acceptance_rate" (accepted / proposed drafts), "tokens_per_call" (tokens emitted per verifier
-    call and row), "target_calls", "seconds" (wall clock, compilation included), "greedy_match" (the share
-    of prompts whose output equals the target's plain greedy decoding: 1.0 unless something is wrong).
+    call and row), "target_calls", "seconds" (wall clock, compilation included unless JAX's persistent
+    compilation cache is on: then every K's program is compiled first, all at once in threads,
+    `infer.speculative.precompile_speculative`), "greedy_match" (the share of prompts whose output equals the
+    target's plain greedy decoding: 1.0 unless something is wrong).
     Every K is checked against both models' contexts before anything runs (`check_speculative_fits`).
     """
     from l2m_jax.infer.generate import generate
-    from l2m_jax.infer.speculative import check_speculative_fits, speculative_generate
+    from l2m_jax.infer.speculative import check_speculative_fits, precompile_speculative, speculative_generate
 
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
@@ -233,6 +235,11 @@ def acceptance(target, draft, prompts, ks: Sequence[int] = (2, 4, 6, 8), max_new
                 raise DraftError(str(e)) from None
     size = batch_size or len(prompts)
     batches = [prompts[s:s + size] for s in range(0, len(prompts), size)]
+    t0 = time.perf_counter()
+    for b in {len(b): b for b in batches}.values():       # one batch of each size: the programs' shapes
+        if precompile_speculative(target, draft, b, max_new_tokens, ks, eos_id=eos_id, backend=backend) and say:
+            say(f"compiled speculative decoding at K = {', '.join(map(str, ks))} in parallel for batches of "
+                f"{len(b)} in {time.perf_counter() - t0:.0f}s")
     greedy = [row for b in batches for row in generate(*target, b, max_new_tokens, eos_id=eos_id, backend=backend)]
     table = {}
     for k in ks:

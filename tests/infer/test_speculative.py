@@ -112,3 +112,22 @@ def test_k_past_the_context_names_the_model_and_the_largest_k(models):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         l2m_jax.speculative_generate((cfg, params), (cfg, params), [[1] * (fits + 1)], new, k=k)
     check_speculative_fits(models["mamba2"][0], limit, new, k)     # a pure-Mamba model has no limit
+
+
+def test_precompiled_speculative_programs_are_loaded_not_compiled(models, tmp_path):
+    """precompile_speculative compiles every K's program (in threads) into the persistent cache; the calls
+    after it compile nothing, and give the same tokens. Without the cache it does nothing."""
+    from l2m_jax.infer.speculative import precompile_speculative
+    from tests.train.test_compile_ahead import persistent_cache
+
+    cfg, params = models["hybrid50-mamba2"]
+    draft = shrink(cfg, params, [0, 2])
+    want = {k: l2m_jax.speculative_generate((cfg, params), draft, PROMPTS, 5, k=k)[0] for k in (2, 3)}
+    assert not precompile_speculative((cfg, params), draft, PROMPTS, 5, [2, 3])      # no cache here
+    with persistent_cache(tmp_path / "xla") as cache:
+        jax.clear_caches()
+        assert precompile_speculative((cfg, params), draft, PROMPTS, 5, [2, 3])
+        assert cache.count("jit__speculate") == (0, 2)                               # one program per K
+        for k in (2, 3):
+            assert l2m_jax.speculative_generate((cfg, params), draft, PROMPTS, 5, k=k)[0] == want[k]
+        assert cache.count("jit__speculate")[1] == 2                                 # nothing compiled again
