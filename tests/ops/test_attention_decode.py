@@ -2,6 +2,7 @@
 import zlib
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -112,7 +113,7 @@ def test_no_intermediate_spans_the_cache():
         for eqn in jp.eqns:
             prims.add(eqn.primitive.name)
             shapes.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
     walk(jaxpr.jaxpr)
