@@ -235,13 +235,15 @@ def precompile_speculative(target, draft, prompts, max_new_tokens: int, ks, samp
                            workers: int | None = None) -> bool:
     """Compile the programs `speculative_generate` runs for these inputs at every K of `ks`, in parallel threads,
     into JAX's persistent compilation cache, so that the calls after it load them instead of compiling one K
-    after another. Returns False, doing nothing, when that cache is off (`jax_compilation_cache_dir` unset)."""
+    after another. Returns False, doing nothing, when that cache is off (`jax_compilation_cache_dir` unset) or
+    `ks` is empty."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if not jax.config.jax_compilation_cache_dir:
+    ks = [int(k) for k in ks]
+    if not jax.config.jax_compilation_cache_dir or not ks:
         return False
     backend = resolve_backend(backend, fallback=fallback)
-    jobs = [_speculate_inputs(target, draft, prompts, max_new_tokens, int(k), sampling, None, eos_id, backend)
+    jobs = [_speculate_inputs(target, draft, prompts, max_new_tokens, k, sampling, None, eos_id, backend)
             for k in ks]                                     # every K checked before anything compiles
     with ThreadPoolExecutor(max_workers=workers or len(jobs)) as pool:
         list(pool.map(lambda job: _speculate.lower(*job[0], **job[1]).compile(), jobs))
