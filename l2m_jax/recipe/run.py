@@ -378,6 +378,7 @@ class CompileAhead:
             if heldout is not None:
                 self._heldout = {k: (v.shape, v.dtype) for k, v in heldout.items()}
         self._state: dict[str, str] = {}        # stage name -> "running" | "done" | "failed" | "started"
+        self._compiled: dict[str, list] = {}    # stage name -> its train step's executables (`compiled`)
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._work, args=(run, plan[first], first, student),
                                         name="compile-ahead", daemon=True)
@@ -405,7 +406,10 @@ class CompileAhead:
                     reference = dpo_reference(c, teacher, model)
                     setup = stage_setup(c, stage, model, teacher, settings, reference)
                     data = {k: np.empty((0, *shape[1:]), dtype) for k, (shape, dtype) in shapes.items()}
-                    precompile_stage(setup, settings, stage_batch(setup, settings, data), mesh=run.mesh)
+                    executables = precompile_stage(setup, settings, stage_batch(setup, settings, data),
+                                                   mesh=run.mesh)
+                    with self._cond:
+                        self._compiled[stage.name] = executables
                     if stage.kind == "dpo" and self._heldout is not None:
                         precompile_preference_eval(model, reference, self._heldout, c.dpo.batch_size)
                     outcome = "done"
@@ -432,6 +436,12 @@ class CompileAhead:
                 self._cond.wait()
         if time.perf_counter() - t0 > 1.0:
             say(f"{name}: waited {time.perf_counter() - t0:.0f}s for its train step to finish compiling ahead")
+
+    def compiled(self, name: str) -> list:
+        """Stage `name`'s train-step executables if they were compiled ahead (handed over once: the stage
+        runs them through `loop.use_precompiled` instead of tracing and loading its own), else []."""
+        with self._cond:
+            return self._compiled.pop(name, [])
 
     def stop(self) -> None:
         """Compile nothing more (a stage in progress finishes in the background)."""
@@ -466,6 +476,7 @@ class AlignAllAhead:
     def __init__(self, run: Run):
         import threading
 
+        self._executables: list = []
         self._thread = threading.Thread(target=self._work, args=(run,), name="compile-ahead-align-all", daemon=True)
         self._thread.start()
 
@@ -485,7 +496,7 @@ class AlignAllAhead:
             setup = stage_setup(c, stage, model, teacher, settings)
             rows = {"tokens": np.empty((0, c.data.seq_len), np.int32),      # the stage-1 rows' dtypes
                     "loss_mask": np.empty((0, c.data.seq_len), bool)}
-            precompile_stage(setup, settings, stage_batch(setup, settings, rows), mesh=run.mesh)
+            self._executables = precompile_stage(setup, settings, stage_batch(setup, settings, rows), mesh=run.mesh)
             say(f"compile ahead: {ALIGN_ALL} train step compiled in {time.perf_counter() - t0:.1f}s")
             precompile_eval(run, model, ALIGN_ALL)
             from l2m_jax.train.align import precompile_layer_scores
@@ -500,6 +511,11 @@ class AlignAllAhead:
         self._thread.join()
         if time.perf_counter() - t0 > 1.0:
             say(f"{name}: waited {time.perf_counter() - t0:.0f}s for its train step to finish compiling ahead")
+
+    def compiled(self, name: str) -> list:
+        """The align-all train step's executables, once (see `CompileAhead.compiled`); call after `claim`."""
+        executables, self._executables = self._executables, []
+        return executables if name == ALIGN_ALL else []
 
 
 def nonfinite_message(c, stage, e) -> str:
@@ -595,7 +611,7 @@ def run_stage(run: Run, index: int, stage, student,
     compiling ahead right now).
     """
     import l2m_jax
-    from l2m_jax.train.loop import NonFiniteError
+    from l2m_jax.train.loop import NonFiniteError, use_precompiled
     from l2m_jax.train.report import final_loss, read_metrics
 
     c, sdir = run.c, run.out / "stages" / stage.name
@@ -615,8 +631,9 @@ def run_stage(run: Run, index: int, stage, student,
     t0 = time.perf_counter()
     dirs = dict(mesh=run.mesh, ckpt_dir=sdir / "ckpt", log_dir=sdir / "logs", config={"name": stage.name})
     try:
-        result = _train(run, stage, (s_cfg, s_params), data, settings, dirs,
-                        reference if stage.kind == "dpo" else None)
+        with use_precompiled(ahead.compiled(stage.name) if ahead is not None else ()):
+            result = _train(run, stage, (s_cfg, s_params), data, settings, dirs,
+                            reference if stage.kind == "dpo" else None)
     except NonFiniteError as e:
         raise NonFiniteError(nonfinite_message(c, stage, e), step=e.step, metric=e.metric, value=e.value,
                              checkpoint_step=e.checkpoint_step, ckpt_dir=e.ckpt_dir, set_aside=e.set_aside) from None

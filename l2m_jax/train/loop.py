@@ -41,6 +41,8 @@ writes logs; each process's data source yields that process's rows of the global
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -403,6 +405,47 @@ def precompile_step(loss_fn: LossFn, params: Any, mask: Any, optimizer: optax.Gr
     return compiled
 
 
+_PRECOMPILED: contextvars.ContextVar[tuple] = contextvars.ContextVar("l2m_precompiled_steps", default=())
+
+
+@contextlib.contextmanager
+def use_precompiled(executables):
+    """Trainers made inside take these compiled train steps (`precompile_step`'s, e.g. from a background thread)
+    in place of tracing, lowering and loading their own: each step runs the first executable whose input
+    signature fits, or the Trainer's own jitted step if none does, so a stale one only costs that check."""
+    token = _PRECOMPILED.set(tuple(executables or ()))
+    try:
+        yield
+    finally:
+        _PRECOMPILED.reset(token)
+
+
+class _PrecompiledStep:
+    """The train step through given executables, falling back to `jitted` (see `use_precompiled`). A call whose
+    arguments do not fit an executable raises before running it, so nothing is donated by a miss."""
+
+    def __init__(self, executables, jitted):
+        self._executables, self._jitted, self._last = list(executables), jitted, 0
+        self.used = 0                                   # steps that ran through an executable
+
+    def __call__(self, *args):
+        if not self._executables:
+            return self._jitted(*args)
+        order = [self._last] + [i for i in range(len(self._executables)) if i != self._last]
+        for i in order:
+            try:
+                out = self._executables[i](*args)
+            except (TypeError, ValueError):            # another signature (weak types, shardings): the next one
+                continue
+            self._last = i
+            self.used += 1
+            return out
+        log.warning("none of the %d train-step executables compiled ahead fits this step's arguments; the "
+                    "Trainer runs its own jitted step", len(self._executables))
+        self._executables = []                         # said once; not tried again
+        return self._jitted(*args)
+
+
 def _signature(tree: Any) -> list:
     return [(x.shape, x.dtype, x.weak_type) for x in jax.tree.leaves(tree)]
 
@@ -457,7 +500,8 @@ class Trainer:
         self._state_sh = program.state_sh
         self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), trainable, opt_state,
                                 jax.device_put(jax.random.key_data(key), rep))
-        self._step_fn = program.step_fn
+        precompiled = _PRECOMPILED.get()
+        self._step_fn = _PrecompiledStep(precompiled, program.step_fn) if precompiled else program.step_fn
         self._log_params(params, mask, train_sh, frozen_sh)
 
         self._structure = [[parallel.path_str(p), list(x.shape), str(x.dtype)]

@@ -95,6 +95,32 @@ def test_precompiled_trainer_step_is_a_cache_hit(tmp_path):
         assert cache.count() == (1, 2)
 
 
+def test_trainer_runs_the_precompiled_executables_and_falls_back_to_its_own_step():
+    """use_precompiled hands a Trainer the executables precompile_step made from abstract inputs: every step
+    runs through them, with the weights and metrics of a Trainer that compiled its own step; executables that
+    fit nothing (another batch size) leave the Trainer on its own jitted step."""
+    from l2m_jax.train.loop import use_precompiled
+
+    tx = lambda: optim.make_optimizer(lr=0.05, clip_norm=1.0, warmup_steps=1, total_steps=8, accum_steps=2)  # noqa: E731
+    abstract = jax.eval_shape(lambda: toy_params())
+    arrays = toy_arrays()
+    mesh = parallel.make_mesh()
+    own = Trainer(toy_loss, toy_params(), TOY_MASK, tx(), mesh, progress=False, rng=7)
+    want = own.fit(ArrayBatches(arrays, 4), 3)
+    for rows, used in ((4, 3), (2, 0)):
+        batch = {k: v[:rows] for k, v in arrays.items()}
+        executables = precompile_step(toy_loss, abstract, TOY_MASK, tx(), mesh, batch, rng=7)
+        with use_precompiled(executables):
+            trainer = Trainer(toy_loss, toy_params(), TOY_MASK, tx(), mesh, progress=False, rng=7)
+        got = trainer.fit(ArrayBatches(arrays, 4), 3)
+        assert trainer._step_fn.used == used
+        assert [h["loss"] for h in got] == [h["loss"] for h in want]
+        for a, b in zip(jax.tree.leaves(trainer.state.trainable), jax.tree.leaves(own.state.trainable)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not isinstance(Trainer(toy_loss, toy_params(), TOY_MASK, tx(), mesh, progress=False)._step_fn,
+                          type(trainer._step_fn))          # outside use_precompiled: its own step
+
+
 # ------------------------------------------------------------------------------------------------ the recipe
 class FakeRun:
     """The parts of recipe.Run the stages read, with random data instead of the teacher's chat data."""
