@@ -264,17 +264,15 @@ def run(a, overrides: list[str]) -> dict:
               "training": training,
               "acceptance": {"before": {str(k): v for k, v in before.items()} if before else None, "after": None},
               "speedup_8b": None, "decode_speed": None}
-    if training:         # saved before it is measured: a measurement that fails or is stopped loses no training
-        save_draft(out, draft, tok)
-        write_json(out / "draft.json", record)
-        say(f"draft saved to {out}; measuring its acceptance at K = {', '.join(map(str, ks))}")
+    # saved before it is measured: a measurement that fails or is stopped loses no training
+    save_draft(out, draft, tok)
+    write_json(out / "draft.json", record)
+    say(f"draft saved to {out}; measuring its acceptance at K = {', '.join(map(str, ks))}")
     after = acceptance(target, draft, prompts, **measure) if training or not before else before
     k4 = {w: t[ROUND_OVER_STEP_K]["tokens_per_call"] / ROUND_OVER_STEP_8B
           for w, t in (("before", before), ("after", after)) if t and ROUND_OVER_STEP_K in t}
     record["acceptance"]["after"] = {str(k): v for k, v in after.items()}
     record["speedup_8b"] = {"round_over_step": ROUND_OVER_STEP_8B, "k": ROUND_OVER_STEP_K, **k4}
-    if not training:
-        save_draft(out, draft, tok)
     write_json(out / "draft.json", record)
     speed = None
     if speed_batches:

@@ -54,8 +54,7 @@ def keyed_jit(fn=None, **jit_kwargs):
             return compiled(*args, switches=switches(), **kwargs)
 
         call.lower = lambda *args, **kwargs: compiled.lower(*args, switches=switches(), **kwargs)
-        call.jitted = compiled                     # the jax.jit function (its programs: jitted._cache_size())
-        call._cache_size = compiled._cache_size
+        call._cache_size = compiled._cache_size    # how many programs it holds, as on a jax.jit function
         return call
 
     return wrap if fn is None else wrap(fn)

@@ -111,13 +111,12 @@ def schedule(n_layers: int, *, stage1: Sequence[float] = (0.75, 0.5), sft: Seque
     else:
         rounds += [("stage1", tuple(attention_layers_for(n_layers, float(f), order)), float(f)) for f in stage1]
     sft_rounds = [("sft", tuple(attention_layers_for(n_layers, float(f), order)), float(f)) for f in sft]
-    if interleave:
-        together = [float(f) for f in stage1] if not stepwise else []
-        if not any(f in together for _, _, f in sft_rounds):
+    if interleave:             # stepwise rounds have no fraction (None), so no SFT round matches one
+        after = {r[2]: r for r in sft_rounds if r[2] in {s1[2] for s1 in rounds}}
+        if not after:
             raise StageError(f"interleave puts each SFT round right after the stage-1 round at its fraction, but "
                              f"the SFT fractions {list(sft)} share none with the stage-1 fractions {list(stage1)}"
                              + (" (stepwise rounds have no fraction of their own)" if stepwise else ""))
-        after = {r[2]: r for r in sft_rounds if r[2] in together}
         sft_rounds = [r for r in sft_rounds if r[2] not in after]
         rounds = [r for s1 in rounds for r in ([s1, after[s1[2]]] if s1[2] in after else [s1])]
     rounds += sft_rounds
