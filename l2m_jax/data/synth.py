@@ -477,7 +477,8 @@ def synthesize_chat(cfg, params, tokenizer, out_dir: str | os.PathLike, *, num_r
                     answer_sampling: Sampling | None = None, answers_per_request: int = 1,
                     seed_prompts: Sequence[str] = (), filt: RequestFilter = RequestFilter(), seed: int = 0,
                     progress: bool = True, max_batches: int | None = None, prompt_bucket: int = 16,
-                    generate_fn: Callable | None = None) -> list[dict[str, Any]]:
+                    generate_fn: Callable | None = None,
+                    before_answers: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Magpie requests + teacher answers -> a saved chat dataset (module docstring); every phase resumes.
 
     Prompts answered: `seed_prompts` (source "seed", request_index = position in seed_prompts), then the
@@ -487,6 +488,8 @@ def synthesize_chat(cfg, params, tokenizer, out_dir: str | os.PathLike, *, num_r
     `l2m_jax.generate` for the answers. A finished dataset with the same settings is loaded, not regenerated.
     Returns rows {"messages", "prompt_ids" int32 [L], "response_ids" int32 [L], "finished", "index",
     "source", "request_index"} by index (the order above), as `load_synthesized` reads them back.
+    `before_answers()` is called once the requests are in, before the answers are generated (the recipe waits
+    there for the answers' program, compiled in a background thread while the requests were sampled).
     """
     if answers_per_request < 1:
         raise DataError(f"answers_per_request={answers_per_request} must be >= 1")
@@ -535,6 +538,8 @@ def synthesize_chat(cfg, params, tokenizer, out_dir: str | os.PathLike, *, num_r
     answers_dir = out_dir / "answers"
     before = ({r["index"] for r in load_pseudo_labels(answers_dir, require_complete=False)}
               if (answers_dir / "meta.json").exists() else set())
+    if before_answers is not None:
+        before_answers()
     t0 = time.perf_counter()
     ans = generate_pseudo_labels(cfg, params, tokenizer, [items[k][2] for k in order], answers_dir,
                                  max_new_tokens=answer_tokens, batch_size=batch_size, sampling=answer_sampling,

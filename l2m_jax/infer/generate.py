@@ -62,6 +62,15 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, sampling: S
     prompt_bucket: the padded prompt length is a multiple of it, so calls whose longest prompts fall in one
     bucket reuse one compiled program (a larger bucket: fewer compilations, more padded prefill).
     """
+    args, kw = _generate_inputs(cfg, params, prompts, max_new_tokens, sampling, eos_id, key, backend, fallback,
+                                prompt_bucket)
+    out, steps = _generate(*args, **kw)
+    out = np.asarray(out)
+    return trim(out, np.full(len(args[2]), int(steps)), eos_id)
+
+
+def _generate_inputs(cfg, params, prompts, max_new_tokens, sampling, eos_id, key, backend, fallback, prompt_bucket):
+    """`_generate`'s (arguments, static keyword arguments) for `generate`'s inputs, checked."""
     backend = resolve_backend(backend, fallback=fallback)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -69,8 +78,24 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, sampling: S
     check_length(cfg, int(lens.max()) + max_new_tokens)
     capacity = _round_up(tokens.shape[1] + max_new_tokens, 16)
     key = jax.random.key(0) if key is None else key
-    out, steps = _generate(params, jnp.asarray(tokens), jnp.asarray(lens), key, cfg=cfg,
-                           sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id,
-                           capacity=capacity, backend=backend)
-    out = np.asarray(out)
-    return trim(out, np.full(len(lens), int(steps)), eos_id)
+    return ((params, jnp.asarray(tokens), jnp.asarray(lens), key),
+            dict(cfg=cfg, sampling=sampling or GREEDY, max_new=max_new_tokens, eos_id=eos_id, capacity=capacity,
+                 backend=backend))
+
+
+def precompile_generate(cfg: ModelConfig, params, batch_size: int, prompt_len: int, max_new_tokens: int,
+                        sampling: Sampling | None = None, eos_id: int | None = None, *, backend: str = "xla",
+                        fallback: bool = False, prompt_bucket: int = 16) -> bool:
+    """Compile the program `generate` runs for `batch_size` prompts whose longest has `prompt_len` tokens (the
+    other arguments as `generate`'s) into JAX's persistent compilation cache, so that such a call, from any
+    thread, loads it instead of compiling (params may be abstract). Returns False, doing nothing, when that
+    cache is off (`jax_compilation_cache_dir` unset)."""
+    if batch_size < 1 or prompt_len < 1:
+        raise ValueError(f"batch_size={batch_size} and prompt_len={prompt_len} must be >= 1")
+    if not jax.config.jax_compilation_cache_dir:
+        return False
+    prompts = [[0] * prompt_len] + [[0]] * (batch_size - 1)
+    args, kw = _generate_inputs(cfg, params, prompts, max_new_tokens, sampling, eos_id, None, backend, fallback,
+                                prompt_bucket)
+    _generate.lower(*args, **kw).compile()
+    return True

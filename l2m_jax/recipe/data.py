@@ -141,12 +141,14 @@ def chat_rows(c, out: Path, teacher, tok) -> list[dict]:
             f"(<= {pl.max_new_tokens} tokens, {pl.answers_per_request} per request)")
         filt = RequestFilter(min_chars=sy.min_chars, max_chars=sy.max_chars,
                              require_end_of_turn=sy.require_end_of_turn)
+        ahead = AnswersAhead.start(c, out, teacher, tok, prompts)
         rows = synthesize_chat(teacher[0], teacher[1], tok, out / "chat", num_requests=sy.num_requests,
                                request_tokens=sy.max_new_tokens, answer_tokens=pl.max_new_tokens,
                                batch_size=sy.batch_size, request_sampling=_sampling(sy.temperature, sy.top_p),
                                answer_sampling=_sampling(pl.temperature, pl.top_p),
                                answers_per_request=pl.answers_per_request, seed_prompts=prompts, filt=filt,
-                               seed=c.seed, progress=c.progress, prompt_bucket=pl.prompt_bucket)
+                               seed=c.seed, progress=c.progress, prompt_bucket=pl.prompt_bucket,
+                               before_answers=None if ahead is None else ahead.join)
         stats = synthesis_stats(out)
         req, ans = stats["requests"], stats["answers"]
         say(f"chat data: {req['requests']} requests kept of {req['sampled']} sampled ({100 * req['keep_rate']:.0f}%; "
@@ -167,6 +169,57 @@ def chat_rows(c, out: Path, teacher, tok) -> list[dict]:
     say(f"chat data: {len(rows)} conversations, {tokens} tokens ({unfinished} answers hit max_new_tokens) in "
         f"{time.perf_counter() - t0:.0f}s")
     return rows
+
+
+class AnswersAhead:
+    """Compiles the program that answers the synthesised requests (`l2m_jax.generate` at the answers' batch,
+    prompt bucket and length) in a daemon thread while the requests are sampled, into JAX's persistent
+    compilation cache; `join` waits for it before the answers start, so they load it instead of compiling.
+    The longest prompt is estimated from the seed prompts and the chat template around a request of
+    synth.max_new_tokens tokens; a guess off by a bucket only costs the compile it would have saved."""
+
+    def __init__(self, c, teacher, tok, prompts):
+        import threading
+
+        self.seconds = None
+        self._thread = threading.Thread(target=self._work, args=(c, teacher, tok, prompts),
+                                        name="compile-ahead-answers", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, c, out: Path, teacher, tok, prompts) -> "AnswersAhead | None":
+        """One started, or None where compiling ahead is off, the cache is off or the answers are on disk."""
+        import jax
+
+        done = (Path(out) / "chat" / "dataset").exists()
+        if not getattr(c, "compile_ahead", True) or not jax.config.jax_compilation_cache_dir or done:
+            return None
+        return cls(c, teacher, tok, prompts)
+
+    def _work(self, c, teacher, tok, prompts) -> None:
+        from l2m_jax.data.chat import encode_chat_prompt, end_of_turn_id
+        from l2m_jax.infer.generate import precompile_generate
+
+        t0 = time.perf_counter()
+        try:
+            pl, sy = c.pseudo_labels, c.synth
+            around = len(encode_chat_prompt(tok, [{"role": "user", "content": "x"}])) - 1
+            longest = max([around + sy.max_new_tokens]
+                          + [len(encode_chat_prompt(tok, [{"role": "user", "content": p}])) for p in prompts])
+            n = (len(prompts) + sy.num_requests) * pl.answers_per_request
+            precompile_generate(*teacher, min(sy.batch_size, n), longest, pl.max_new_tokens,
+                                _sampling(pl.temperature, pl.top_p), end_of_turn_id(tok),
+                                prompt_bucket=pl.prompt_bucket)
+            self.seconds = time.perf_counter() - t0
+            say(f"compile ahead: the answers' generation compiled in {self.seconds:.1f}s")
+        except Exception as e:                               # never fails the run
+            say(f"compile ahead: the answers' generation not compiled ahead ({type(e).__name__}: {e})")
+
+    def join(self) -> None:
+        t0 = time.perf_counter()
+        self._thread.join()
+        if time.perf_counter() - t0 > 1.0:
+            say(f"chat data: waited {time.perf_counter() - t0:.0f}s for the answers' program to finish compiling")
 
 
 def synthesis_stats(out: Path) -> dict | None:

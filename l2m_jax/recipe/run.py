@@ -356,7 +356,7 @@ def compile_ahead_enabled(c) -> bool:
 
 
 class CompileAhead:
-    """Compiles the train steps of the planned stages after plan[first], in order, in one daemon thread.
+    """Compiles the train steps of the planned stages after plan[first] in a daemon thread, `workers` at a time.
 
     While stage `first` runs, each later stage's step is lowered from abstract inputs through the code its
     real run uses (`convert_abstract`, `stage_inputs`, `stage_setup`, `stages.precompile_stage`) and compiled
@@ -366,7 +366,7 @@ class CompileAhead:
     in the calling thread (the stages would build it later anyway), for the batch shapes and step counts.
     """
 
-    def __init__(self, run: Run, plan, first: int, student):
+    def __init__(self, run: Run, plan, first: int, student, workers: int = 3):
         import threading
 
         stage_inputs(run, plan[first])                      # the first stage's data first
@@ -377,6 +377,7 @@ class CompileAhead:
             self._jobs.append((i, plan[i], settings, {k: (v.shape, v.dtype) for k, v in data.items()}))
             if heldout is not None:
                 self._heldout = {k: (v.shape, v.dtype) for k, v in heldout.items()}
+        self._workers = int(workers)            # stages compiling at once
         self._state: dict[str, str] = {}        # stage name -> "running" | "done" | "failed" | "started"
         self._compiled: dict[str, list] = {}    # stage name -> its train step's executables (`compiled`)
         self._cond = threading.Condition()
@@ -385,47 +386,60 @@ class CompileAhead:
         self._thread.start()
 
     def _work(self, run: Run, first_stage, first: int, student) -> None:
-        from l2m_jax.train.stages import precompile_stage, stage_batch
+        from concurrent.futures import ThreadPoolExecutor
 
         c = run.c
         try:
             teacher = abstract_model(run.teacher)
             model = convert_abstract(c, first, first_stage, student)
             evaluated = {model[0]} if precompile_eval(run, model, first_stage.name) else set()
-            previous = first_stage
-            for i, stage, settings, shapes in self._jobs:
+            previous, models = first_stage, []
+            for i, stage, _, _ in self._jobs:         # every stage's model, in order (shapes only: cheap)
                 if previous.name == ALIGN_ALL:
                     model = teacher
                 model, previous = convert_abstract(c, i, stage, model), stage
-                with self._cond:
-                    if stage.name in self._state:          # the stage has started: it compiles itself
-                        continue
-                    self._state[stage.name] = "running"
-                outcome, t0 = "failed", time.perf_counter()
-                try:
-                    reference = dpo_reference(c, teacher, model)
-                    setup = stage_setup(c, stage, model, teacher, settings, reference)
-                    data = {k: np.empty((0, *shape[1:]), dtype) for k, (shape, dtype) in shapes.items()}
-                    executables = precompile_stage(setup, settings, stage_batch(setup, settings, data),
-                                                   mesh=run.mesh)
-                    with self._cond:
-                        self._compiled[stage.name] = executables
-                    if stage.kind == "dpo" and self._heldout is not None:
-                        precompile_preference_eval(model, reference, self._heldout, c.dpo.batch_size)
-                    outcome = "done"
-                    say(f"compile ahead: {stage.name} train step{' and preference evaluation' * (stage.kind == 'dpo')}"
-                        f" compiled in {time.perf_counter() - t0:.1f}s")
-                except Exception as e:                      # never fails the run
-                    say(f"compile ahead: {stage.name} not compiled ahead ({type(e).__name__}: {e}); it compiles "
-                        "when it starts")
-                finally:
-                    with self._cond:
-                        self._state[stage.name] = outcome
-                        self._cond.notify_all()
-                if model[0] not in evaluated and precompile_eval(run, model, stage.name):
-                    evaluated.add(model[0])
+                models.append(model)
+            # XLA compiles one program on about one core: the stages compile side by side, earliest first
+            with ThreadPoolExecutor(max_workers=max(1, min(self._workers, len(self._jobs))),
+                                    thread_name_prefix="compile-ahead") as pool:
+                for job, model in zip(self._jobs, models):
+                    pool.submit(self._compile, run, teacher, job, model)
+                    if model[0] not in evaluated:       # the stage's evaluation at its end, once per structure
+                        evaluated.add(model[0])
+                        pool.submit(precompile_eval, run, model, job[1].name)
         except Exception as e:
             say(f"compile ahead stopped ({type(e).__name__}: {e}); the later stages compile when they start")
+
+    def _compile(self, run: Run, teacher, job, model) -> None:
+        """Compile one stage's train step (and DPO's preference evaluation) unless the stage has started."""
+        from l2m_jax.train.stages import precompile_stage, stage_batch
+
+        c = run.c
+        _, stage, settings, shapes = job
+        with self._cond:
+            if stage.name in self._state:              # the stage has started: it compiles itself
+                return
+            self._state[stage.name] = "running"
+        outcome, t0 = "failed", time.perf_counter()
+        try:
+            reference = dpo_reference(c, teacher, model)
+            setup = stage_setup(c, stage, model, teacher, settings, reference)
+            data = {k: np.empty((0, *shape[1:]), dtype) for k, (shape, dtype) in shapes.items()}
+            executables = precompile_stage(setup, settings, stage_batch(setup, settings, data), mesh=run.mesh)
+            with self._cond:
+                self._compiled[stage.name] = executables
+            if stage.kind == "dpo" and self._heldout is not None:
+                precompile_preference_eval(model, reference, self._heldout, c.dpo.batch_size)
+            outcome = "done"
+            say(f"compile ahead: {stage.name} train step{' and preference evaluation' * (stage.kind == 'dpo')}"
+                f" compiled in {time.perf_counter() - t0:.1f}s")
+        except Exception as e:                          # never fails the run
+            say(f"compile ahead: {stage.name} not compiled ahead ({type(e).__name__}: {e}); it compiles "
+                "when it starts")
+        finally:
+            with self._cond:
+                self._state[stage.name] = outcome
+                self._cond.notify_all()
 
     def claim(self, name: str) -> None:
         """Stage `name` starts: wait for its step if it is compiling ahead now, else keep the thread off it."""
@@ -471,7 +485,8 @@ class AlignAllAhead:
     conversion asks for the data first): its model is the teacher with every layer converted and its batch
     [stage0.batch_size, data.seq_len], both known from the config; then its evaluation and the per-layer
     scores that rank the layers after it (`train.align.LAYER_SCORES`). `claim` waits for it, so the stage loads the
-    executable from the persistent compilation cache. Like `CompileAhead` it only ever saves time."""
+    executable from the persistent compilation cache; with init=calibrated (or norm), also the output-scale
+    measurement its conversion runs first. Like `CompileAhead` it only ever saves time."""
 
     def __init__(self, run: Run):
         import threading
@@ -492,6 +507,11 @@ class AlignAllAhead:
         try:
             stage, teacher = PlannedStage(ALIGN_ALL, "stage0", ()), abstract_model(run.teacher)
             model = convert_abstract(c, 0, stage, teacher)
+            if c.init in ("norm", "calibrated"):          # the output scales its conversion measures first
+                from l2m_jax.convert.hybridize import precompile_output_rms
+
+                precompile_output_rms(teacher, model, range(teacher[0].n_layers),
+                                      (c.calibration_rows, c.data.seq_len))
             settings = stage_settings(c, "stage0", c.stage0.batch_size * c.stage0.accum_steps)
             setup = stage_setup(c, stage, model, teacher, settings)
             rows = {"tokens": np.empty((0, c.data.seq_len), np.int32),      # the stage-1 rows' dtypes

@@ -96,3 +96,35 @@ def test_unavailable_backend_is_named_and_falls_back_only_when_asked(models):
     with pytest.warns(RuntimeWarning, match="Falling back to backend='xla'"):
         out = l2m_jax.generate(cfg, params, [[1, 2]], 3, backend="triton", fallback=True)
     assert out == l2m_jax.generate(cfg, params, [[1, 2]], 3)
+
+
+def test_precompiled_generate_program_is_loaded_not_compiled(models, tmp_path, caplog):
+    """precompile_generate compiles the program a generate call of that batch, longest prompt and settings
+    runs (from abstract params) into the persistent cache; the call loads it and gives the same tokens.
+    Without the cache it does nothing."""
+    from l2m_jax.infer.generate import precompile_generate
+    from l2m_jax.models import shape_structs
+    from l2m_jax.ops.sampling import Sampling
+    from tests.train.test_compile_ahead import persistent_cache
+
+    cfg, params = models["hybrid50-mamba2"]
+    prompts = [[5, 6, 7], [8] * 10, [9, 3]]
+    sampling = Sampling(temperature=0.8, top_p=0.9)
+    kw = dict(eos_id=2, prompt_bucket=8, key=jax.random.key(4))
+    want = l2m_jax.generate(cfg, params, prompts, 6, sampling, **kw)
+    assert not precompile_generate(cfg, params, 3, 10, 6, sampling, 2, prompt_bucket=8)      # no cache here
+    with persistent_cache(tmp_path / "xla") as cache:
+        jax.clear_caches()
+        assert precompile_generate(cfg, shape_structs(params), 3, 10, 6, sampling, 2, prompt_bucket=8)
+        assert cache.count("jit__generate") == (0, 1)
+        def compiled():   # programs compiled, whether or not they were written to the cache
+            return sum("CACHE MISS for 'jit__generate'" in r.getMessage() for r in caplog.records)
+
+        assert compiled() == 1
+        assert l2m_jax.generate(cfg, params, prompts, 6, sampling, **kw) == want
+        assert cache.count("jit__generate")[1] == 1 and compiled() == 1     # not compiled again
+        # a longest prompt in another bucket is another program: compiled by the call itself
+        l2m_jax.generate(cfg, params, [[5] * 17, [1], [2]], 6, sampling, **kw)
+        assert cache.count("jit__generate")[1] == 2 and compiled() == 2
+    with pytest.raises(ValueError, match="batch_size=0"):
+        precompile_generate(cfg, params, 0, 10, 6)

@@ -306,3 +306,45 @@ def test_evaluation_compiled_ahead_is_not_compiled_again(tmp_path):
         assert cache.count("jit__score") == (0, 1), "the evaluation compiled its forward again"
         recipe.evaluate(*models[2], run.texts, run.c.eval.window)      # 25%: another program, not ahead
         assert cache.count("jit__score") == (0, 2)
+
+
+def test_answers_program_compiled_while_the_requests_are_sampled_is_not_compiled_again(tmp_path, caplog, capsys):
+    """With the persistent cache on, the recipe's chat data compiles the answers' generation program in a
+    background thread while the teacher samples its requests (`AnswersAhead`): generation compiles two
+    programs in all (requests, answers), the answers' one only once. The prompt bucket holds every prompt, as
+    the GPU preset's does."""
+    from experiments.distill_config import load_config
+    from l2m_jax.recipe.data import AnswersAhead
+    from tests.test_zephyr_distill import TINY
+
+    c, _ = load_config(["preset=smollm2", *TINY, "pseudo_labels.prompt_bucket=128", f"out={tmp_path / 'run'}"])
+    run = recipe.Run(c, tmp_path / "run")
+    with persistent_cache(tmp_path / "xla"):
+        jax.clear_caches()
+        rows = run.rows()
+    said = capsys.readouterr().out
+    assert "compile ahead: the answers' generation compiled in" in said
+    compiled = sum("CACHE MISS for 'jit__generate'" in r.getMessage() for r in caplog.records)
+    assert compiled == 2, f"{compiled} generation programs compiled (requests + answers is 2)"
+    assert len(rows) == 6 + 12 and all(r["response_ids"].size for r in rows)
+    assert AnswersAhead.start(c, tmp_path / "run", run.teacher, run.tok, []) is None   # answered: no thread
+
+
+def test_calibrated_conversion_measured_ahead_compiles_nothing(tmp_path, caplog):
+    """AlignAllAhead also compiles the output-scale measurement that align-all's calibrated conversion runs
+    first (`precompile_output_rms`): the conversion after it compiles no program of its own for it."""
+    run = FakeRun(tiny_config(stage1=Stage1Config(attn_fractions=[0.5], steps=2, batch_size=2,
+                                                  layer_order="aligned")))
+    plan = recipe.make_plan(run.c, run.teacher[0].n_layers)
+    assert run.c.init == "calibrated" and run.data("stage1")["tokens"].shape[0] >= run.c.calibration_rows
+
+    def compiled():
+        return sum("CACHE MISS for 'jit__output_ms'" in r.getMessage() for r in caplog.records)
+
+    with persistent_cache(tmp_path / "xla"):
+        jax.clear_caches()
+        recipe.AlignAllAhead.start(run).claim(recipe.ALIGN_ALL)
+        assert compiled() == 1
+        model = recipe.convert(run, 0, plan[0], run.teacher)              # every layer converted, calibrated
+        assert not model[0].attn_layers
+        assert compiled() == 1, "the calibrated conversion compiled its measurement again"
