@@ -17,7 +17,9 @@ the preset's batch; arms differ in one thing each:
            is one of MiL's SFT rounds instead: convert, then end-to-end KD of every parameter with the sft.*
            settings (sft.steps, sft.lr), no stage 0; stage1.layer_order=aligned (or aligned_kl) runs the
            recipe's align-all stage first (stage 0 once, every layer converted) and converts in its order, with
-           its mixers and no per-round stage 0; scored after every round, with tokens/s
+           its mixers and no per-round stage 0 (--reuse-align: the --run's own align-all and order instead);
+           scored after every round, with tokens/s. --start MODEL_DIR: the rounds start from that model (e.g.
+           the run's 50% model: rounds=0.25 against rounds=sft:0.5,0.25 isolates a KD round before the 25% one)
 Held-out perplexity ratio and top-1 agreement on every eval text; ablation.json and ablation.md land in --out.
 """
 from __future__ import annotations
@@ -82,12 +84,25 @@ def main(argv=None) -> int:
     ap.add_argument("--best-init", default=None, help="the init the stage0/data groups use when the init group "
                     "does not run (default: the config's)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
+    ap.add_argument("--reuse-align", action="store_true", help="recipe arms in an aligned layer order take the "
+                    "--run's own align-all model and layer order (RUN/stages/align-all, RUN/layer_order.json) "
+                    "instead of running align-all again: the run's exact layer sets")
+    ap.add_argument("--start", default=None, metavar="MODEL_DIR", help="recipe arms start their rounds from this "
+                    "model (e.g. RUN/stages/stage1-mamba50/model) instead of the teacher; implies --reuse-align "
+                    "for aligned orders, so its layers are the ones the rounds convert from")
     ap.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME_OR_KEY=VALUE",
                     help="a 'recipe' arm: its name, then config overrides KEY=VALUE; rounds=F1,F2 sets its "
                     "attention fractions (default 0.5)")
     a = ap.parse_args(argv)
     variants = [parse_variant(ap, name, overrides) for name, *overrides in a.variant]   # before loading anything
     run_dir = a.run or f"runs/{a.preset}"
+    if a.start is not None and not Path(a.start).exists():
+        ap.error(f"--start {a.start}: no such model directory (a stage's model of a run, e.g. "
+                 f"{run_dir}/stages/stage1-mamba50/model)")
+    reuse = a.reuse_align or a.start is not None
+    if reuse and not (Path(run_dir) / "layer_order.json").exists():
+        ap.error(f"--reuse-align / --start take the layer order of {run_dir}/layer_order.json, which does not exist: "
+                 "run the main job with stage1.layer_order=aligned into --run first, or leave both out")
     c, _ = load_config([f"preset={a.preset}", f"out={run_dir}", "progress=false", *a.set])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +148,10 @@ def main(argv=None) -> int:
 
     built: dict = {}
     aligned_all: dict = {}
+    start = None if a.start is None else l2m_jax.load(a.start)
+    if start is not None:
+        say(f"[recipe] every arm starts from {a.start} ({start[0].pattern}): " + "; ".join(
+            f"{k} x{v['ratio']:.3f}" for k, v in score(run, start, teacher_eval).items()))
 
     def recipe_arm(name: str, rounds: list[str], dotlist: list[str]) -> None:
         cv = OmegaConf.merge(c, {"stage1": {"steps": a.steps}, "stage0": {"steps": a.stage0_steps},
@@ -141,13 +160,21 @@ def main(argv=None) -> int:
         if key not in built:
             built[key] = distill_rows(cv, rows, run.tok)
         rows_ = built[key]
-        student = run.teacher
+        student = run.teacher if start is None else start
         n_stage1 = 0
         n_layers = run.teacher[0].n_layers
         kw = {"calibration": calibration_tokens(cv, rows_)} if cv.init in ("norm", "calibrated") else {}
         order = every = None
         dt = cv.compute_dtype
-        if cv.stage1.layer_order in ALIGNED_ORDERS:   # the recipe's align-all: stage 0 once, every layer converted
+        if cv.stage1.layer_order in ALIGNED_ORDERS and reuse:    # the run's own align-all and layer order
+            record = json.loads((Path(run_dir) / "layer_order.json").read_text())
+            if record.get("metric", "nmse") != ALIGNED_ORDERS[cv.stage1.layer_order]:
+                raise SystemExit(f"--variant {name}: stage1.layer_order={cv.stage1.layer_order} ranks by "
+                                 f"{ALIGNED_ORDERS[cv.stage1.layer_order]}, but {run_dir}/layer_order.json was "
+                                 f"ranked by {record.get('metric', 'nmse')}; leave out --reuse-align/--start")
+            every, order = run.aligned_model(), record["order"]
+            say(f"[recipe] {name}: layer order {order} and align-all's mixers from {run_dir}")
+        elif cv.stage1.layer_order in ALIGNED_ORDERS:   # the recipe's align-all: stage 0 once, every layer converted
             # variants that differ only after it share it
             metric = ALIGNED_ORDERS[cv.stage1.layer_order]
             a_key = (key, cv.init, cv.seed, cv.calibration_rows, dt, OmegaConf.to_yaml(cv.stage0))

@@ -50,3 +50,45 @@ def test_a_variant_cannot_change_what_every_arm_shares(capsys):
     with pytest.raises(SystemExit):
         fidelity_ablation.main(["--groups", "recipe", "--variant", "bf16", "dtype=bfloat16"])
     assert "dtype is shared by every arm" in capsys.readouterr().err
+
+
+def test_arms_start_from_a_runs_model_in_its_layer_order(tmp_path):
+    """--start: every arm's rounds start from a saved model (here a 50% hybrid) and convert in the --run's own
+    layer order with its align-all mixers (no align-all of their own), so a KD round before the 25% round
+    (rounds=sft:0.5,0.25) can be set against none (rounds=0.25) on exactly the same layers."""
+    import jax
+
+    import l2m_jax
+    from experiments.distill_config import load_config
+    from l2m_jax.recipe.data import load_teacher
+
+    c, _ = load_config(["preset=smollm2", *TINY])
+    t_cfg, t_params, _ = load_teacher(c)
+    n, order, run = t_cfg.n_layers, [2, 0, 3, 1], tmp_path / "run"
+    every = l2m_jax.hybridize(t_cfg, t_params, [], "mamba2", jax.random.key(5), init="random")
+    l2m_jax.save(run / "stages" / "align-all" / "model", *every, format="l2m")
+    (run / "layer_order.json").write_text(json.dumps({"order": order, "metric": "nmse"}))
+    keep50, keep25 = attention_layers_for(n, 0.5, order), attention_layers_for(n, 0.25, order)
+    start = l2m_jax.hybridize(t_cfg, t_params, keep50, "mamba2", jax.random.key(6), init="random")
+    l2m_jax.save(tmp_path / "start", *start, format="l2m")
+    out = tmp_path / "abl"
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.fidelity_ablation", "--preset", "smollm2", "--run", str(run),
+         "--out", str(out), "--steps", "2", "--groups", "recipe", "--start", str(tmp_path / "start"),
+         "--set", *TINY, "stage1.layer_order=aligned",
+         "--variant", "nokd", "rounds=0.25", "--variant", "kd", "rounds=sft:0.5,0.25"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "align-all" not in done.stdout.replace(f"align-all's mixers from {run}", "")   # none run here
+    arms = json.loads((out / "ablation.json").read_text())["arms"]
+    assert [(a["variant"], a["round"], a["kind"]) for a in arms] == [
+        ("nokd", 0.25, "stage1"), ("kd", 0.5, "sft"), ("kd", 0.25, "stage1")]
+    assert arms[0]["attn_layers"] == arms[2]["attn_layers"] == keep25
+    assert arms[1]["attn_layers"] == keep50                 # the KD round converts nothing
+    # without the run's layer order --start cannot know which layers its model converted
+    (run / "layer_order.json").unlink()
+    refused = subprocess.run(
+        [sys.executable, "-m", "experiments.fidelity_ablation", "--run", str(run), "--groups", "recipe",
+         "--start", str(tmp_path / "start"), "--variant", "x", "rounds=0.25"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "layer_order.json, which does not exist" in refused.stderr
