@@ -386,7 +386,8 @@ class CompileAhead:
         self._thread.start()
 
     def _work(self, run: Run, first_stage, first: int, student) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+        import queue
+        import threading
 
         c = run.c
         try:
@@ -399,14 +400,29 @@ class CompileAhead:
                     model = teacher
                 model, previous = convert_abstract(c, i, stage, model), stage
                 models.append(model)
-            # XLA compiles one program on about one core: the stages compile side by side, earliest first
-            with ThreadPoolExecutor(max_workers=max(1, min(self._workers, len(self._jobs))),
-                                    thread_name_prefix="compile-ahead") as pool:
-                for job, model in zip(self._jobs, models):
-                    pool.submit(self._compile, run, teacher, job, model)
-                    if model[0] not in evaluated:       # the stage's evaluation at its end, once per structure
-                        evaluated.add(model[0])
-                        pool.submit(precompile_eval, run, model, job[1].name)
+            # XLA compiles one program on about one core: the stages compile side by side, earliest first, in
+            # daemon threads (a pool's workers would hold the interpreter's exit until their compiles end)
+            todo = queue.Queue()
+            for job, model in zip(self._jobs, models):
+                todo.put((self._compile, (run, teacher, job, model)))
+                if model[0] not in evaluated:           # the stage's evaluation at its end, once per structure
+                    evaluated.add(model[0])
+                    todo.put((precompile_eval, (run, model, job[1].name)))
+
+            def drain():
+                while True:
+                    try:
+                        fn, args = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    fn(*args)
+
+            workers = [threading.Thread(target=drain, name=f"compile-ahead-{k}", daemon=True)
+                       for k in range(max(1, min(self._workers, len(self._jobs))))]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
         except Exception as e:
             say(f"compile ahead stopped ({type(e).__name__}: {e}); the later stages compile when they start")
 
