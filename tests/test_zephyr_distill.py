@@ -139,12 +139,15 @@ def test_missing_text_source_is_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def aligned_kd_run(tmp_path_factory):
-    """One run for three features: the aligned layer order, end-to-end KD in place of SFT, and SFT rounds
-    interleaved with the stage-1 rounds (stage1-mamba50, sft-mamba50, stage1-mamba75, sft-mamba75)."""
+    """One run for four features: the aligned layer order, end-to-end KD in place of SFT, SFT rounds
+    interleaved with the stage-1 rounds (stage1-mamba50, sft-mamba50, stage1-mamba75, sft-mamba75), and the
+    teacher's hidden states cached for the stage-1 and KD steps (as the GPU preset runs them)."""
     out = tmp_path_factory.mktemp("aligned") / "run"
     done = command(*TINY, "stage1.layer_order=aligned", "sft.loss=kd", "dpo.enabled=false", f"out={out}",
-                   "stage1.attn_fractions=[0.5,0.25]", "sft.attn_fractions=[0.5,0.25]", "sft.interleave=true")
+                   "stage1.attn_fractions=[0.5,0.25]", "sft.attn_fractions=[0.5,0.25]", "sft.interleave=true",
+                   "stage1.teacher_cache=true")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"the teacher's hidden states of \d+ rows cached", done.stdout)
     return out
 
 

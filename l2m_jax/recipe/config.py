@@ -125,6 +125,9 @@ class Stage1Config(StageConfig):
     kl_reduction: str = "token_mean"     # or "mil": summed over positions and vocab / batch size, unmasked
     temperature: float = 1.0
     train_attention: bool = False        # the kept attention layers train too (MiL: frozen; MLPs stay frozen)
+    # the teacher's final hidden states of every stage-1 row computed once (N·L·D values in compute_dtype, in
+    # host memory), so stage-1 and KD steps run only its head instead of its layers: the same loss
+    teacher_cache: bool = False
 
 
 @dataclasses.dataclass

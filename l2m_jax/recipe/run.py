@@ -146,6 +146,8 @@ class Run:
         if kind not in self._data:
             build = {"stage1": distill_rows, "sft": sft_rows, "dpo": preference_rows}[kind]
             self._data[kind] = build(self.c, self.rows(), self.tok, notes=self.notes)
+            if kind == "stage1" and self.c.stage1.teacher_cache:
+                self._data[kind] = with_teacher_hidden(self.c, self.teacher, self._data[kind])
             write_json(self.out / "data_notes.json", self.notes)
         return self._data[kind]
 
@@ -176,6 +178,32 @@ class Run:
             if name != "teacher":
                 write_json(path, evaluate(cfg, params, self.texts, self.c.eval.window, top1)[0])
         return json.loads(path.read_text())
+
+
+TEACHER_CACHE_LIMIT_GB = 32.0
+
+
+def with_teacher_hidden(c, teacher, rows: dict) -> dict:
+    """The stage-1 rows with the teacher's final hidden states of every row (stage1.teacher_cache), computed
+    once in the training steps' compute dtype."""
+    import jax.numpy as jnp
+
+    from l2m_jax.train.stages import TEACHER_HIDDEN, teacher_hidden_states
+
+    n, length = rows["tokens"].shape
+    itemsize = jnp.dtype(c.compute_dtype or teacher[0].dtype).itemsize
+    gb = n * length * teacher[0].d_model * itemsize / 1e9
+    if gb > TEACHER_CACHE_LIMIT_GB:
+        raise UsageError(f"stage1.teacher_cache=true would keep {gb:.1f} GB of teacher hidden states in memory "
+                         f"({n} rows x {length} tokens x {teacher[0].d_model} x {itemsize} bytes), more than "
+                         f"{TEACHER_CACHE_LIMIT_GB:g} GB; set stage1.teacher_cache=false (the teacher then runs "
+                         "in every step) or train on fewer rows")
+    t0 = time.perf_counter()
+    hidden = teacher_hidden_states(teacher, rows["tokens"], batch_size=c.stage1.batch_size,
+                                   compute_dtype=c.compute_dtype)
+    say(f"stage-1 data: the teacher's hidden states of {n} rows cached ({gb:.2f} GB, {hidden.dtype}) in "
+        f"{time.perf_counter() - t0:.1f}s; stage-1 and KD steps run only its head")
+    return dict(rows, **{TEACHER_HIDDEN: hidden})
 
 
 def describe(scores: dict, teacher: dict | None = None) -> str:
@@ -508,6 +536,7 @@ class AlignAllAhead:
         import threading
 
         self._executables: list = []
+        self._side = None                    # the conversion's programs, compiled beside the step (`_work`)
         self._thread = threading.Thread(target=self._work, args=(run,), name="compile-ahead-align-all", daemon=True)
         self._thread.start()
 
@@ -517,17 +546,17 @@ class AlignAllAhead:
         return cls(run) if compile_ahead_enabled(run.c) and run.c.stage0.steps is not None else None
 
     def _work(self, run: Run) -> None:
+        import threading
+
         from l2m_jax.train.stages import PlannedStage, precompile_stage, stage_batch
 
         c, t0 = run.c, time.perf_counter()
         try:
             stage, teacher = PlannedStage(ALIGN_ALL, "stage0", ()), abstract_model(run.teacher)
             model = convert_abstract(c, 0, stage, teacher)
-            if c.init in ("norm", "calibrated"):          # the output scales its conversion measures first
-                from l2m_jax.convert.hybridize import precompile_output_rms
-
-                precompile_output_rms(teacher, model, range(teacher[0].n_layers),
-                                      (c.calibration_rows, c.data.seq_len))
+            self._side = threading.Thread(target=self._conversion_programs, args=(c, teacher, model),
+                                          name="compile-ahead-conversion", daemon=True)
+            self._side.start()
             settings = stage_settings(c, "stage0", c.stage0.batch_size * c.stage0.accum_steps)
             setup = stage_setup(c, stage, model, teacher, settings)
             rows = {"tokens": np.empty((0, c.data.seq_len), np.int32),      # the stage-1 rows' dtypes
@@ -542,9 +571,28 @@ class AlignAllAhead:
         except Exception as e:                               # never fails the run
             say(f"compile ahead: {ALIGN_ALL} not compiled ahead ({type(e).__name__}: {e}); it compiles when it starts")
 
+    @staticmethod
+    def _conversion_programs(c, teacher, model) -> None:
+        """What runs before align-all's first step, in the order it runs, beside the step's compilation: the
+        cache of the teacher's hidden states (stage1.teacher_cache), then the calibrated init's measurement."""
+        try:
+            if c.stage1.teacher_cache:
+                from l2m_jax.train.stages import precompile_teacher_hidden
+
+                precompile_teacher_hidden(teacher, c.stage1.batch_size, c.data.seq_len, compute_dtype=c.compute_dtype)
+            if c.init in ("norm", "calibrated"):
+                from l2m_jax.convert.hybridize import precompile_output_rms
+
+                precompile_output_rms(teacher, model, range(teacher[0].n_layers),
+                                      (c.calibration_rows, c.data.seq_len))
+        except Exception as e:                               # never fails the run
+            say(f"compile ahead: {ALIGN_ALL}'s conversion not compiled ahead ({type(e).__name__}: {e})")
+
     def claim(self, name: str) -> None:
         t0 = time.perf_counter()
         self._thread.join()
+        if self._side is not None:
+            self._side.join()
         if time.perf_counter() - t0 > 1.0:
             say(f"{name}: waited {time.perf_counter() - t0:.0f}s for its train step to finish compiling ahead")
 
@@ -598,7 +646,7 @@ def stage_setup(c, stage, student, teacher, settings, reference=None):
         trains = stage1_trains(c) if stage.kind == "stage1" else "kd"
         return stages.distill_setup(student, teacher, settings, kl_reduction=c.stage1.kl_reduction,
                                     temperature=c.stage1.temperature, loss_chunk=chunk, trains=trains,
-                                    compute_dtype=dt)
+                                    compute_dtype=dt, teacher_cached=bool(c.stage1.teacher_cache))
     if stage.kind == "sft":
         return stages.sft_setup(student, settings, loss_chunk=chunk, compute_dtype=dt)
     return stages.dpo_setup(student, reference, settings, loss_chunk=chunk, compute_dtype=dt)

@@ -44,8 +44,22 @@ def hidden_and_head(cfg: ModelConfig, params: Any, tokens: jax.Array, *, remat: 
     """
     model = bind(cfg, params)
     hidden, _ = model.hidden(jnp.asarray(tokens, jnp.int32), remat=remat, gather=gather)       # [B, L, D]
+    return hidden, _head(model, cfg, gather)
+
+
+def head_of(cfg: ModelConfig, params: Any, *, gather: Callable | None = None) -> jax.Array:   # [D, V]
+    """The LM head `hidden_and_head` returns, without running the model (for hidden states computed before)."""
+    return _head(bind(cfg, params), cfg, gather)
+
+
+def _head(model, cfg: ModelConfig, gather: Callable | None) -> jax.Array:
     head = model.embed.embedding[...].T if cfg.tie_embeddings else model.lm_head.kernel[...]   # [D, V]
-    return hidden, head if gather is None else gather(head)
+    return head if gather is None else gather(head)
+
+
+def logits_from(hidden: jax.Array, head: jax.Array) -> jax.Array:
+    """hidden [B, L, D] (compute dtype), head [D, V] -> float32 logits [B, L, V], exactly as CausalLM.logits."""
+    return jnp.einsum("BLD,DV->BLV", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------------ chunking

@@ -57,6 +57,7 @@ from .optim import StagePreset, trainable_mask
 Model = tuple[ModelConfig, Any]     # (cfg, params)
 KINDS = ("stage0", "stage1", "sft", "dpo")
 DISTILL_KEYS = ("tokens", "loss_mask")
+TEACHER_HIDDEN = "teacher_hidden"   # optional distill batch array [N, L, Dt]: the teacher's final hidden states
 DPO_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
 
 
@@ -179,10 +180,16 @@ def _check_data(data: Mapping[str, np.ndarray], keys: Sequence[str], *, stage: s
     if missing:
         raise StageError(f"{stage}: the data lacks {missing}; it needs arrays {list(keys)} (see l2m_jax.train.stages)")
     arrays = {k: np.asarray(data[k]) for k in keys}
-    shapes = {k: v.shape for k, v in arrays.items()}
+    shapes = {k: v.shape for k, v in arrays.items() if k != TEACHER_HIDDEN}
     if len({s for s in shapes.values()}) != 1 or len(next(iter(shapes.values()))) != 2:
         raise StageError(f"{stage}: data arrays must all be [N, L], got {shapes}")
     n, length = next(iter(shapes.values()))
+    if TEACHER_HIDDEN in arrays:
+        h = arrays[TEACHER_HIDDEN]
+        if h.ndim != 3 or h.shape[:2] != (n, length) or not jnp.issubdtype(h.dtype, jnp.floating):
+            raise StageError(f"{stage}: {TEACHER_HIDDEN} must be the teacher's float hidden states [N, L, D] of "
+                             f"the {n} x {length} token rows, got {h.dtype} {h.shape}; compute them with "
+                             "l2m_jax.train.stages.teacher_hidden_states(teacher, data['tokens'])")
     if n == 0:
         raise StageError(f"{stage}: the dataset is empty (0 rows); check the data sources and length limits")
     if settings.steps < 1 or settings.batch_size < 1:
@@ -195,6 +202,8 @@ def _check_data(data: Mapping[str, np.ndarray], keys: Sequence[str], *, stage: s
         raise StageError(f"{stage}: batch_size={settings.batch_size} is not a multiple of the {n_dev} devices "
                          "the batch is split over")
     for k, v in arrays.items():
+        if k == TEACHER_HIDDEN:
+            continue
         if k.endswith("tokens"):
             if not np.issubdtype(v.dtype, np.integer):
                 raise StageError(f"{stage}: {k} must hold integer token ids, got {v.dtype}")
@@ -339,7 +348,8 @@ def _check_loss_chunk(loss_chunk: int | None) -> None:
 
 def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha: float, beta: float,
                     kl_reduction: str = "token_mean", temperature: float = 1.0, remat: bool = False,
-                    loss_chunk: int | None = None, gather: Callable | None = None) -> Callable:
+                    loss_chunk: int | None = None, gather: Callable | None = None,
+                    teacher_cached: bool = False) -> Callable:
     """Stage-1 loss over params {"student", "teacher"} and a distill batch (see `losses.stage1_loss`).
 
     A batch without "loss_mask" makes every token a target; remat rematerialises both models' layers.
@@ -348,23 +358,34 @@ def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha
     of that many positions (`chunked.stage1_loss_chunked`: the same loss, no [B, L, V] float32 tensor).
     gather: None, or `parallel.fsdp_gather(mesh)` on an fsdp mesh (`weight_gather`): both models gather each
     layer's weights (and the embedding and head) where they are used, as in `forward`.
+    teacher_cached: the batch carries the teacher's final hidden states (`TEACHER_HIDDEN` [B, L, Dt], computed
+    once per row by `teacher_hidden_states`), so the step runs only the teacher's head, not its layers: the
+    same loss, without a teacher forward in every step.
     """
     _check_loss_chunk(loss_chunk)
+
+    def teacher(params, batch):                     # [B, L, Dt] final hidden states, [Dt, V] head
+        if teacher_cached:
+            return (jax.lax.stop_gradient(batch[TEACHER_HIDDEN]),
+                    jax.lax.stop_gradient(chunked.head_of(teacher_cfg, params["teacher"], gather=gather)))
+        return jax.lax.stop_gradient(chunked.hidden_and_head(teacher_cfg, params["teacher"], batch["tokens"],
+                                                             remat=remat, gather=gather))
 
     def loss_fn(params, batch, rng):
         tokens = batch["tokens"]                                                    # [B, L]
         if loss_chunk is not None:
             targets, target_mask = losses.shift_for_next_token(tokens, batch.get("loss_mask"))
-            t_hidden, t_head = jax.lax.stop_gradient(
-                chunked.hidden_and_head(teacher_cfg, params["teacher"], tokens, remat=remat,
-                                        gather=gather))                          # [B, L, Dt], [Dt, V]
+            t_hidden, t_head = teacher(params, batch)                               # [B, L, Dt], [Dt, V]
             s_hidden, s_head = chunked.hidden_and_head(student_cfg, params["student"], tokens, remat=remat,
                                                        gather=gather)              # [B, L, D], [D, V]
             return chunked.stage1_loss_chunked(s_hidden, t_hidden, s_head, t_head, targets, target_mask,
                                                alpha=alpha, beta=beta, kl_reduction=kl_reduction,
                                                temperature=temperature, chunk=loss_chunk)
-        t_logits, _ = forward(teacher_cfg, params["teacher"], tokens, remat=remat, checked=False,
-                              gather=gather)                                        # [B, L, V]
+        if teacher_cached:
+            t_logits = chunked.logits_from(*teacher(params, batch))                 # [B, L, V]
+        else:
+            t_logits, _ = forward(teacher_cfg, params["teacher"], tokens, remat=remat, checked=False,
+                                  gather=gather)                                    # [B, L, V]
         s_logits, _ = forward(student_cfg, params["student"], tokens, remat=remat, checked=False,
                               gather=gather)                                        # [B, L, V]
         targets, target_mask = losses.shift_for_next_token(tokens, batch.get("loss_mask"))
@@ -373,12 +394,50 @@ def distill_loss_fn(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, alpha
     return loss_fn
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _final_hidden(cfg: ModelConfig, params, tokens):     # tokens [B, L] -> final-normed hidden [B, L, D]
+    return chunked.hidden_and_head(cfg, params, tokens)[0]
+
+
+def teacher_hidden_states(teacher: Model, tokens: np.ndarray, *, batch_size: int = 32,
+                          compute_dtype: str | None = None) -> np.ndarray:      # [N, L, D] in the compute dtype
+    """The teacher's final-normed hidden states for every row of tokens int [N, L], computed once: with them as
+    the distill data's `TEACHER_HIDDEN` (`distill_stage(..., teacher_cached=True)`) a stage-1 or KD step runs
+    only the teacher's head, not its layers. Rows go through in batches of `batch_size` (the last one filled
+    up with copies, so one program serves every batch); compute_dtype as the stage's (`computing_in`), which
+    is also the dtype of the result (bf16 halves the host memory: N·L·D·2 bytes)."""
+    cfg, params = teacher
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or tokens.shape[0] == 0:
+        raise StageError(f"teacher_hidden_states needs token rows int [N, L], got {tokens.dtype} {tokens.shape}")
+    if batch_size < 1:
+        raise StageError(f"batch_size={batch_size} must be >= 1")
+    run_cfg = computing_in(cfg, compute_dtype)
+    out = []
+    for s in range(0, len(tokens), batch_size):
+        rows = tokens[s:s + batch_size]
+        full = rows if len(rows) == batch_size or len(tokens) < batch_size else np.concatenate(
+            [rows, np.repeat(rows[:1], batch_size - len(rows), axis=0)])
+        out.append(np.asarray(_final_hidden(run_cfg, params, jnp.asarray(full, jnp.int32)))[:len(rows)])
+    return np.concatenate(out)
+
+
+def precompile_teacher_hidden(teacher: Model, batch_size: int, seq_len: int, *,
+                              compute_dtype: str | None = None) -> None:
+    """Compile what `teacher_hidden_states` runs per batch (teacher params may be abstract), so the call after
+    it, in this process or from the persistent compilation cache, compiles nothing."""
+    cfg, params = teacher
+    _final_hidden.lower(computing_in(cfg, compute_dtype), params,
+                        jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)).compile()
+
+
 def distill_setup(student: Model, teacher: Model, settings: StageSettings, *, kl_reduction: str = "token_mean",
                   temperature: float = 1.0, trains: str = "stage1", loss_chunk: int | None = None,
-                  compute_dtype: str | None = None) -> StageSetup:
+                  compute_dtype: str | None = None, teacher_cached: bool = False) -> StageSetup:
     """`distill_stage`'s loss, params and mask (params may be jax.ShapeDtypeStructs); checks the settings.
 
-    compute_dtype: both models' forward passes run in it (`computing_in`); the result keeps the student's cfg."""
+    compute_dtype: both models' forward passes run in it (`computing_in`); the result keeps the student's cfg.
+    teacher_cached: the data carries `TEACHER_HIDDEN` (see `distill_loss_fn`)."""
     (s_cfg, s_params), (t_cfg, t_params) = student, teacher
     _check_pair(s_cfg, t_cfg, "teacher")
     alpha, beta = settings.preset.ce_weight, settings.preset.kl_weight
@@ -392,9 +451,10 @@ def distill_setup(student: Model, teacher: Model, settings: StageSettings, *, kl
     _check_loss_chunk(loss_chunk)
     make_loss = functools.partial(distill_loss_fn, computing_in(s_cfg, compute_dtype),
                                   computing_in(t_cfg, compute_dtype), alpha=alpha, beta=beta, kl_reduction=kl_reduction, temperature=temperature,
-                                  loss_chunk=loss_chunk)
+                                  loss_chunk=loss_chunk, teacher_cached=teacher_cached)
     mask = {"student": trainable_mask(s_params, s_cfg, trains), "teacher": _all(t_params, False)}
-    return StageSetup("stage1", "stage 1", DISTILL_KEYS, s_cfg, make_loss, {"student": s_params, "teacher": t_params},
+    keys = DISTILL_KEYS + ((TEACHER_HIDDEN,) if teacher_cached else ())
+    return StageSetup("stage1", "stage 1", keys, s_cfg, make_loss, {"student": s_params, "teacher": t_params},
                       mask, "student", {"student": s_cfg.to_dict(), "teacher": t_cfg.to_dict(),
                                         "kl_reduction": kl_reduction, "temperature": temperature, "trains": trains,
                                         **_compute_entry(compute_dtype)})
@@ -403,7 +463,8 @@ def distill_setup(student: Model, teacher: Model, settings: StageSettings, *, kl
 def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray], settings: StageSettings, *,
                   kl_reduction: str = "token_mean", temperature: float = 1.0, mesh: Mesh | None = None,
                   ckpt_dir=None, log_dir=None, config: Any = None, trains: str = "stage1",
-                  loss_chunk: int | None = None, compute_dtype: str | None = None) -> StageResult:
+                  loss_chunk: int | None = None, compute_dtype: str | None = None,
+                  teacher_cached: bool = False) -> StageResult:
     """Stage 1 (one progressive round): train the student's Mamba mixers on α·CE + β·KL against the teacher.
 
     α, β are settings.preset.ce_weight / kl_weight. kl_reduction "token_mean" (default) averages the KL over
@@ -411,9 +472,11 @@ def distill_stage(student: Model, teacher: Model, data: Mapping[str, np.ndarray]
     trains="kd" trains every student parameter instead (MiL's later end-to-end KD; also how a draft model
     for speculative decoding is distilled); "stage1+attention" also trains the attention layers MiL keeps frozen.
     loss_chunk: see `distill_loss_fn` (None: whole logits). compute_dtype: see `computing_in`.
+    teacher_cached: `data` carries the teacher's hidden states (`teacher_hidden_states`), computed once per row.
     """
     setup = distill_setup(student, teacher, settings, kl_reduction=kl_reduction, temperature=temperature,
-                          trains=trains, loss_chunk=loss_chunk, compute_dtype=compute_dtype)
+                          trains=trains, loss_chunk=loss_chunk, compute_dtype=compute_dtype,
+                          teacher_cached=teacher_cached)
     return run_setup(setup, data, settings, mesh=mesh, ckpt_dir=ckpt_dir, log_dir=log_dir, config=config)
 
 

@@ -138,6 +138,8 @@ class FakeRun:
                       "sft": {"tokens": tokens(), "loss_mask": mask()},
                       "dpo": ({"chosen_tokens": tokens(), "chosen_mask": mask(), "rejected_tokens": tokens(),
                                "rejected_mask": mask()}, None)}
+        if c.stage1.teacher_cache:                   # as Run.data builds it
+            self._data["stage1"] = recipe.with_teacher_hidden(c, self.teacher, self._data["stage1"])
 
     def data(self, kind):
         if kind == "stage0" or (kind == "sft" and self.c.sft.loss == "kd"):
@@ -214,6 +216,11 @@ CASES = {  # name: (config overrides, the planned stage to compile)
     "dpo": ({"dpo": DpoConfig(steps=2, batch_size=2, reference="sft")}, "dpo-mamba75"),
     "stage0": ({}, "align-mamba50"),
     "stage1-mixed": ({"compute_dtype": "bfloat16"}, "stage1-mamba50"),   # mixed precision, through stage_setup
+    # the teacher's hidden states in the data: the steps run its head only
+    "stage1-cached": ({"stage1": Stage1Config(attn_fractions=[0.5], steps=2, batch_size=2, teacher_cache=True)},
+                      "stage1-mamba50"),
+    "sft-kd-cached": ({"stage1": Stage1Config(attn_fractions=[0.5], steps=2, batch_size=2, teacher_cache=True),
+                       "sft": SftConfig(attn_fractions=[0.25], steps=2, batch_size=2, loss="kd")}, "sft-mamba75"),
 }
 
 
