@@ -6,6 +6,8 @@
     python -m experiments.bench_train --attn-impl cudnn --ssd xla,pallas --skip-8b   # SSD scans side by side
     python -m experiments.bench_train --shape smollm2 --batch 32,64 --seq 256 --dtype float32 \
         --compute-dtype float32,bfloat16 --no-remat --only stage1 --skip-8b     # the GPU preset's stage-1 step
+    python -m experiments.bench_train --shape smollm2 --batch 32 --seq 256 --dtype float32 --compute-dtype \
+        bfloat16 --no-remat --only stage1,stage1-cached --skip-8b     # with the teacher's hidden states cached
 
 Stage 1 (MIL_SPEC §2.2): frozen bf16 teacher + a 50% Mamba2 student that shares the teacher's frozen
 embeddings, MLPs, norms and attention layers; only the Mamba mixers train (fp32 masters, AdamW), loss
@@ -38,7 +40,8 @@ from l2m_jax.ops.attention import ATTN_IMPLS, attention_impl
 from l2m_jax.ops.ssm import ssd_backend
 from l2m_jax.train.losses import sft_loss
 from l2m_jax.train.optim import make_optimizer, merge, split_trainable, trainable_mask
-from l2m_jax.train.stages import COMPUTE_DTYPES, computing_in, distill_loss_fn
+from l2m_jax.train.stages import (COMPUTE_DTYPES, TEACHER_HIDDEN, computing_in, distill_loss_fn,
+                                  teacher_hidden_states)
 
 PEAK, MEASURED = 989.4e12, 812e12
 
@@ -112,18 +115,21 @@ def time_steps(step, state, args, reps):
     return float(np.median(ts)), m, compile_s
 
 
-def stage1_step(t_cfg, s_cfg, opt, *, remat=True, compute_dtype=None):
+def stage1_step(t_cfg, s_cfg, opt, *, remat=True, compute_dtype=None, teacher_cached=False):
     """step((train, opt_state), frozen, teacher, tokens) -> ((train, opt_state), loss).
 
     Every array is an argument: the trainable mixers and their moments (donated), the student's frozen
     leaves and the frozen teacher (not donated; they share buffers). Nothing is closed over, so jit never
     bakes parameters into the program as constants (at 8B shapes that was 16 GB of them).
-    compute_dtype: both models compute in it (`stages.computing_in`, the recipe's compute_dtype)."""
+    compute_dtype: both models compute in it (`stages.computing_in`, the recipe's compute_dtype).
+    teacher_cached: `tokens` is (tokens, the teacher's hidden states [B, L, D]), and the teacher runs only its
+    head (the recipe's stage1.teacher_cache)."""
     stage1 = distill_loss_fn(computing_in(s_cfg, compute_dtype), computing_in(t_cfg, compute_dtype), alpha=1.0,
-                             beta=0.1, remat=remat)
+                             beta=0.1, remat=remat, teacher_cached=teacher_cached)
 
     def loss_fn(train, frozen, teacher, tokens):
-        return stage1({"student": merge(train, frozen), "teacher": teacher}, {"tokens": tokens}, None)
+        batch = {"tokens": tokens[0], TEACHER_HIDDEN: tokens[1]} if teacher_cached else {"tokens": tokens}
+        return stage1({"student": merge(train, frozen), "teacher": teacher}, batch, None)
 
     def step(state, frozen, teacher, tokens):
         train, opt_state = state
@@ -137,21 +143,27 @@ def stage1_opt():
     return make_optimizer(lr=8e-5, betas=(0.9, 0.98), clip_norm=0.1, warmup_steps=10, total_steps=1000)
 
 
-def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key, *, remat=True, compute_dtype=None):
+def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key, *, remat=True, compute_dtype=None, teacher_cached=False):
     t_params, s_params = stage1_setup(t_cfg, s_cfg, key)
     mask = trainable_mask(s_params, s_cfg, "stage1")
     train, frozen = split_trainable(s_params, mask)
     opt = stage1_opt()
     opt_state = opt.init(train)
     tokens = jax.random.randint(key, (batch, seq), 0, t_cfg.vocab_size, jnp.int32)
+    if teacher_cached:   # what the cache holds: the teacher's hidden states of these rows, in the compute dtype
+        tokens = (tokens, teacher_hidden_states((t_cfg, t_params), np.asarray(tokens), batch_size=batch,
+                                                compute_dtype=compute_dtype))
     n_train = sum(x.size for x in jax.tree.leaves(train) if x.ndim == 2)
-    step = jax.jit(stage1_step(t_cfg, s_cfg, opt, remat=remat, compute_dtype=compute_dtype), donate_argnums=(0,))
+    step = jax.jit(stage1_step(t_cfg, s_cfg, opt, remat=remat, compute_dtype=compute_dtype,
+                               teacher_cached=teacher_cached), donate_argnums=(0,))
     t, loss, compile_s = time_steps(step, (train, opt_state), (frozen, t_params, tokens), reps)
     n_tok = batch * seq
+    # the model FLOPs of the step without the cache, so that tokens/s and MFU compare across the two
     flops = (forward_flops(t_cfg, t_params, n_tok, seq) + 2 * forward_flops(s_cfg, s_params, n_tok, seq)
              + 2.0 * n_train * n_tok)
-    return dict(step="stage1", tokens=n_tok, s=t, tok_per_s=n_tok / t, tflops=flops / t / 1e12,
-                mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED, loss=float(loss), compile_s=compile_s)
+    return dict(step="stage1, teacher cached" if teacher_cached else "stage1", tokens=n_tok, s=t,
+                tok_per_s=n_tok / t, tflops=flops / t / 1e12, mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED,
+                loss=float(loss), compile_s=compile_s)
 
 
 def full_step(cfg32, opt, *, remat=True):
@@ -227,7 +239,7 @@ def name_list(choices):
     return parse
 
 
-STEPS = ("forward", "stage1", "full")
+STEPS = ("forward", "stage1", "stage1-cached", "full")
 
 
 def peak_gb():
@@ -265,6 +277,7 @@ def main(argv=None):
     s_cfg = student_cfg(t_cfg)
     batches, seq = ([2], 64) if a.quick else (a.batch, a.seq)
     benches = {"forward": lambda t, s, *args, **kw: bench_forward(t, *args, **kw), "stage1": bench_stage1,
+               "stage1-cached": functools.partial(bench_stage1, teacher_cached=True),
                "full": lambda t, s, *args, **kw: bench_full(s, *args, **kw)}
     remat = not a.no_remat
     rows = []
