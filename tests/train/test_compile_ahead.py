@@ -16,6 +16,7 @@ import pytest
 
 import l2m_jax
 from l2m_jax import parallel
+from l2m_jax.recipe import ahead as recipe_ahead
 from l2m_jax.recipe import run as recipe
 from l2m_jax.recipe.config import (DataConfig, DpoConfig, EvalConfig, RecipeConfig, SftConfig, Stage0Config,
                                    Stage1Config)
@@ -178,9 +179,9 @@ def test_abstract_conversion_matches_the_real_one(init):
     run = FakeRun(c)
     plan = recipe.make_plan(c, run.teacher[0].n_layers)
     assert [p.kind for p in plan] == ["stage0", "stage1", "sft", "sft", "dpo"]
-    abstract = recipe.abstract_model(run.teacher)
+    abstract = recipe_ahead.abstract_model(run.teacher)
     for i, (stage, (cfg, params)) in enumerate(zip(plan, models_along(run, plan))):
-        abstract = recipe.convert_abstract(c, i, stage, abstract)
+        abstract = recipe_ahead.convert_abstract(c, i, stage, abstract)
         assert abstract[0] == cfg, stage.name
         assert tree_spec(abstract[1]) == tree_spec(params), stage.name
         assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract[1]))
@@ -193,8 +194,8 @@ def _precompile(run, plan, index, model):
     c = run.c
     stage = plan[index]
     data, _, settings = recipe.stage_inputs(run, stage)
-    abstract = recipe.abstract_model(model)
-    teacher = recipe.abstract_model(run.teacher)
+    abstract = recipe_ahead.abstract_model(model)
+    teacher = recipe_ahead.abstract_model(run.teacher)
     setup = recipe.stage_setup(c, stage, abstract, teacher, settings,
                                teacher if c.dpo.reference == "teacher" else abstract)
     return stages.precompile_stage(setup, settings, stages.stage_batch(setup, settings, data), mesh=run.mesh)
@@ -254,10 +255,10 @@ def test_compile_ahead_thread_precompiles_later_stages_and_survives_failures(tmp
 
     monkeypatch.setattr(stages, "precompile_stage", failing_for_sft)
     with persistent_cache(tmp_path / "xla") as cache:
-        assert recipe.compile_ahead_enabled(run.c)
-        assert not recipe.compile_ahead_enabled(tiny_config(compile_ahead=False))
+        assert recipe_ahead.compile_ahead_enabled(run.c)
+        assert not recipe_ahead.compile_ahead_enabled(tiny_config(compile_ahead=False))
         capsys.readouterr()
-        ahead = recipe.CompileAhead(run, plan, 0, run.teacher)
+        ahead = recipe_ahead.CompileAhead(run, plan, 0, run.teacher)
         ahead.claim("stage1-mamba50")          # waits while it compiles, or keeps the thread off it
         ahead.join(timeout=600)
         said = capsys.readouterr().out
@@ -269,7 +270,7 @@ def test_compile_ahead_thread_precompiles_later_stages_and_survives_failures(tmp
         assert cache.count() == (before[0] + 1, before[1])
         _train_real(run, plan, 2, models[2], tmp_path)          # its compilation failed: compiles now
         assert cache.count() == (before[0] + 1, before[1] + 1)
-    assert not recipe.compile_ahead_enabled(run.c)             # the cache is off again
+    assert not recipe_ahead.compile_ahead_enabled(run.c)             # the cache is off again
 
 
 def test_align_all_step_compiled_while_the_data_is_made_is_a_cache_hit(tmp_path):
@@ -280,7 +281,7 @@ def test_align_all_step_compiled_while_the_data_is_made_is_a_cache_hit(tmp_path)
     model = recipe.convert(run, 0, plan[0], run.teacher)                  # every layer converted
     assert not model[0].attn_layers
     with persistent_cache(tmp_path / "xla") as cache:
-        ahead = recipe.AlignAllAhead.start(run)
+        ahead = recipe_ahead.AlignAllAhead.start(run)
         ahead.claim(recipe.ALIGN_ALL)
         hits, writes = cache.count()
         assert hits == 0 and writes >= 1
@@ -295,7 +296,7 @@ def test_align_all_step_compiled_while_the_data_is_made_is_a_cache_hit(tmp_path)
                             batch_size=run.c.stage0.batch_size)
         assert sorted(scores) == list(range(run.teacher[0].n_layers))
         assert cache.count("jit_loss_fn")[1] == before[1], "layer_nmse compiled its forward again"
-    assert recipe.AlignAllAhead.start(run) is None                      # the cache is off: nothing to fill
+    assert recipe_ahead.AlignAllAhead.start(run) is None                      # the cache is off: nothing to fill
 
 
 def test_evaluation_compiled_ahead_is_not_compiled_again(tmp_path):
@@ -306,7 +307,7 @@ def test_evaluation_compiled_ahead_is_not_compiled_again(tmp_path):
     plan = recipe.make_plan(run.c, run.teacher[0].n_layers)
     models = models_along(run, plan)
     with persistent_cache(tmp_path / "xla") as cache:
-        assert recipe.precompile_eval(run, recipe.abstract_model(models[1]), "stage1-mamba50")
+        assert recipe_ahead.precompile_eval(run, recipe_ahead.abstract_model(models[1]), "stage1-mamba50")
         assert cache.count("jit__score") == (0, 1)
         scores, _ = recipe.evaluate(*models[1], run.texts, run.c.eval.window)
         assert set(scores) == {"text", "other"} and all(v["perplexity"] > 1 for v in scores.values())
@@ -350,7 +351,7 @@ def test_calibrated_conversion_measured_ahead_compiles_nothing(tmp_path, caplog)
 
     with persistent_cache(tmp_path / "xla"):
         jax.clear_caches()
-        recipe.AlignAllAhead.start(run).claim(recipe.ALIGN_ALL)
+        recipe_ahead.AlignAllAhead.start(run).claim(recipe.ALIGN_ALL)
         assert compiled() == 1
         model = recipe.convert(run, 0, plan[0], run.teacher)              # every layer converted, calibrated
         assert not model[0].attn_layers
