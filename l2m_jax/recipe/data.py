@@ -176,13 +176,14 @@ class AnswersAhead:
     prompt bucket and length) in a daemon thread while the requests are sampled, into JAX's persistent
     compilation cache; `join` waits for it before the answers start, so they load it instead of compiling.
     The longest prompt is estimated from the seed prompts and the chat template around a request of
-    synth.max_new_tokens tokens; a guess off by a bucket only costs the compile it would have saved."""
+    synth.max_new_tokens tokens; a guess off by a bucket only costs the compile it would have saved. The
+    tokenizer is used here, before the thread starts, never beside the requests' decoding."""
 
-    def __init__(self, c, teacher, tok, prompts):
+    def __init__(self, c, teacher, batch: int, longest: int, eos_id: int):
         import threading
 
         self.seconds = None
-        self._thread = threading.Thread(target=self._work, args=(c, teacher, tok, prompts),
+        self._thread = threading.Thread(target=self._work, args=(c, teacher, batch, longest, eos_id),
                                         name="compile-ahead-answers", daemon=True)
         self._thread.start()
 
@@ -191,25 +192,26 @@ class AnswersAhead:
         """One started, or None where compiling ahead is off, the cache is off or the answers are on disk."""
         import jax
 
+        from l2m_jax.data.chat import encode_chat_prompt, end_of_turn_id
+
         done = (Path(out) / "chat" / "dataset").exists()
         if not getattr(c, "compile_ahead", True) or not jax.config.jax_compilation_cache_dir or done:
             return None
-        return cls(c, teacher, tok, prompts)
+        pl, sy = c.pseudo_labels, c.synth
+        around = len(encode_chat_prompt(tok, [{"role": "user", "content": "x"}])) - 1
+        longest = max([around + sy.max_new_tokens]
+                      + [len(encode_chat_prompt(tok, [{"role": "user", "content": p}])) for p in prompts])
+        n = (len(prompts) + sy.num_requests) * pl.answers_per_request
+        return cls(c, teacher, min(sy.batch_size, n), longest, end_of_turn_id(tok))
 
-    def _work(self, c, teacher, tok, prompts) -> None:
-        from l2m_jax.data.chat import encode_chat_prompt, end_of_turn_id
+    def _work(self, c, teacher, batch: int, longest: int, eos_id: int) -> None:
         from l2m_jax.infer.generate import precompile_generate
 
         t0 = time.perf_counter()
         try:
-            pl, sy = c.pseudo_labels, c.synth
-            around = len(encode_chat_prompt(tok, [{"role": "user", "content": "x"}])) - 1
-            longest = max([around + sy.max_new_tokens]
-                          + [len(encode_chat_prompt(tok, [{"role": "user", "content": p}])) for p in prompts])
-            n = (len(prompts) + sy.num_requests) * pl.answers_per_request
-            precompile_generate(*teacher, min(sy.batch_size, n), longest, pl.max_new_tokens,
-                                _sampling(pl.temperature, pl.top_p), end_of_turn_id(tok),
-                                prompt_bucket=pl.prompt_bucket)
+            pl = c.pseudo_labels
+            precompile_generate(*teacher, batch, longest, pl.max_new_tokens, _sampling(pl.temperature, pl.top_p),
+                                eos_id, prompt_bucket=pl.prompt_bucket)
             self.seconds = time.perf_counter() - t0
             say(f"compile ahead: the answers' generation compiled in {self.seconds:.1f}s")
         except Exception as e:                               # never fails the run
