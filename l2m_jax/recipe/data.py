@@ -182,7 +182,6 @@ class AnswersAhead:
     def __init__(self, c, teacher, batch: int, longest: int, eos_id: int):
         import threading
 
-        self.seconds = None
         self._thread = threading.Thread(target=self._work, args=(c, teacher, batch, longest, eos_id),
                                         name="compile-ahead-answers", daemon=True)
         self._thread.start()
@@ -212,8 +211,7 @@ class AnswersAhead:
             pl = c.pseudo_labels
             precompile_generate(*teacher, batch, longest, pl.max_new_tokens, _sampling(pl.temperature, pl.top_p),
                                 eos_id, prompt_bucket=pl.prompt_bucket)
-            self.seconds = time.perf_counter() - t0
-            say(f"compile ahead: the answers' generation compiled in {self.seconds:.1f}s")
+            say(f"compile ahead: the answers' generation compiled in {time.perf_counter() - t0:.1f}s")
         except Exception as e:                               # never fails the run
             say(f"compile ahead: the answers' generation not compiled ahead ({type(e).__name__}: {e})")
 
