@@ -157,6 +157,15 @@ class CausalLM(nnx.Module):
                 inputs[i], outputs[i] = u, h
         return inputs, outputs
 
+    def attention_probabilities(self, tokens, layers=None, *, mask=None):
+        """{i: attention weights [B, H, L, L] fp32} of the attention layers among `layers` (None: every attention
+        layer) in one full-sequence forward (`Attention.probabilities` on each layer's normalised input)."""
+        attn = [i for i, m in enumerate(self.cfg.layer_mixers) if m == "attention"]
+        layers = attn if layers is None else sorted({int(i) for i in layers} & set(attn))
+        ctx = self._context(tokens, None, mask, "xla")
+        inputs, _ = self.mixer_io(tokens, layers, mask=mask)
+        return {i: self.layers[i].mixer.probabilities(inputs[i], ctx) for i in layers}
+
     def swap_hidden(self, tokens, donor: "CausalLM", sel, *, mask=None):
         """Final hidden states [B, L, D] of this model with layer `sel`'s mixer taken from `donor` (same trunk;
         its mixers differ at some layers): sel is an int32 scalar, traced, so one compiled program serves every
@@ -327,6 +336,14 @@ def mixer_io(cfg: ModelConfig, params, tokens, layers, *, mask=None, checked: bo
     if checked:
         _check_inputs(cfg, tokens, None, mask)
     return bind(cfg, params).mixer_io(jnp.asarray(tokens, jnp.int32), layers, mask=mask)
+
+
+def attention_probabilities(cfg: ModelConfig, params, tokens, layers=None, *, mask=None, checked: bool = True):
+    """{i: attention weights fp32 [B, H, L, L]} of the attention layers among `layers` (None: all of them) for
+    tokens int32 [B, L] (`CausalLM.attention_probabilities`). checked: as in `forward`."""
+    if checked:
+        _check_inputs(cfg, tokens, None, mask)
+    return bind(cfg, params).attention_probabilities(jnp.asarray(tokens, jnp.int32), layers, mask=mask)
 
 
 def apply_mixer(cfg: ModelConfig, params, i: int, u, *, mask=None):

@@ -10,7 +10,7 @@ from flax import nnx
 from ..cache import AttnCache
 from ..config import ModelConfig
 from ..ops import attention as attn_ops
-from ..ops.attention import attention_mask, causal_attention, gqa_attention, right_padding
+from ..ops.attention import attention_mask, causal_attention, gqa_attention, gqa_probabilities, right_padding
 from ..ops.norms import rms_norm
 from ..ops.rope import apply_rope
 
@@ -120,6 +120,16 @@ class Attention(nnx.Module):
                 return self.o(y.reshape(b, l, cfg.q_dim)), cache
         y = self._reference(q, k_all, v_all, ctx.positions, k_pos, k_valid)
         return self.o(y.reshape(b, l, cfg.q_dim)), cache
+
+    def probabilities(self, x, ctx: Context):
+        """x [B, L, D] (a full sequence, the block's normalised input) -> the reference's attention weights
+        [B, H, L, L] in fp32: causal, the sliding window and padded keys (ctx.mask) masked."""
+        cfg = self.cfg
+        b, l, _ = x.shape
+        q = apply_rope(self.q(x).reshape(b, l, cfg.n_heads, cfg.head_dim), ctx.positions, ctx.inv_freq)
+        k = apply_rope(self.k(x).reshape(b, l, cfg.n_kv_heads, cfg.head_dim), ctx.positions, ctx.inv_freq)
+        m = attention_mask(ctx.positions, ctx.positions, ctx.mask, sliding_window=cfg.sliding_window)
+        return gqa_probabilities(q, k, m)
 
     def _reference(self, q, k_all, v_all, q_pos, k_pos, k_valid):
         m = attention_mask(q_pos, k_pos, k_valid, sliding_window=self.cfg.sliding_window)

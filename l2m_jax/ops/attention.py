@@ -27,16 +27,29 @@ def gqa_attention(q, k, v, mask):
     Head h reads kv group h // (H // G) (HF repeat_kv order). Scores and softmax in fp32.
     """
     b, lq, h, p = q.shape
-    g = k.shape[2]
-    if h % g:
-        raise ValueError(f"gqa_attention: {h} query heads are not a multiple of {g} kv heads")
-    qg = q.reshape(b, lq, g, h // g, p)
     with jax.named_scope("gqa_attention"):
-        s = jnp.einsum("BLGRP,BSGP->BGRLS", qg, k, preferred_element_type=jnp.float32) * (p ** -0.5)
-        s = jnp.where(mask[:, None, None], s, _NEG)
-        w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        w = _grouped_probabilities(q, k, mask, "gqa_attention").astype(v.dtype)
         o = jnp.einsum("BGRLS,BSGP->BLGRP", w, v, preferred_element_type=jnp.float32)
     return o.reshape(b, lq, h, p).astype(q.dtype)
+
+
+def _grouped_probabilities(q, k, mask, who: str):
+    """fp32 softmax weights [B, G, R, Lq, S] of q [B, Lq, H, P] over k [B, S, G, P] (H = G·R) under mask."""
+    b, lq, h, p = q.shape
+    g = k.shape[2]
+    if h % g:
+        raise ValueError(f"{who}: {h} query heads are not a multiple of {g} kv heads")
+    qg = q.reshape(b, lq, g, h // g, p)
+    s = jnp.einsum("BLGRP,BSGP->BGRLS", qg, k, preferred_element_type=jnp.float32) * (p ** -0.5)
+    return jax.nn.softmax(jnp.where(mask[:, None, None], s, _NEG), axis=-1)
+
+
+def gqa_probabilities(q, k, mask):
+    """The attention weights `gqa_attention` applies: q [B, Lq, H, P], k [B, S, G, P], mask bool [B, Lq, S] ->
+    fp32 [B, H, Lq, S] (head h reads kv group h // (H // G)); a fully masked query row is uniform."""
+    w = _grouped_probabilities(q, k, mask, "gqa_probabilities")
+    b, g, r, lq, s = w.shape
+    return w.reshape(b, g * r, lq, s)
 
 
 # ---- full-sequence attention (training, scoring, prefill): one switch between implementations ----------------
