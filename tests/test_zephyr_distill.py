@@ -139,13 +139,14 @@ def test_missing_text_source_is_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def aligned_kd_run(tmp_path_factory):
-    """One run for four features: the aligned layer order, end-to-end KD in place of SFT, SFT rounds
-    interleaved with the stage-1 rounds (stage1-mamba50, sft-mamba50, stage1-mamba75, sft-mamba75), and the
-    teacher's hidden states cached for the stage-1 and KD steps (as the GPU preset runs them)."""
+    """One run for five features: the aligned layer order with the strongest induction layer kept longest, end-to-
+    end KD in place of SFT, SFT rounds interleaved with the stage-1 rounds (stage1-mamba50, sft-mamba50,
+    stage1-mamba75, sft-mamba75), and the teacher's hidden states cached for the stage-1 and KD steps (as the GPU
+    preset runs them)."""
     out = tmp_path_factory.mktemp("aligned") / "run"
-    done = command(*TINY, "stage1.layer_order=aligned", "sft.loss=kd", "dpo.enabled=false", f"out={out}",
-                   "stage1.attn_fractions=[0.5,0.25]", "sft.attn_fractions=[0.5,0.25]", "sft.interleave=true",
-                   "stage1.teacher_cache=true")
+    done = command(*TINY, "stage1.layer_order=aligned", "stage1.keep_induction=1", "sft.loss=kd",
+                   "dpo.enabled=false", f"out={out}", "stage1.attn_fractions=[0.5,0.25]",
+                   "sft.attn_fractions=[0.5,0.25]", "sft.interleave=true", "stage1.teacher_cache=true")
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"the teacher's hidden states of \d+ rows cached", done.stdout)
     return out
@@ -356,6 +357,7 @@ def test_compute_dtype_and_train_attention_reach_the_stages():
 
 def test_aligned_layer_order_ranks_layers_by_one_stage0_of_every_layer(aligned_kd_run, tmp_path):
     from l2m_jax.convert.hybridize import attention_layers_for
+    from l2m_jax.train.align import keep_last
 
     out = aligned_kd_run
     assert sorted(p.name for p in (out / "stages").iterdir()) == ["align-all", "sft-mamba50", "sft-mamba75",
@@ -363,11 +365,16 @@ def test_aligned_layer_order_ranks_layers_by_one_stage0_of_every_layer(aligned_k
     order = json.loads((out / "layer_order.json").read_text())
     n = json.loads((out / "stages" / "align-all" / "done.json").read_text())["n_layers"]
     assert sorted(order["order"]) == list(range(n)) and len(order["nmse"]) == n
-    nmse = [order["nmse"][str(i)] for i in order["order"]]
+    nmse = [order["nmse"][str(i)] for i in order["ranked"]]
     assert nmse == sorted(nmse)                         # the best-reproduced layer converts first
+    # stage1.keep_induction=1: the teacher's strongest induction layer moves to the end of the ranked order
+    induction = {int(i): v for i, v in order["induction"].items()}
+    assert order["kept_for_induction"] == [max(induction, key=induction.get)]
+    assert order["order"] == keep_last(order["ranked"], order["kept_for_induction"])
     record = json.loads((out / "stages" / "stage1-mamba50" / "done.json").read_text())
     assert record["attn_layers"] == attention_layers_for(n, 0.5, order["order"])
-    assert "layer order" in (out / "report.md").read_text()
+    assert order["kept_for_induction"][0] in record["attn_layers"]
+    assert "strongest induction layers" in (out / "report.md").read_text()
     bad = command(*TINY, "stage1.layer_order=aligned", "stage0.enabled=false", f"out={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "stage0.enabled=true" in bad.stderr
 

@@ -113,6 +113,9 @@ class Stage1Config(StageConfig):
     # (train.align.layer_nmse, conversion_order); every round takes its new mixers from that aligned student;
     # "aligned_kl": the same, ranked by what converting each layer alone costs the output (train.align.layer_kl)
     layer_order: str = "mil"
+    # with an aligned order: the teacher's k layers with the strongest induction heads (eval.recall: attention
+    # on the token after an earlier occurrence, on repeated random tokens) turn Mamba last, whatever their score
+    keep_induction: int = 0
     steps: Optional[int] = 64            # per round
     round_steps: Optional[List[int]] = None   # steps of each round (one per attn_fraction), instead of steps
     lr: float = 1e-3
@@ -256,6 +259,11 @@ def check_config(c) -> None:
         problems.append(f"stage1.layer_order={c.stage1.layer_order!r} ranks the layers by a stage-0 run with every "
                         "layer converted; set stage0.enabled=true (its steps, batch and lr are used) or "
                         "layer_order=mil")
+    if c.stage1.keep_induction < 0:
+        problems.append(f"stage1.keep_induction={c.stage1.keep_induction} must be >= 0")
+    elif c.stage1.keep_induction and c.stage1.layer_order not in ALIGNED_ORDERS:
+        problems.append(f"stage1.keep_induction={c.stage1.keep_induction} reorders a ranked conversion order; set "
+                        "stage1.layer_order=aligned (or aligned_kl), or keep_induction=0 with layer_order=mil")
     if c.sft.loss not in ("ce", "kd"):
         problems.append(f"sft.loss={c.sft.loss!r}: choose 'ce' (cross-entropy on answers) or 'kd' (end-to-end KD)")
     if c.dpo.reference not in ("teacher", "sft"):

@@ -251,11 +251,12 @@ def layer_order(run: Run) -> list[int] | None:
         run_stage(run, 0, stage, run.teacher, AlignAllAhead.start(run))
     scores = LAYER_SCORES[metric](run.aligned_model(), run.teacher, run.data("stage0"),
                                   batch_size=c.stage0.batch_size)
-    order = conversion_order(scores, n_layers)
+    ranked = conversion_order(scores, n_layers)
+    order, induction = keep_induction(c, run.teacher, ranked)
     plan = make_plan(c, n_layers, order)
     keeps = {p.name: list(p.attn_layers) for p in plan if p.kind == "stage1"}
     record = {"order": order, "metric": metric, metric: {str(i): v for i, v in sorted(scores.items())},
-              "attention_kept": keeps}
+              "ranked": ranked, **induction, "attention_kept": keeps}
     write_json(path, record)
     run.notes["layer_order"] = record
     write_json(run.out / "data_notes.json", run.notes)
@@ -263,10 +264,28 @@ def layer_order(run: Run) -> list[int] | None:
     return order
 
 
+def keep_induction(c, teacher, ranked: list[int]) -> tuple[list[int], dict]:
+    """(conversion order, what to record): `ranked` with the teacher's stage1.keep_induction layers of strongest
+    induction heads (`eval.recall.induction_scores`) converted last, the strongest last; `ranked` itself when 0."""
+    from l2m_jax.eval.recall import induction_scores, top_induction_layers
+    from l2m_jax.train.align import keep_last
+
+    k = int(c.stage1.keep_induction)
+    if not k:
+        return list(ranked), {}
+    scores = induction_scores(teacher)
+    if k > len(scores):
+        raise UsageError(f"stage1.keep_induction={k}, but the teacher has {len(scores)} attention layers")
+    top = top_induction_layers(scores, k)
+    return keep_last(ranked, top), {"induction": {str(i): v for i, v in scores.items()}, "kept_for_induction": top}
+
+
 def order_line(record: dict) -> str:
     """One line on a layer order (`layer_order`'s record): the order and the attention layers of each round."""
     by = {"nmse": "stage-0 error", "kl": "output KL with it converted alone"}[record.get("metric", "nmse")]
-    return (f"layer order ({ALIGN_ALL}'s {by} per layer, converted first to last): {record['order']}; "
+    kept = (f", then the strongest induction layers {record['kept_for_induction']} (stage1.keep_induction)"
+            if record.get("kept_for_induction") else "")
+    return (f"layer order ({ALIGN_ALL}'s {by} per layer{kept}, converted first to last): {record['order']}; "
             "attention kept: " + "; ".join(f"{k} {v}" for k, v in record["attention_kept"].items()))
 
 

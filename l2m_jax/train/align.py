@@ -227,6 +227,16 @@ def conversion_order(scores: Mapping[int, float], n_layers: int) -> list[int]:
     return sorted((int(i) for i in scores), key=lambda i: (float(scores[i]), i))
 
 
+def keep_last(order: Sequence[int], layers: Sequence[int]) -> list[int]:
+    """`order` (a conversion order, every layer once) with `layers` moved to its end in the sequence given: they
+    turn Mamba last, and the last of them keeps attention longest (`hybridize.attention_layers_for`)."""
+    order, layers = [int(i) for i in order], [int(i) for i in layers]
+    missing = sorted(set(layers) - set(order))
+    if missing or len(set(layers)) != len(layers):
+        raise StageError(f"keep_last: layers {layers} must be distinct layers of the order (not in it: {missing})")
+    return [i for i in order if i not in set(layers)] + layers
+
+
 def take_mixers(student: Model, source: Model, layers: Sequence[int]) -> Model:
     """`student` with the mixers of `layers` taken from `source` (e.g. a student aligned with every layer
     converted): both must have the same mixer kind and config at those layers."""

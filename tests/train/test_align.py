@@ -6,8 +6,8 @@ import pytest
 import l2m_jax
 from l2m_jax.config import ModelConfig
 from l2m_jax.convert.hybridize import attention_layers_for, hybridize
-from l2m_jax.train.align import (align_loss_fn, align_stage, aligned_layers, conversion_order, layer_kl, layer_nmse,
-                                 precompile_layer_scores, take_mixers)
+from l2m_jax.train.align import (align_loss_fn, align_stage, aligned_layers, conversion_order, keep_last, layer_kl,
+                                 layer_nmse, precompile_layer_scores, take_mixers)
 from l2m_jax.train.optim import StagePreset
 from l2m_jax.train.stages import StageError, StageSettings, schedule
 
@@ -207,6 +207,44 @@ def test_conversion_order_converts_the_best_reproduced_layers_first():
         conversion_order({0: 0.1, 1: float("nan")}, 2)
     with pytest.raises(ValueError, match="every layer of the 4-layer model once"):
         attention_layers_for(4, 0.5, [0, 1, 1, 2])
+
+
+def test_keep_last_moves_layers_to_the_end_of_the_order():
+    order = [5, 2, 0, 3, 1, 4]
+    moved = keep_last(order, [2, 0])
+    assert moved == [5, 3, 1, 4, 2, 0]
+    assert attention_layers_for(6, 1 / 6, moved) == [0] and set(attention_layers_for(6, 0.5, moved)) == {2, 0, 4}
+    assert keep_last(order, []) == order and keep_last(moved, [2, 0]) == moved
+    with pytest.raises(StageError, match="not in it: \\[7\\]"):
+        keep_last(order, [7])
+    with pytest.raises(StageError, match="distinct"):
+        keep_last(order, [2, 2])
+
+
+def test_keep_induction_converts_the_strongest_induction_layers_last(models):
+    from l2m_jax.eval.recall import induction_scores
+    from l2m_jax.recipe import UsageError, check_config
+    from l2m_jax.recipe.config import RecipeConfig, Stage1Config
+    from l2m_jax.recipe.run import keep_induction
+
+    teacher, _ = models
+    n = teacher[0].n_layers
+    ranked = list(range(n))[::-1]
+    c = RecipeConfig(stage1=Stage1Config(layer_order="aligned", keep_induction=2))
+    check_config(c)
+    order, record = keep_induction(c, teacher, ranked)
+    scores = induction_scores(teacher)
+    top = sorted(scores, key=scores.get)[-2:]
+    assert order[-2:] == top == record["kept_for_induction"] and sorted(order) == list(range(n))
+    assert record["induction"] == {str(i): v for i, v in scores.items()}
+    assert keep_induction(RecipeConfig(stage1=Stage1Config(layer_order="aligned")), teacher, ranked) == (ranked, {})
+    with pytest.raises(UsageError, match=f"has {n} attention layers"):
+        keep_induction(RecipeConfig(stage1=Stage1Config(layer_order="aligned", keep_induction=n + 1)), teacher,
+                       ranked)
+    with pytest.raises(UsageError, match="layer_order=aligned"):
+        check_config(RecipeConfig(stage1=Stage1Config(layer_order="mil", keep_induction=2)))
+    with pytest.raises(UsageError, match="must be >= 0"):
+        check_config(RecipeConfig(stage1=Stage1Config(layer_order="aligned", keep_induction=-1)))
 
 
 def test_take_mixers_copies_only_the_named_layers(models):
