@@ -144,7 +144,10 @@ def stage1_opt():
 
 
 def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key, *, remat=True, compute_dtype=None, teacher_cached=False):
+    started = time.perf_counter()
     t_params, s_params = stage1_setup(t_cfg, s_cfg, key)
+    jax.block_until_ready((t_params, s_params))
+    setup_s = time.perf_counter() - started      # drawing the random weights (jitted: compiles once per config)
     mask = trainable_mask(s_params, s_cfg, "stage1")
     train, frozen = split_trainable(s_params, mask)
     opt = stage1_opt()
@@ -163,7 +166,7 @@ def bench_stage1(t_cfg, s_cfg, batch, seq, reps, key, *, remat=True, compute_dty
              + 2.0 * n_train * n_tok)
     return dict(step="stage1, teacher cached" if teacher_cached else "stage1", tokens=n_tok, s=t,
                 tok_per_s=n_tok / t, tflops=flops / t / 1e12, mfu=flops / t / PEAK, mfu_measured=flops / t / MEASURED,
-                loss=float(loss), compile_s=compile_s)
+                loss=float(loss), compile_s=compile_s, setup_s=setup_s)
 
 
 def full_step(cfg32, opt, *, remat=True):

@@ -18,9 +18,13 @@ the preset's batch; arms differ in one thing each:
            settings (sft.steps, sft.lr), no stage 0; stage1.layer_order=aligned (or aligned_kl) runs the
            recipe's align-all stage first (stage 0 once, every layer converted) and converts in its order, with
            its mixers and no per-round stage 0 (--reuse-align: the --run's own align-all and order instead);
-           scored after every round, with tokens/s. --start MODEL_DIR: the rounds start from that model (e.g.
-           the run's 50% model: rounds=0.25 against rounds=sft:0.5,0.25 isolates a KD round before the 25% one)
-Held-out perplexity ratio and top-1 agreement on every eval text; ablation.json and ablation.md land in --out.
+           scored after every round, with tokens/s; stage1.keep_induction=K turns the teacher's K strongest
+           induction layers Mamba last (with --reuse-align: in the run's order as ranked before its own
+           keep_induction), stage1.teacher_cache=true runs the steps on the teacher's cached hidden states.
+           --start MODEL_DIR: the rounds start from that model (e.g. the run's 50% model: rounds=0.25 against
+           rounds=sft:0.5,0.25 isolates a KD round before the 25% one)
+Held-out perplexity ratio and top-1 agreement on every eval text, and the copy NLL (in-context recall on repeated
+random tokens, `l2m_jax.eval.recall.copy_loss`) of every arm; ablation.json and ablation.md land in --out.
 """
 from __future__ import annotations
 
@@ -36,9 +40,11 @@ from omegaconf import OmegaConf
 import l2m_jax
 from experiments.distill_config import load_config
 from l2m_jax.convert.hybridize import attention_layers_for
+from l2m_jax.eval.recall import copy_loss
 from l2m_jax.recipe.data import calibration_tokens, distill_rows, say
 from l2m_jax.recipe.config import ALIGNED_ORDERS, use_kernels
-from l2m_jax.recipe.run import Run, evaluate, stage1_trains, stage_settings, use_compilation_cache
+from l2m_jax.recipe.run import (Run, evaluate, keep_induction, stage1_trains, stage_settings, use_compilation_cache,
+                                with_teacher_hidden)
 from l2m_jax.train.align import LAYER_SCORES, align_stage, conversion_order, take_mixers
 from l2m_jax.train.stages import distill_stage
 
@@ -110,6 +116,8 @@ def main(argv=None) -> int:
     use_kernels(c)
     run = Run(c, Path(run_dir))
     teacher_eval = run.evaluate("teacher", *run.teacher)
+    teacher_copy = copy_loss(run.teacher)
+    say(f"teacher: copy NLL {teacher_copy:.3f} (the second copy of repeated random tokens, eval.recall)")
     rows = run.rows()
     groups = a.groups.split(",")
     data, calib = {}, None
@@ -121,6 +129,10 @@ def main(argv=None) -> int:
         calib = calibration_tokens(c, data["synthesised"])
     keep = attention_layers_for(run.teacher[0].n_layers, 0.5)
     results = []
+
+    def save_results() -> None:
+        (out / "ablation.json").write_text(json.dumps({"teacher": teacher_eval, "teacher_copy_nll": teacher_copy,
+                                                       "arms": results}, indent=1))
 
     def arm(group: str, init: str, stage0: bool, data_name: str) -> dict:
         t0 = time.perf_counter()
@@ -138,9 +150,9 @@ def main(argv=None) -> int:
         res = {"group": group, "init": init, "stage0": stage0, "data": data_name, "steps": a.steps,
                "stage0_steps": a.stage0_steps if stage0 else 0, "rows": int(len(rows_["tokens"])),
                "before": before, "after": after, "final_loss": r.history[-1]["loss"] if r.history else None,
-               "wall_s": time.perf_counter() - t0}
+               "copy_nll": copy_loss((r.cfg, r.params)), "wall_s": time.perf_counter() - t0}
         results.append(res)
-        (out / "ablation.json").write_text(json.dumps({"teacher": teacher_eval, "arms": results}, indent=1))
+        save_results()
         say(f"[{group}] init={init} stage0={stage0} data={data_name}: " + "; ".join(
             f"{k} x{v['ratio']:.3f} (before x{before[k]['ratio']:.4g}), top-1 {100 * v['agreement']:.1f}%"
             for k, v in after.items()) + f" in {res['wall_s']:.0f}s")
@@ -160,6 +172,10 @@ def main(argv=None) -> int:
         if key not in built:
             built[key] = distill_rows(cv, rows, run.tok)
         rows_ = built[key]
+        cached = bool(cv.stage1.teacher_cache)      # the teacher's hidden states of the rows, once per data and dtype
+        if cached and (key, cv.compute_dtype) not in built:
+            built[key, cv.compute_dtype] = with_teacher_hidden(cv, run.teacher, rows_)
+        train_rows = built[key, cv.compute_dtype] if cached else rows_     # for the stage-1 and KD steps
         student = run.teacher if start is None else start
         n_stage1 = 0
         n_layers = run.teacher[0].n_layers
@@ -172,7 +188,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"--variant {name}: stage1.layer_order={cv.stage1.layer_order} ranks by "
                                  f"{ALIGNED_ORDERS[cv.stage1.layer_order]}, but {run_dir}/layer_order.json was "
                                  f"ranked by {record.get('metric', 'nmse')}; leave out --reuse-align/--start")
-            every, order = run.aligned_model(), record["order"]
+            every = run.aligned_model()      # the order before the run's own stage1.keep_induction, if it had one
+            order = keep_induction(cv, run.teacher, record.get("ranked", record["order"]))[0]
             say(f"[recipe] {name}: layer order {order} and align-all's mixers from {run_dir}")
         elif cv.stage1.layer_order in ALIGNED_ORDERS:   # the recipe's align-all: stage 0 once, every layer converted
             # variants that differ only after it share it
@@ -188,7 +205,7 @@ def main(argv=None) -> int:
             if metric not in orders:
                 scores = LAYER_SCORES[metric](every, run.teacher, rows_, batch_size=cv.stage0.batch_size)
                 orders[metric] = conversion_order(scores, n_layers)
-            order = orders[metric]
+            order = keep_induction(cv, run.teacher, orders[metric])[0]
             say(f"[recipe] {name}: layer order {order} (stage 0 of every layer in {time.perf_counter() - t0:.0f}s)")
         for r_i, spec in enumerate(rounds):
             t0 = time.perf_counter()
@@ -213,8 +230,8 @@ def main(argv=None) -> int:
                 n_stage1 += 1
             t1 = time.perf_counter()
             trains = "kd" if sft else stage1_trains(cv)
-            r = distill_stage(student, run.teacher, rows_, settings, kl_reduction=cv.stage1.kl_reduction,
-                              mesh=run.mesh, trains=trains, compute_dtype=dt)
+            r = distill_stage(student, run.teacher, train_rows, settings, kl_reduction=cv.stage1.kl_reduction,
+                              mesh=run.mesh, trains=trains, compute_dtype=dt, teacher_cached=cached)
             jax.block_until_ready(r.params)
             t2 = time.perf_counter()
             student = (r.cfg, r.params)
@@ -228,12 +245,12 @@ def main(argv=None) -> int:
                    "stage0_steps": cv.stage0.steps if cv.stage0.enabled and not sft and order is None else 0,
                    "rows": int(len(rows_["tokens"])),
                    "before": before, "after": after, "final_loss": r.history[-1]["loss"] if r.history else None,
-                   "stage1_s": t2 - t1, "stage1_tokens_per_s": tokens / (t2 - t1), "wall_s": time.perf_counter() - t0}
+                   "copy_nll": copy_loss(student), "stage1_s": t2 - t1, "stage1_tokens_per_s": tokens / (t2 - t1), "wall_s": time.perf_counter() - t0}
             results.append(res)
-            (out / "ablation.json").write_text(json.dumps({"teacher": teacher_eval, "arms": results}, indent=1))
+            save_results()
             say(f"[recipe] {name} {'SFT' if sft else 'stage-1'} round {frac}: " + "; ".join(
                 f"{k} x{v['ratio']:.3f}, top-1 {100 * v['agreement']:.1f}%" for k, v in after.items())
-                + f"; {settings.steps} steps in {t2 - t1:.0f}s ({tokens / (t2 - t1):,.0f} tok/s); "
+                + f"; copy NLL {res['copy_nll']:.3f}; {settings.steps} steps in {t2 - t1:.0f}s ({tokens / (t2 - t1):,.0f} tok/s); "
                 f"round {res['wall_s']:.0f}s")
 
     def mean_ratio(res):
@@ -259,14 +276,14 @@ def main(argv=None) -> int:
                 arm("data", best["init"], best["stage0"], name)
     texts = list(teacher_eval)
     lines = ["| group | init | stage 0 | data | " + " | ".join(f"{t} ratio (before) | {t} top-1" for t in texts)
-             + " | time (s) |", "|" + "---|" * (5 + 2 * len(texts))]
+             + f" | copy NLL (teacher {teacher_copy:.3f}) | time (s) |", "|" + "---|" * (6 + 2 * len(texts))]
     for r in results:
         group = r["group"]
         if group == "recipe":
             group = f"recipe: {r['variant']} {'SFT ' if r.get('kind') == 'sft' else ''}@ {r['round']:g}"
         lines.append(f"| {group} | {r['init']} | {'yes' if r['stage0'] else 'no'} | {r['data']} | " + " | ".join(
             f"{r['after'][t]['ratio']:.3f} ({r['before'][t]['ratio']:.4g}) | {100 * r['after'][t]['agreement']:.1f}%"
-            for t in texts) + f" | {r['wall_s']:.0f} |")
+            for t in texts) + f" | {r['copy_nll']:.3f} | {r['wall_s']:.0f} |")
     table = "\n".join(lines)
     (out / "ablation.md").write_text(table + "\n")
     print(table)

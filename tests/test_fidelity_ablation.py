@@ -2,6 +2,7 @@
 arms over several rounds (stage-1 and SFT rounds), each scored after every round."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +23,16 @@ def test_recipe_arms_in_mil_and_aligned_layer_order(tmp_path):
          "--out", str(out), "--steps", "2", "--stage0-steps", "2", "--groups", "recipe", "--set", *TINY,
          "--variant", "mil", "stage1.layer_order=mil", "rounds=0.5",
          "--variant", "aligned", "stage1.layer_order=aligned", "rounds=0.5,sft:0.5,sft:0.25",
-         "--variant", "kl", "stage1.layer_order=aligned_kl", "rounds=0.5"],
+         "--variant", "kl", "stage1.layer_order=aligned_kl", "rounds=0.5",
+         "--variant", "ind", "stage1.layer_order=aligned", "stage1.keep_induction=1", "stage1.teacher_cache=true",
+         "rounds=0.25"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert len(re.findall(r"the teacher's hidden states of \d+ rows cached", done.stdout)) == 1   # the ind arm
     arms = json.loads((out / "ablation.json").read_text())["arms"]
     assert [(a["variant"], a["round"], a["kind"]) for a in arms] == [
         ("mil", 0.5, "stage1"), ("aligned", 0.5, "stage1"), ("aligned", 0.5, "sft"), ("aligned", 0.25, "sft"),
-        ("kl", 0.5, "stage1")]
+        ("kl", 0.5, "stage1"), ("ind", 0.25, "stage1")]
     n = 4                                                   # the tiny teacher's layers
     assert arms[0]["attn_layers"] == attention_layers_for(n, 0.5) and arms[0]["stage0"]
     aligned = arms[1:4]
@@ -37,8 +41,16 @@ def test_recipe_arms_in_mil_and_aligned_layer_order(tmp_path):
     # an SFT round at the stage-1 round's fraction converts nothing; it starts where that round ended
     assert aligned[1]["attn_layers"] == aligned[0]["attn_layers"] and aligned[1]["before"] == aligned[0]["after"]
     assert set(aligned[2]["attn_layers"]) < set(aligned[1]["attn_layers"])
+    # keep_induction=1: the one layer left is the tiny teacher's strongest induction layer, whatever its stage-0 rank
+    from experiments.distill_config import load_config
+    from l2m_jax.eval.recall import induction_scores, top_induction_layers
+    from l2m_jax.recipe.data import load_teacher
+
+    t_cfg, t_params, _ = load_teacher(load_config(["preset=smollm2", *TINY])[0])
+    assert arms[5]["attn_layers"] == top_induction_layers(induction_scores((t_cfg, t_params)), 1)
     for a in arms:
-        assert all(v["ratio"] > 0 for v in a["after"].values())
+        assert all(v["ratio"] > 0 for v in a["after"].values()) and a["copy_nll"] > 0
+    assert json.loads((out / "ablation.json").read_text())["teacher_copy_nll"] > 0
     assert "recipe: aligned SFT @ 0.25" in (out / "ablation.md").read_text()
 
 
