@@ -9,7 +9,9 @@ made with these probes cannot see a held-out text.
 
     repeated_tokens(vocab_size, rows=8, period=64)      int32 [rows, 2 * period]
     induction_scores(model)                             {attention layer: its strongest head's induction score}
+    previous_token_scores(model)                        the same for attention on the token just before
     copy_loss(model)                                    mean next-token NLL over the second copy (nats)
+    copy_loss_without(model)                            {layer: copy_loss with that layer's mixer output removed}
 
     python -m l2m_jax.eval.recall --model NAME_OR_DIR [--rows 8] [--period 64] [--seed 0] [--top 4]
 prints both for any model `l2m_jax.load` reads (e.g. `smollm2`, or a run's `final/l2m`).
@@ -26,7 +28,8 @@ import numpy as np
 
 from ..config import ModelConfig
 
-__all__ = ["repeated_tokens", "induction_scores", "copy_loss", "top_induction_layers"]
+__all__ = ["repeated_tokens", "induction_scores", "previous_token_scores", "copy_loss", "copy_loss_without",
+           "top_induction_layers"]
 
 
 def repeated_tokens(vocab_size: int, rows: int = 8, period: int = 64, *, seed: int = 0,
@@ -45,16 +48,25 @@ def repeated_tokens(vocab_size: int, rows: int = 8, period: int = 64, *, seed: i
 
 
 @functools.lru_cache(maxsize=16)
-def _head_scores_fn(cfg: ModelConfig, period: int):
+def _head_scores_fn(cfg: ModelConfig, period: int, back: int):
     from ..models import bind
 
     @jax.jit
     def fn(params, tokens):
-        """{layer: [H]} mean weight from each second-copy position i on position i - period + 1."""
+        """{layer: [H]} mean weight from each second-copy position i on position i - back."""
         probs = bind(cfg, params).attention_probabilities(tokens)
         i = jnp.arange(period, 2 * period)
-        return {layer: jnp.mean(p[:, :, i, i - period + 1], axis=(0, 2)) for layer, p in probs.items()}
+        return {layer: jnp.mean(p[:, :, i, i - back], axis=(0, 2)) for layer, p in probs.items()}
     return fn
+
+
+def _head_scores(model, back, rows, period, seed, per_head, who):
+    cfg, params = model
+    if not any(m == "attention" for m in cfg.layer_mixers):
+        raise ValueError(f"{who}: the model has no attention layer")
+    tokens = jnp.asarray(repeated_tokens(cfg.vocab_size, rows, period, seed=seed))
+    heads = jax.device_get(_head_scores_fn(cfg, period, back(period))(params, tokens))
+    return {int(i): (np.asarray(h, np.float64) if per_head else float(np.max(h))) for i, h in sorted(heads.items())}
 
 
 def induction_scores(model, *, rows: int = 8, period: int = 64, seed: int = 0, per_head: bool = False
@@ -66,12 +78,15 @@ def induction_scores(model, *, rows: int = 8, period: int = 64, seed: int = 0, p
     head copies. 1 is a perfect induction head; a head spreading its weight evenly scores about 1/i. A layer's
     score is its strongest head's (per_head=True: the [H] array of every head's). Layers that are not attention
     have none."""
-    cfg, params = model
-    if not any(m == "attention" for m in cfg.layer_mixers):
-        raise ValueError("induction_scores: the model has no attention layer")
-    tokens = jnp.asarray(repeated_tokens(cfg.vocab_size, rows, period, seed=seed))
-    heads = jax.device_get(_head_scores_fn(cfg, period)(params, tokens))
-    return {int(i): (np.asarray(h, np.float64) if per_head else float(np.max(h))) for i, h in sorted(heads.items())}
+    return _head_scores(model, lambda p: p - 1, rows, period, seed, per_head, "induction_scores")
+
+
+def previous_token_scores(model, *, rows: int = 8, period: int = 64, seed: int = 0, per_head: bool = False
+                          ) -> dict[int, float | np.ndarray]:
+    """{attention layer: previous-token score}: as `induction_scores`, on position i - 1 instead. A previous-token
+    head is the first half of an induction circuit: it writes which token came before, which an induction head
+    in a later layer then looks up."""
+    return _head_scores(model, lambda p: 1, rows, period, seed, per_head, "previous_token_scores")
 
 
 def top_induction_layers(scores: dict[int, float], k: int) -> list[int]:
@@ -83,16 +98,32 @@ def top_induction_layers(scores: dict[int, float], k: int) -> list[int]:
     return ranked[len(ranked) - k:]
 
 
+def _second_copy_nll(logits, tokens, period: int):
+    """Mean NLL of tokens period+1 .. 2·period-1 given everything before (the second copy past its start)."""
+    logp = jax.nn.log_softmax(logits[:, period:-1].astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, period + 1:, None], axis=-1))
+
+
 @functools.lru_cache(maxsize=16)
 def _copy_nll_fn(cfg: ModelConfig, period: int):
     from ..models import bind
 
     @jax.jit
     def fn(params, tokens):
-        """Mean NLL of tokens period+1 .. 2·period-1 given everything before (the second copy past its start)."""
-        logits = bind(cfg, params)(tokens)[0][:, period:-1]
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, period + 1:, None], axis=-1))
+        return _second_copy_nll(bind(cfg, params)(tokens)[0], tokens, period)
+    return fn
+
+
+@functools.lru_cache(maxsize=16)
+def _ablated_copy_nll_fn(cfg: ModelConfig, period: int):
+    from ..models import bind
+
+    @jax.jit
+    def fn(params, tokens, layers):
+        """[len(layers)] second-copy NLLs, one per layer removed (lax.map: one compiled forward serves all)."""
+        model = bind(cfg, params)
+        return jax.lax.map(lambda sel: _second_copy_nll(model.logits(model.ablated_hidden(tokens, sel)), tokens,
+                                                        period), layers)
     return fn
 
 
@@ -105,6 +136,19 @@ def copy_loss(model, *, rows: int = 8, period: int = 64, seed: int = 0) -> float
     return float(_copy_nll_fn(cfg, period)(params, tokens))
 
 
+def copy_loss_without(model, layers=None, *, rows: int = 8, period: int = 64, seed: int = 0) -> dict[int, float]:
+    """{layer: `copy_loss` of `model` with that one layer's mixer output removed} for `layers` (None: every
+    layer): what each layer contributes to in-context recall, causally (the block's residual and MLP stay)."""
+    cfg, params = model
+    layers = list(range(cfg.n_layers)) if layers is None else [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < cfg.n_layers]
+    if bad:
+        raise ValueError(f"copy_loss_without: layers {bad} are not layers of the {cfg.n_layers}-layer model")
+    tokens = jnp.asarray(repeated_tokens(cfg.vocab_size, rows, period, seed=seed))
+    out = _ablated_copy_nll_fn(cfg, period)(params, tokens, jnp.asarray(layers, jnp.int32))
+    return {i: float(v) for i, v in zip(layers, np.asarray(out))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m l2m_jax.eval.recall", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a name or folder l2m_jax.load reads")
@@ -112,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top", type=int, default=4, help="name this many strongest induction layers")
+    ap.add_argument("--ablate", action="store_true", help="also the copy NLL with each layer's mixer removed")
     a = ap.parse_args(argv)
     from .. import load
 
@@ -122,9 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         scores = induction_scores(model, **probe)
         print("induction score per attention layer (strongest head): "
               + ", ".join(f"{i}: {v:.3f}" for i, v in scores.items()))
+        prev = previous_token_scores(model, **probe)
+        print("previous-token score per attention layer (strongest head): "
+              + ", ".join(f"{i}: {v:.3f}" for i, v in prev.items()))
         k = min(a.top, len(scores))
         print(f"strongest {k} (weakest of them first): {top_induction_layers(scores, k)}")
     print(f"copy NLL (the second copy, nats per token): {copy_loss(model, **probe):.4f}")
+    if a.ablate:
+        print("copy NLL with one layer's mixer removed: "
+              + ", ".join(f"{i}: {v:.3f}" for i, v in copy_loss_without(model, **probe).items()))
     return 0
 
 

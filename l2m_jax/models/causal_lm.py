@@ -186,6 +186,20 @@ class CausalLM(nnx.Module):
             x = layer.forward_io(x, ctx, None, mixer=mixer)[0]
         return self.final_norm(x)
 
+    def ablated_hidden(self, tokens, sel, *, mask=None):
+        """Final hidden states [B, L, D] with layer `sel`'s mixer output removed (the block keeps its residual
+        and MLP): sel is an int32 scalar, traced, so one compiled program serves every layer; a sel that names
+        no layer (e.g. -1) removes nothing."""
+        ctx = self._context(tokens, None, mask, "xla")
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            def mixer(u, ctx, cache, i=i, own=layer.mixer):
+                h = own(u, ctx, None)[0]
+                return jnp.where(sel == i, jnp.zeros_like(h), h), cache
+
+            x = layer.forward_io(x, ctx, None, mixer=mixer)[0]
+        return self.final_norm(x)
+
     def apply_mixer(self, i: int, u, *, mask=None):
         """Layer i's mixer on its normalised input u [B, L, D] -> [B, L, D] (a full sequence, no cache)."""
         return self.layers[i].mixer(u, self._context(u[..., 0], None, mask, "xla"), None)[0]

@@ -1,10 +1,12 @@
 """The in-context recall probes against transformers' attention weights and logits (torch, eager, fp32)."""
+import jax
 import numpy as np
 import pytest
 
 import l2m_jax
 from l2m_jax.convert.hybridize import hybridize
-from l2m_jax.eval.recall import copy_loss, induction_scores, repeated_tokens, top_induction_layers
+from l2m_jax.eval.recall import (copy_loss, copy_loss_without, induction_scores, previous_token_scores,
+                                 repeated_tokens, top_induction_layers)
 from l2m_jax.models import attention_probabilities
 from tests.models.test_hf_parity import CASES, _hf_model
 
@@ -63,6 +65,9 @@ def test_induction_scores_and_copy_loss_match_numpy_on_transformers(pair, torch_
         np.testing.assert_allclose(got[i], want[i], atol=2e-6)
     best = induction_scores((cfg, params), rows=rows, period=period, seed=3)
     assert best == pytest.approx({i: float(want[i].max()) for i in want}, abs=2e-6)
+    prev = previous_token_scores((cfg, params), rows=rows, period=period, seed=3, per_head=True)
+    for i, a in enumerate(attn):
+        np.testing.assert_allclose(prev[i], a[:, :, q, q - 1].mean(axis=(0, 2)), atol=2e-6)
 
     x = logits[:, period:-1].astype(np.float64)
     logp = x - x.max(-1, keepdims=True)
@@ -78,7 +83,28 @@ def test_induction_scores_skip_mamba_layers_and_need_attention(pair):
     none = hybridize(*teacher, attn_layers=[], mixer="mamba2")
     with pytest.raises(ValueError, match="no attention layer"):
         induction_scores(none, rows=2, period=4)
+    with pytest.raises(ValueError, match="previous_token_scores: the model has no attention layer"):
+        previous_token_scores(none, rows=2, period=4)
     assert np.isfinite(copy_loss(none, rows=2, period=4))
+
+
+def test_copy_loss_without_a_layer_equals_the_model_with_that_mixers_output_weights_zeroed(pair):
+    _, teacher = pair
+    hybrid = hybridize(*teacher, attn_layers=[0, 2], mixer="mamba2", key=jax.random.key(1), init="random")
+    for cfg, params in (teacher, hybrid):
+        probe = dict(rows=2, period=6, seed=4)
+        got = copy_loss_without((cfg, params), **probe)
+        assert sorted(got) == [0, 1, 2]
+        for i, m in enumerate(cfg.layer_mixers):
+            out = "o" if m == "attention" else "out_proj"
+            mixer = dict(params["layers"][i]["mixer"])
+            mixer[out] = {"kernel": np.zeros_like(mixer[out]["kernel"])}
+            layers = dict(params["layers"])
+            layers[i] = dict(layers[i], mixer=mixer)
+            assert got[i] == pytest.approx(copy_loss((cfg, dict(params, layers=layers)), **probe), rel=1e-5)
+        assert copy_loss_without((cfg, params), [1], **probe) == {1: got[1]}
+    with pytest.raises(ValueError, match="layers \\[3\\]"):
+        copy_loss_without(teacher, [3])
 
 
 def test_top_induction_layers():
@@ -101,4 +127,10 @@ def test_command_line_prints_scores_and_copy_loss(tmp_path, capsys):
     scores = induction_scores(model, rows=2, period=5)
     assert f"0: {scores[0]:.3f}, 1: {scores[1]:.3f}" in out
     assert f"strongest 1 (weakest of them first): {top_induction_layers(scores, 1)}" in out
+    prev = previous_token_scores(model, rows=2, period=5)
+    assert f"(strongest head): 0: {prev[0]:.3f}, 1: {prev[1]:.3f}" in out
     assert f"copy NLL (the second copy, nats per token): {copy_loss(model, rows=2, period=5):.4f}" in out
+    assert "removed" not in out
+    assert recall.main(["--model", str(tmp_path / "m"), "--rows", "2", "--period", "5", "--ablate"]) == 0
+    without = copy_loss_without(model, rows=2, period=5)
+    assert f"removed: 0: {without[0]:.3f}, 1: {without[1]:.3f}" in capsys.readouterr().out
