@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -244,15 +245,19 @@ def layer_order(run: Run) -> list[int] | None:
         return json.loads(path.read_text())["order"]
     stage, n_layers = PlannedStage(ALIGN_ALL, "stage0", ()), run.teacher[0].n_layers
     done = run.out / "stages" / ALIGN_ALL / "done.json"
-    if not done.exists():
-        say(f"{ALIGN_ALL}: stage 0 with all {n_layers} layers converted, to rank them (stage1.layer_order=aligned)")
-        from .ahead import AlignAllAhead
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # the teacher's induction scores (a compile and one small forward) while align-all runs
+        probe = pool.submit(teacher_induction, run.teacher) if c.stage1.keep_induction else None
+        if not done.exists():
+            say(f"{ALIGN_ALL}: stage 0 with all {n_layers} layers converted, to rank them "
+                "(stage1.layer_order=aligned)")
+            from .ahead import AlignAllAhead
 
-        run_stage(run, 0, stage, run.teacher, AlignAllAhead.start(run))
-    scores = LAYER_SCORES[metric](run.aligned_model(), run.teacher, run.data("stage0"),
-                                  batch_size=c.stage0.batch_size)
-    ranked = conversion_order(scores, n_layers)
-    order, induction = keep_induction(c, run.teacher, ranked)
+            run_stage(run, 0, stage, run.teacher, AlignAllAhead.start(run))
+        scores = LAYER_SCORES[metric](run.aligned_model(), run.teacher, run.data("stage0"),
+                                      batch_size=c.stage0.batch_size)
+        ranked = conversion_order(scores, n_layers)
+        order, induction = keep_induction(c, run.teacher, ranked, None if probe is None else probe.result())
     plan = make_plan(c, n_layers, order)
     keeps = {p.name: list(p.attn_layers) for p in plan if p.kind == "stage1"}
     record = {"order": order, "metric": metric, metric: {str(i): v for i, v in sorted(scores.items())},
@@ -264,16 +269,25 @@ def layer_order(run: Run) -> list[int] | None:
     return order
 
 
-def keep_induction(c, teacher, ranked: list[int]) -> tuple[list[int], dict]:
+def teacher_induction(teacher) -> dict[int, float]:
+    """The teacher's induction score per layer (`eval.recall.induction_scores` at its defaults)."""
+    from l2m_jax.eval.recall import induction_scores
+
+    return induction_scores(teacher)
+
+
+def keep_induction(c, teacher, ranked: list[int], scores: dict[int, float] | None = None
+                   ) -> tuple[list[int], dict]:
     """(conversion order, what to record): `ranked` with the teacher's stage1.keep_induction layers of strongest
-    induction heads (`eval.recall.induction_scores`) converted last, the strongest last; `ranked` itself when 0."""
-    from l2m_jax.eval.recall import induction_scores, top_induction_layers
+    induction heads (`scores`, else `teacher_induction`) converted last, the strongest last; `ranked` itself
+    when 0."""
+    from l2m_jax.eval.recall import top_induction_layers
     from l2m_jax.train.align import keep_last
 
     k = int(c.stage1.keep_induction)
     if not k:
         return list(ranked), {}
-    scores = induction_scores(teacher)
+    scores = teacher_induction(teacher) if scores is None else scores
     if k > len(scores):
         raise UsageError(f"stage1.keep_induction={k}, but the teacher has {len(scores)} attention layers")
     top = top_induction_layers(scores, k)
