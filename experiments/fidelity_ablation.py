@@ -24,7 +24,7 @@ the preset's batch; arms differ in one thing each:
            --start MODEL_DIR: the rounds start from that model (e.g. the run's 50% model: rounds=0.25 against
            rounds=sft:0.5,0.25 isolates a KD round before the 25% one)
 Held-out perplexity ratio and top-1 agreement on every eval text, and the copy NLL (in-context recall on repeated
-random tokens, `l2m_jax.eval.recall.copy_loss`) of every arm; ablation.json and ablation.md land in --out.
+random tokens, `l2m_jax.recipe.run.copy_nll`) of every arm; ablation.json and ablation.md land in --out.
 """
 from __future__ import annotations
 
@@ -40,11 +40,10 @@ from omegaconf import OmegaConf
 import l2m_jax
 from experiments.distill_config import load_config
 from l2m_jax.convert.hybridize import attention_layers_for
-from l2m_jax.eval.recall import copy_loss
 from l2m_jax.recipe.data import calibration_tokens, distill_rows, say
 from l2m_jax.recipe.config import ALIGNED_ORDERS, use_kernels
-from l2m_jax.recipe.run import (Run, evaluate, keep_induction, stage1_trains, stage_settings, use_compilation_cache,
-                                with_teacher_hidden)
+from l2m_jax.recipe.run import (Run, copy_nll, evaluate, keep_induction, stage1_trains, stage_settings,
+                                use_compilation_cache, with_teacher_hidden)
 from l2m_jax.train.align import LAYER_SCORES, align_stage, conversion_order, take_mixers
 from l2m_jax.train.stages import distill_stage
 
@@ -116,7 +115,7 @@ def main(argv=None) -> int:
     use_kernels(c)
     run = Run(c, Path(run_dir))
     teacher_eval = run.evaluate("teacher", *run.teacher)
-    teacher_copy = copy_loss(run.teacher)
+    teacher_copy = copy_nll(c, run.teacher)
     say(f"teacher: copy NLL {teacher_copy:.3f} (the second copy of repeated random tokens, eval.recall)")
     rows = run.rows()
     groups = a.groups.split(",")
@@ -150,7 +149,7 @@ def main(argv=None) -> int:
         res = {"group": group, "init": init, "stage0": stage0, "data": data_name, "steps": a.steps,
                "stage0_steps": a.stage0_steps if stage0 else 0, "rows": int(len(rows_["tokens"])),
                "before": before, "after": after, "final_loss": r.history[-1]["loss"] if r.history else None,
-               "copy_nll": copy_loss((r.cfg, r.params)), "wall_s": time.perf_counter() - t0}
+               "copy_nll": copy_nll(c, (r.cfg, r.params)), "wall_s": time.perf_counter() - t0}
         results.append(res)
         save_results()
         say(f"[{group}] init={init} stage0={stage0} data={data_name}: " + "; ".join(
@@ -245,7 +244,8 @@ def main(argv=None) -> int:
                    "stage0_steps": cv.stage0.steps if cv.stage0.enabled and not sft and order is None else 0,
                    "rows": int(len(rows_["tokens"])),
                    "before": before, "after": after, "final_loss": r.history[-1]["loss"] if r.history else None,
-                   "copy_nll": copy_loss(student), "stage1_s": t2 - t1, "stage1_tokens_per_s": tokens / (t2 - t1), "wall_s": time.perf_counter() - t0}
+                   "copy_nll": copy_nll(cv, student), "stage1_s": t2 - t1,
+                   "stage1_tokens_per_s": tokens / (t2 - t1), "wall_s": time.perf_counter() - t0}
             results.append(res)
             save_results()
             say(f"[recipe] {name} {'SFT' if sft else 'stage-1'} round {frac}: " + "; ".join(

@@ -41,7 +41,7 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
     rows = {}
     for line in markdown.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 13 and not set(cells[0]) <= {"-"} and cells[0] != "model":
+        if line.startswith("|") and len(cells) == 14 and not set(cells[0]) <= {"-"} and cells[0] != "model":
             rows[cells[0]] = cells
     return rows
 
@@ -65,6 +65,7 @@ def test_whole_recipe_writes_report_plots_and_checkpoints(first_run):
         assert float(cells[4]) > 0                                           # final loss
         for ppl, ratio, agreement in (cells[5:8], cells[8:11]):
             assert float(ppl) > 1 and float(ratio) > 0 and 0 <= float(agreement.rstrip("%")) <= 100
+        assert float(cells[11]) > 0                                          # copy NLL
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(plots/{name}.png)" in report
         assert list((out / "stages" / name / "logs").glob("events.out.tfevents.*")), f"{name}: no TensorBoard events"
@@ -88,6 +89,15 @@ def test_report_json_holds_the_tables_numbers(first_run):
         m = models[name]
         assert f"{m['evals']['persuasion']['perplexity']:.3f}" == cells[5]
         assert f"{m['ratio']['kjv-john']:.3f}" == cells[9]
+        assert f"{m['copy_nll']:.3f}" == cells[11]
+    # the recall probe: 8 rows of the evaluation window (64 here), the second half repeating the first
+    from experiments.distill_config import load_config
+    from l2m_jax.eval.recall import copy_loss
+    from l2m_jax.recipe.data import load_teacher
+
+    t_cfg, t_params, _ = load_teacher(load_config(["preset=smollm2", *TINY])[0])
+    assert models["teacher"]["copy_nll"] == pytest.approx(copy_loss((t_cfg, t_params), rows=8, period=32), rel=1e-6)
+    assert models["calibrated-initialised"]["copy_nll"] > 0
     teacher = models["teacher"]["evals"]["persuasion"]["perplexity"]
     dpo = models["dpo-mamba50"]
     assert dpo["ratio"]["persuasion"] == pytest.approx(dpo["evals"]["persuasion"]["perplexity"] / teacher)

@@ -105,16 +105,6 @@ def _second_copy_nll(logits, tokens, period: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _copy_nll_fn(cfg: ModelConfig, period: int):
-    from ..models import bind
-
-    @jax.jit
-    def fn(params, tokens):
-        return _second_copy_nll(bind(cfg, params)(tokens)[0], tokens, period)
-    return fn
-
-
-@functools.lru_cache(maxsize=16)
 def _ablated_copy_nll_fn(cfg: ModelConfig, period: int):
     from ..models import bind
 
@@ -130,10 +120,14 @@ def _ablated_copy_nll_fn(cfg: ModelConfig, period: int):
 def copy_loss(model, *, rows: int = 8, period: int = 64, seed: int = 0) -> float:
     """Mean next-token NLL (nats) of `model` = (cfg, params) over the second copy of `repeated_tokens` rows, past
     its first token (which nothing predicts): near 0 for a model that recalls its context, near log(range of
-    ids) for one that does not."""
+    ids) for one that does not. Runs the held-out scorer's compiled forward (`eval.heldout`), so at
+    rows = 8 and 2 · period = the evaluation window it reuses the program the held-out texts compiled."""
+    from .heldout import _score
+
     cfg, params = model
     tokens = jnp.asarray(repeated_tokens(cfg.vocab_size, rows, period, seed=seed))
-    return float(_copy_nll_fn(cfg, period)(params, tokens))
+    nll = _score(cfg, params, tokens)[0]                        # [rows, 2·period - 1]: nll[:, t] predicts t + 1
+    return float(jnp.mean(nll[:, period:]))
 
 
 def copy_loss_without(model, layers=None, *, rows: int = 8, period: int = 64, seed: int = 0) -> dict[int, float]:

@@ -24,5 +24,5 @@ from .data import (chat_rows, distill_rows, heldout_ids, load_teacher, preferenc
                    sft_rows)
 from .draft import (DraftError, acceptance, build_draft, check_compatible, decode_speed, distill_draft,  # noqa: F401
                     draft_layer_ids, load_draft, save_draft, split_heldout)
-from .run import (ALIGN_ALL, Run, evaluate, export, layer_order, make_plan, pipeline,  # noqa: F401
-                  preference_eval, run_stage, write_run_report)
+from .run import (ALIGN_ALL, Run, copy_nll, evaluate, export, keep_induction, layer_order, make_plan,  # noqa: F401
+                  pipeline, preference_eval, run_stage, write_run_report)

@@ -167,6 +167,30 @@ class Run:
                 write_json(path, evaluate(cfg, params, self.texts, self.c.eval.window, top1)[0])
         return json.loads(path.read_text())
 
+    def copy_nll(self, name: str, cfg, params) -> float:
+        """`copy_nll` once; kept in out/eval/NAME.copy.json for later runs."""
+        path = self.out / "eval" / f"{name}.copy.json"
+        if not path.exists():
+            write_json(path, {"copy_nll": copy_nll(self.c, (cfg, params)), "rows": COPY_ROWS,
+                              "period": copy_period(self.c)})
+        return json.loads(path.read_text())["copy_nll"]
+
+
+COPY_ROWS = 8       # the held-out scorer's rows per forward, so the recall probe reuses its compiled program
+
+
+def copy_period(c) -> int:
+    """The recall probe's period: half the evaluation window (rows of the window's width)."""
+    return max(2, int(c.eval.window) // 2)
+
+
+def copy_nll(c, model) -> float:
+    """`eval.recall.copy_loss` of `model` on COPY_ROWS rows of the evaluation window's width: in-context recall,
+    on the program the held-out evaluation compiled for the model (where the texts fill the window)."""
+    from l2m_jax.eval.recall import copy_loss
+
+    return copy_loss(model, rows=COPY_ROWS, period=copy_period(c))
+
 
 TEACHER_CACHE_LIMIT_GB = 32.0
 
@@ -362,7 +386,8 @@ def convert(run: Run, index: int, stage, student):
     say(f"{stage.name}: converted to {s_cfg.pattern} with init={c.init} in {time.perf_counter() - t0:.1f}s")
     if index == 0:
         init = run.evaluate("init", s_cfg, s_params)
-        say(f"{c.init}-initialised hybrid: {describe(init, run.evaluate('teacher', *run.teacher))}")
+        say(f"{c.init}-initialised hybrid: {describe(init, run.evaluate('teacher', *run.teacher))}; copy NLL "
+            f"{run.copy_nll('init', s_cfg, s_params):.3f}")
     return s_cfg, s_params
 
 
@@ -495,17 +520,19 @@ def run_stage(run: Run, index: int, stage, student,
     l2m_jax.save(sdir / "model", result.cfg, result.params, format="l2m")
     run.tok.save_pretrained(sdir / "model")      # so every stage's model loads as a target or draft on its own
     scores = run.evaluate(stage.name, result.cfg, result.params)
+    copy = run.copy_nll(stage.name, result.cfg, result.params)
     history = read_metrics(sdir / "logs" / "metrics.jsonl")
     speeds = [h["tokens_per_s"] for h in history[1:] if "tokens_per_s" in h]   # step 1 includes compilation
     record = {"name": stage.name, "kind": stage.kind, "attn_layers": list(stage.attn_layers),
               "n_layers": s_cfg.n_layers, "steps": settings.steps, "final_loss": final_loss(history),
               "wall_s": wall, "tokens_per_s": float(np.median(speeds)) if speeds else None,
-              "peak_bytes": peak_memory_bytes(), "eval": scores, **extra}
+              "peak_bytes": peak_memory_bytes(), "eval": scores, "copy_nll": copy, **extra}
     write_json(sdir / "done.json", record)
     if not c.keep_checkpoints:
         shutil.rmtree(sdir / "ckpt", ignore_errors=True)
     say(f"{stage.name}: done in {wall:.0f}s; final loss {record['final_loss']:.4f}; "
-        f"{describe(scores, run.evaluate('teacher', *run.teacher))}")
+        f"{describe(scores, run.evaluate('teacher', *run.teacher))}; copy NLL {copy:.3f} (teacher "
+        f"{run.copy_nll('teacher', *run.teacher):.3f})")
     for when in ("before", "after"):
         p = extra.get(f"preferences_{when}")
         if p:
@@ -613,16 +640,18 @@ def write_run_report(run: Run, plan, records: list[dict]) -> Path:
 
     c, out, t_cfg = run.c, run.out, run.teacher[0]
     teacher_eval = run.evaluate("teacher", *run.teacher)
-    rows = [report.ReportRow("teacher", "teacher", t_cfg.n_layers, t_cfg.n_layers, None, None, teacher_eval)]
-    init = out / "eval" / "init.json"
+    rows = [report.ReportRow("teacher", "teacher", t_cfg.n_layers, t_cfg.n_layers, None, None, teacher_eval,
+                             copy_nll=run.copy_nll("teacher", *run.teacher))]
+    init, init_copy = out / "eval" / "init.json", out / "eval" / "init.copy.json"
     if init.exists() and plan:
         rows.append(report.ReportRow(f"{c.init}-initialised", "init", len(plan[0].attn_layers), t_cfg.n_layers,
-                                     None, None, json.loads(init.read_text())))
+                                     None, None, json.loads(init.read_text()), copy_nll=json.loads(
+                                         init_copy.read_text())["copy_nll"] if init_copy.exists() else None))
     plots, histories = [], {}
     for r in records:
         rows.append(report.ReportRow(r["name"], r["kind"], len(r["attn_layers"]), r["n_layers"], r["steps"],
                                      r["final_loss"], r["eval"], r["wall_s"], r.get("tokens_per_s"),
-                                     r.get("peak_bytes")))
+                                     r.get("peak_bytes"), r.get("copy_nll")))
         history = report.read_metrics(out / "stages" / r["name"] / "logs" / "metrics.jsonl")
         if history:
             histories[r["name"]] = history

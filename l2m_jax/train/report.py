@@ -116,6 +116,7 @@ class ReportRow:
     wall_s: float | None = None
     tokens_per_s: float | None = None   # median training throughput of the stage
     peak_bytes: int | None = None       # device memory high-water mark after the stage (GPUs)
+    copy_nll: float | None = None       # in-context recall: NLL on the second copy of repeated random tokens
 
     def ratio(self, text: str, teacher: "ReportRow") -> float:
         """Perplexity over the teacher's on one held-out text."""
@@ -133,7 +134,7 @@ def markdown_table(rows: Sequence[ReportRow]) -> str:
     head = ["model", "stage", "attention layers", "steps", "final loss"]
     for t in texts:
         head += [f"{t} ppl", f"{t} ppl / teacher", f"{t} top-1 agreement"]
-    head += ["tokens/s", "time (s)"]
+    head += ["copy NLL", "tokens/s", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.name, r.kind, f"{r.attn_layers}/{r.n_layers}", _fmt(r.steps, "d"), _fmt(r.final_loss, ".4f")]
@@ -142,7 +143,7 @@ def markdown_table(rows: Sequence[ReportRow]) -> str:
             agreement = e.get("agreement")
             cells += [f"{e['perplexity']:.3f}", f"{r.ratio(t, teacher):.3f}",
                       "–" if agreement is None else f"{100 * agreement:.1f}%"]
-        cells += [_fmt(r.tokens_per_s, ".0f"), _fmt(r.wall_s, ".0f")]
+        cells += [_fmt(r.copy_nll, ".3f"), _fmt(r.tokens_per_s, ".0f"), _fmt(r.wall_s, ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -178,7 +179,9 @@ def write_report(out_dir: str | os.PathLike, *, title: str, rows: Sequence[Repor
         parts += [f"- {n}" for n in notes] + [""]
     parts += ["## Evaluation", "",
               "Perplexity on held-out texts that no stage trains on; top-1 agreement is the fraction of their "
-              "positions where the model's most likely next token equals the teacher's.", "", markdown_table(rows), ""]
+              "positions where the model's most likely next token equals the teacher's. Copy NLL: the next-token "
+              "loss (nats) on the second copy of repeated random token ids, where only recalling the first copy "
+              "helps (`l2m_jax.eval.recall`; lower is better).", "", markdown_table(rows), ""]
     for section in sections:
         parts += [section, ""]
     if plots:

@@ -150,6 +150,9 @@ class FakeRun:
     def evaluate(self, name, cfg, params):
         return {}
 
+    def copy_nll(self, name, cfg, params):
+        return 0.0
+
 
 def tiny_config(**kw):
     kw.setdefault("stage0", Stage0Config(steps=2, batch_size=2))
@@ -312,6 +315,8 @@ def test_evaluation_compiled_ahead_is_not_compiled_again(tmp_path):
         scores, _ = recipe.evaluate(*models[1], run.texts, run.c.eval.window)
         assert set(scores) == {"text", "other"} and all(v["perplexity"] > 1 for v in scores.values())
         assert cache.count("jit__score") == (0, 1), "the evaluation compiled its forward again"
+        assert recipe.copy_nll(run.c, models[1]) > 0                  # the recall probe: 8 rows of the window
+        assert cache.count("jit__score") == (0, 1), "the recall probe compiled the forward again"
         recipe.evaluate(*models[2], run.texts, run.c.eval.window)      # 25%: another program, not ahead
         assert cache.count("jit__score") == (0, 2)
 
