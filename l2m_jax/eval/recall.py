@@ -13,8 +13,10 @@ made with these probes cannot see a held-out text.
     copy_loss(model)                                    mean next-token NLL over the second copy (nats)
     copy_loss_without(model)                            {layer: copy_loss with that layer's mixer output removed}
 
-    python -m l2m_jax.eval.recall --model NAME_OR_DIR [--rows 8] [--period 64] [--seed 0] [--top 4]
-prints both for any model `l2m_jax.load` reads (e.g. `smollm2`, or a run's `final/l2m`).
+    python -m l2m_jax.eval.recall --model NAME_OR_DIR [--rows 8] [--period 64] [--seed 0] [--top 4] [--ablate]
+prints the scores, the strongest induction layers and the copy loss (with --ablate, without each layer too) for
+any model `l2m_jax.load` reads (e.g. `smollm2`, or a run's `final/l2m`). The main job reports every stage's copy
+loss on 8 rows of its evaluation window (`recipe.run.copy_nll`).
 """
 from __future__ import annotations
 
