@@ -62,12 +62,12 @@ def _head_scores_fn(cfg: ModelConfig, period: int, back: int):
     return fn
 
 
-def _head_scores(model, back, rows, period, seed, per_head, who):
+def _head_scores(model, back: int, rows, period, seed, per_head, who):
     cfg, params = model
     if not any(m == "attention" for m in cfg.layer_mixers):
         raise ValueError(f"{who}: the model has no attention layer")
     tokens = jnp.asarray(repeated_tokens(cfg.vocab_size, rows, period, seed=seed))
-    heads = jax.device_get(_head_scores_fn(cfg, period, back(period))(params, tokens))
+    heads = jax.device_get(_head_scores_fn(cfg, period, back)(params, tokens))
     return {int(i): (np.asarray(h, np.float64) if per_head else float(np.max(h))) for i, h in sorted(heads.items())}
 
 
@@ -80,7 +80,7 @@ def induction_scores(model, *, rows: int = 8, period: int = 64, seed: int = 0, p
     head copies. 1 is a perfect induction head; a head spreading its weight evenly scores about 1/i. A layer's
     score is its strongest head's (per_head=True: the [H] array of every head's). Layers that are not attention
     have none."""
-    return _head_scores(model, lambda p: p - 1, rows, period, seed, per_head, "induction_scores")
+    return _head_scores(model, period - 1, rows, period, seed, per_head, "induction_scores")
 
 
 def previous_token_scores(model, *, rows: int = 8, period: int = 64, seed: int = 0, per_head: bool = False
@@ -88,7 +88,7 @@ def previous_token_scores(model, *, rows: int = 8, period: int = 64, seed: int =
     """{attention layer: previous-token score}: as `induction_scores`, on position i - 1 instead. A previous-token
     head is the first half of an induction circuit: it writes which token came before, which an induction head
     in a later layer then looks up."""
-    return _head_scores(model, lambda p: 1, rows, period, seed, per_head, "previous_token_scores")
+    return _head_scores(model, 1, rows, period, seed, per_head, "previous_token_scores")
 
 
 def top_induction_layers(scores: dict[int, float], k: int) -> list[int]:

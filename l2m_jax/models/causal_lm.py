@@ -171,33 +171,36 @@ class CausalLM(nnx.Module):
         its mixers differ at some layers): sel is an int32 scalar, traced, so one compiled program serves every
         choice of layer (lax.cond runs one mixer per layer at run time). A sel at which the two models' mixers
         do not differ leaves this model as it is."""
-        ctx = self._context(tokens, None, mask, "xla")
-        x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            other = donor.layers[i].mixer
+        def swapped(i, own):
             if donor.cfg.layer_mixers[i] == self.cfg.layer_mixers[i]:
-                x = layer(x, ctx, None)[0]
-                continue
-
-            def mixer(u, ctx, cache, i=i, own=layer.mixer, other=other):
-                h = jax.lax.cond(sel == i, lambda u: other(u, ctx, None)[0], lambda u: own(u, ctx, None)[0], u)
-                return h, cache
-
-            x = layer.forward_io(x, ctx, None, mixer=mixer)[0]
-        return self.final_norm(x)
+                return None
+            other = donor.layers[i].mixer
+            return lambda u, ctx: jax.lax.cond(sel == i, lambda u: other(u, ctx, None)[0],
+                                               lambda u: own(u, ctx, None)[0], u)
+        return self._hidden_replacing(tokens, swapped, mask)
 
     def ablated_hidden(self, tokens, sel, *, mask=None):
         """Final hidden states [B, L, D] with layer `sel`'s mixer output removed (the block keeps its residual
         and MLP): sel is an int32 scalar, traced, so one compiled program serves every layer; a sel that names
         no layer (e.g. -1) removes nothing."""
+        def removed(i, own):
+            def mix(u, ctx):
+                h = own(u, ctx, None)[0]
+                return jnp.where(sel == i, jnp.zeros_like(h), h)
+            return mix
+        return self._hidden_replacing(tokens, removed, mask)
+
+    def _hidden_replacing(self, tokens, replace, mask):
+        """A full-sequence forward to the final hidden states in which layer i's mixer output is
+        replace(i, own mixer)(u, ctx), where that returns a function (None: the layer runs as it is)."""
         ctx = self._context(tokens, None, mask, "xla")
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            def mixer(u, ctx, cache, i=i, own=layer.mixer):
-                h = own(u, ctx, None)[0]
-                return jnp.where(sel == i, jnp.zeros_like(h), h), cache
-
-            x = layer.forward_io(x, ctx, None, mixer=mixer)[0]
+            mix = replace(i, layer.mixer)
+            if mix is None:
+                x = layer(x, ctx, None)[0]
+            else:
+                x = layer.forward_io(x, ctx, None, mixer=lambda u, ctx, cache, mix=mix: (mix(u, ctx), cache))[0]
         return self.final_norm(x)
 
     def apply_mixer(self, i: int, u, *, mask=None):

@@ -257,6 +257,7 @@ def layer_order(run: Run) -> list[int] | None:
     it, then ranks the layers by its per-layer error ("aligned": `train.align.layer_nmse`) or by the output KL
     of each layer converted alone ("aligned_kl": `train.align.layer_kl`), on the first 128 stage-1 rows
     (`conversion_order`); kept in out/layer_order.json and in the report's data notes."""
+    from l2m_jax.eval.recall import induction_scores
     from l2m_jax.train.align import LAYER_SCORES, conversion_order
     from l2m_jax.train.stages import PlannedStage
 
@@ -271,7 +272,7 @@ def layer_order(run: Run) -> list[int] | None:
     done = run.out / "stages" / ALIGN_ALL / "done.json"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # the teacher's induction scores (a compile and one small forward) while align-all runs
-        probe = pool.submit(teacher_induction, run.teacher) if c.stage1.keep_induction else None
+        probe = pool.submit(induction_scores, run.teacher) if c.stage1.keep_induction else None
         if not done.exists():
             say(f"{ALIGN_ALL}: stage 0 with all {n_layers} layers converted, to rank them "
                 "(stage1.layer_order=aligned)")
@@ -293,25 +294,18 @@ def layer_order(run: Run) -> list[int] | None:
     return order
 
 
-def teacher_induction(teacher) -> dict[int, float]:
-    """The teacher's induction score per layer (`eval.recall.induction_scores` at its defaults)."""
-    from l2m_jax.eval.recall import induction_scores
-
-    return induction_scores(teacher)
-
-
 def keep_induction(c, teacher, ranked: list[int], scores: dict[int, float] | None = None
                    ) -> tuple[list[int], dict]:
     """(conversion order, what to record): `ranked` with the teacher's stage1.keep_induction layers of strongest
-    induction heads (`scores`, else `teacher_induction`) converted last, the strongest last; `ranked` itself
+    induction heads (`scores`, else `eval.recall.induction_scores`) converted last, the strongest last; `ranked` itself
     when 0."""
-    from l2m_jax.eval.recall import top_induction_layers
+    from l2m_jax.eval.recall import induction_scores, top_induction_layers
     from l2m_jax.train.align import keep_last
 
     k = int(c.stage1.keep_induction)
     if not k:
         return list(ranked), {}
-    scores = teacher_induction(teacher) if scores is None else scores
+    scores = induction_scores(teacher) if scores is None else scores
     if k > len(scores):
         raise UsageError(f"stage1.keep_induction={k}, but the teacher has {len(scores)} attention layers")
     top = top_induction_layers(scores, k)
