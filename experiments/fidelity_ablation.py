@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     def recipe_arm(name: str, rounds: list[str], dotlist: list[str]) -> None:
         cv = OmegaConf.merge(c, {"stage1": {"steps": a.steps}, "stage0": {"steps": a.stage0_steps},
                                  "data": {"text": a.text}}, OmegaConf.from_dotlist(dotlist))
-        key = (tuple(cv.data.text), tuple(sorted(cv.data.mix.items())), cv.data.seq_len)
+        key = (tuple(cv.data.text), tuple(sorted(cv.data.mix.items())), cv.data.seq_len, cv.data.repeat_period)
         if key not in built:
             built[key] = distill_rows(cv, rows, run.tok)
         rows_ = built[key]

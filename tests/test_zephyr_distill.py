@@ -232,6 +232,21 @@ def test_stage1_text_drops_a_document_with_a_13_token_heldout_span(tmp_path):
     assert "~" in tok.decode(kept["tokens"].reshape(-1))
 
 
+def test_stage1_repeat_source_mixes_copied_spans_of_the_text(tmp_path):
+    from l2m_jax.recipe.data import byte_chatml_tokenizer, distill_rows
+
+    tok = byte_chatml_tokenizer()
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a plain text file.\n" for i in range(200)))
+    text_only = distill_rows(_config(text=[str(tmp_path)], mix={"chat": 0.0, "text": 1.0}), [], tok)
+    got = distill_rows(_config(text=[str(tmp_path)], mix={"chat": 0.0, "text": 1.0, "repeat": 1.0},
+                               repeat_period=12), [], tok)
+    t = got["tokens"]
+    copied = (t[:, 12:] == t[:, :-12]).all(axis=1)
+    assert 0 < copied.sum() < len(t)                  # both sources, repeat rows copy with period 12
+    spans = {tuple(r[:12]) for r in text_only["tokens"]}
+    assert all(tuple(r[:12]) in spans for r in t[copied]) and got["loss_mask"].all()
+
+
 def test_sft_and_dpo_conversations_with_a_heldout_span_are_dropped():
     from l2m_jax.assets import heldout_texts
     from l2m_jax.recipe.data import byte_chatml_tokenizer, preference_rows, sft_rows
@@ -284,6 +299,19 @@ def test_check_config_accepts_prose_and_checks_decontaminate():
     for bad in (3, -1, True):
         with pytest.raises(UsageError, match=f"data.decontaminate={bad!r} must be an n-gram length >= 4"):
             check_config(_config(decontaminate=bad))
+
+
+def test_check_config_repeat_source_needs_text_and_a_period_inside_the_row():
+    from l2m_jax.recipe import UsageError, check_config
+
+    check_config(_config(text=["prose"], mix={"chat": 1.0, "repeat": 1.0}, repeat_period=16))
+    with pytest.raises(UsageError, match="data.mix.repeat repeats spans of data.text, which names no source"):
+        check_config(_config(mix={"chat": 1.0, "repeat": 1.0}))
+    for bad in (0, 32, 1.5):
+        with pytest.raises(UsageError, match=f"data.repeat_period={bad!r} must be an integer in"):
+            check_config(_config(text=["prose"], mix={"chat": 1.0, "repeat": 1.0}, repeat_period=bad))
+    with pytest.raises(UsageError, match="unknown sources \\['copy'\\]"):
+        check_config(_config(mix={"chat": 1.0, "copy": 1.0}))
 
 
 def test_round_steps_give_each_stage1_round_its_own_steps():

@@ -15,7 +15,8 @@ is distillation on raw text, there is no prompt to mask.
 
 `text_rows` packs the token stream into rows of exactly `seq_len` real tokens (no padding anywhere: the
 incomplete last row is dropped); `segment_ids` number the documents within each row and the EOS token marks
-where one ends. `mix_rows` mixes the rows of several sources by weight. `ngram_overlap` finds the token
+where one ends. `repeat_rows` makes rows that repeat a span of text, so the teacher's copying (its induction
+heads) has something to be distilled from. `mix_rows` mixes the rows of several sources by weight. `ngram_overlap` finds the token
 sequences that share an n-token span with reference texts (decontamination against held-out evaluation text).
 """
 from __future__ import annotations
@@ -32,8 +33,8 @@ import numpy as np
 from l2m_jax.data.chat import DataError
 from l2m_jax.data.packing import PackStats, pack_sequences
 
-__all__ = ["MAX_DOC_CHARS", "read_documents", "split_paragraphs", "tokenize_documents", "text_rows", "mix_rows",
-           "ngram_overlap"]
+__all__ = ["MAX_DOC_CHARS", "read_documents", "split_paragraphs", "tokenize_documents", "text_rows", "repeat_rows",
+           "mix_rows", "ngram_overlap"]
 
 MAX_DOC_CHARS = 20_000          # documents cut from a long .txt file are at most this long (when possible)
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -272,6 +273,29 @@ def text_rows(tokenizer, specs: "str | os.PathLike[str] | Iterable[str | os.Path
     if max_tokens is not None and total > max_tokens:   # what the cut left out counts as dropped
         stats = dataclasses.replace(stats, dropped_tokens=total - stats.tokens)
     return arrays, stats
+
+
+def repeat_rows(rows: Mapping[str, np.ndarray], period: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows that copy text: the first `period` tokens of each row of `rows`, tiled to the row length.
+
+    `rows` holds "tokens" [N, L] (e.g. `text_rows`' arrays); the rows are taken in a permutation drawn with
+    `seed`, and row i of the result is tokens[perm[i], :period] repeated ceil(L / period) times and cut to L.
+    From the second copy on, every next token is in the context `period` positions back, so the teacher
+    predicts it by copying; a student distilled on these rows learns to copy as its teacher does. Every
+    position is a target. Returns {"tokens" int32 [N, L], "loss_mask" bool [N, L] (all true)}.
+    """
+    tokens = np.asarray(rows["tokens"])
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise DataError(f"repeat_rows: tokens must be a non-empty [N, L] array, got shape {tokens.shape}")
+    n, length = tokens.shape
+    if isinstance(period, bool) or not isinstance(period, (int, np.integer)) or not 0 < period < length:
+        raise DataError(f"repeat_rows: period={period!r} must be an integer in [1, {length - 1}] (the row length "
+                        f"is {length}), so that a row holds a span and at least part of its copy; e.g. "
+                        f"period={length // 2}")
+    order = np.random.default_rng(seed).permutation(n)
+    span = tokens[order, :period]
+    tiled = np.tile(span, (1, -(-length // period)))[:, :length]
+    return {"tokens": tiled.astype(np.int32), "loss_mask": np.ones((n, length), bool)}
 
 
 # ------------------------------------------------------------------------------------------------- mixing

@@ -64,6 +64,9 @@ class DataConfig:
     text: List[str] = field(default_factory=list)
     text_max_tokens: Optional[int] = None
     mix: Dict[str, float] = field(default_factory=lambda: {"chat": 1.0, "text": 1.0})   # stage-0/1 row weights
+    # mix.repeat > 0: rows of data.text whose first repeat_period tokens are tiled (data.text.repeat_rows), so
+    # the teacher's copying is distilled too (null: seq_len // 2, two copies per row)
+    repeat_period: Optional[int] = None
     # drop text / conversations sharing an n-token span with a held-out text (13 BPE tokens ~ 10 words; a
     # byte-level tokenizer needs a larger n, e.g. 64, or it drops most English text)
     decontaminate: Optional[int] = 13
@@ -302,9 +305,17 @@ def check_config(c) -> None:
     for key, needed in (("sft", bool(c.sft.attn_fractions)), ("preferences", c.dpo.enabled)):
         if needed and not getattr(c.data, key):
             problems.append(f"data.{key} is empty; name at least one source")
-    unknown_mix = sorted(set(c.data.mix) - {"chat", "text"})
+    unknown_mix = sorted(set(c.data.mix) - {"chat", "text", "repeat"})
     if unknown_mix:
-        problems.append(f"data.mix has unknown sources {unknown_mix}; the stage-1 sources are 'chat' and 'text'")
+        problems.append(f"data.mix has unknown sources {unknown_mix}; the stage-1 sources are 'chat', 'text' and "
+                        "'repeat'")
+    if c.data.mix.get("repeat", 0) > 0 and not c.data.text:
+        problems.append("data.mix.repeat repeats spans of data.text, which names no source; add one (e.g. "
+                        "data.text=[prose]) or set data.mix.repeat=0")
+    p = c.data.repeat_period
+    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 0 < p < c.data.seq_len):
+        problems.append(f"data.repeat_period={p!r} must be an integer in [1, seq_len - 1 = {c.data.seq_len - 1}] "
+                        "(or null for seq_len // 2)")
     weights = [float(w) for w in c.data.mix.values()]
     if any(not w >= 0 for w in weights) or not any(w > 0 for w in weights):
         problems.append(f"data.mix={dict(c.data.mix)}: weights must be >= 0 and not all zero, e.g. "

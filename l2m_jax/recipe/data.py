@@ -323,7 +323,7 @@ def distill_rows(c, rows: list[dict], tok, notes: dict | None = None) -> dict:
     data.text's entry `prose` is `ensure_prose()`'s files; when they cannot be fetched the run goes on without
     them (`text_specs`). Conversations and documents overlapping a held-out text are dropped (`heldout_filter`).
     """
-    from l2m_jax.data.text import mix_rows, text_rows
+    from l2m_jax.data.text import mix_rows, repeat_rows, text_rows
 
     pad_id, eos_id = special_ids(tok)
     keep = heldout_filter(c, tok, notes)
@@ -333,13 +333,20 @@ def distill_rows(c, rows: list[dict], tok, notes: dict | None = None) -> dict:
         if keep:
             examples = _kept(examples, keep("stage-1 chat conversations", [ids for ids, _ in examples]))
         sources["chat"] = _rows(c, "stage-1 chat", examples, pad_id)
-    specs = text_specs(c, notes) if c.data.text and c.data.mix.get("text", 0) > 0 else []
+    wants_text = c.data.mix.get("text", 0) > 0 or c.data.mix.get("repeat", 0) > 0
+    specs = text_specs(c, notes) if c.data.text and wants_text else []
     if specs:
         doc_filter = (lambda docs: keep("stage-1 text documents", docs)) if keep else None
         arrays, stats = text_rows(tok, specs, c.data.seq_len, eos_id=eos_id, pad_id=pad_id,
                                   max_tokens=c.data.text_max_tokens, seed=c.seed, doc_filter=doc_filter)
         say(f"stage-1 text data ({', '.join(specs)}): {stats.summary()}")
-        sources["text"] = {k: arrays[k] for k in ("tokens", "loss_mask")}
+        text = {k: arrays[k] for k in ("tokens", "loss_mask")}
+        if c.data.mix.get("text", 0) > 0:
+            sources["text"] = text
+        if c.data.mix.get("repeat", 0) > 0:
+            period = c.data.repeat_period or c.data.seq_len // 2
+            sources["repeat"] = repeat_rows(text, period, seed=c.seed + 1)
+            say(f"stage-1 repeat data: {len(text['tokens'])} rows, each a {period}-token span of the text repeated")
     if not sources:
         raise UsageError(f"stage 1 has no data: data.mix={dict(c.data.mix)} weighs only text, and data.text "
                          f"{list(c.data.text)} gave none; run `python -m experiments.fetch_texts --out DIR` and "

@@ -7,7 +7,7 @@ import pytest
 
 from l2m_jax.recipe.data import byte_chatml_tokenizer
 from l2m_jax.data.chat import DataError
-from l2m_jax.data.text import (mix_rows, ngram_overlap, read_documents, split_paragraphs, text_rows,
+from l2m_jax.data.text import (mix_rows, repeat_rows, ngram_overlap, read_documents, split_paragraphs, text_rows,
                                tokenize_documents)
 
 EOS, PAD = 2, 0
@@ -298,3 +298,21 @@ def test_mix_rows_bad_sources():
         mix_rows({"a": _source(4), "b": {"tokens": np.zeros((4, 8), np.int32)}}, {"a": 1, "b": 1})
     with pytest.raises(DataError, match="rows=0 must be a positive integer"):
         mix_rows({"a": _source(4)}, {"a": 1}, rows=0)
+
+
+def test_repeat_rows_tiles_a_span_of_each_row():
+    tokens = np.arange(5 * 10, dtype=np.int32).reshape(5, 10)
+    got = repeat_rows({"tokens": tokens}, 4, seed=3)
+    order = np.random.default_rng(3).permutation(5)
+    for i, j in enumerate(order):
+        span = tokens[j, :4]
+        np.testing.assert_array_equal(got["tokens"][i], np.concatenate([span, span, span[:2]]))
+    assert got["tokens"].dtype == np.int32 and got["loss_mask"].all() and got["loss_mask"].shape == (5, 10)
+    # each row is its own first `period` tokens shifted by `period` from there on
+    np.testing.assert_array_equal(got["tokens"][:, 4:], got["tokens"][:, :-4])
+
+
+@pytest.mark.parametrize("period", [0, 10, 2.5, True])
+def test_repeat_rows_bad_period(period):
+    with pytest.raises(DataError, match="period"):
+        repeat_rows({"tokens": np.zeros((2, 10), np.int32)}, period)
