@@ -152,8 +152,18 @@ def _table(ks, before, after, steps_label: str) -> str:
         b = before[k] if before else {"acceptance_rate": float("nan"), "tokens_per_call": float("nan"),
                                       "greedy_match": f["greedy_match"]}
         lines.append(f"| {k} | {b['acceptance_rate']:.3f} | {f['acceptance_rate']:.3f} | {b['tokens_per_call']:.2f} "
-                     f"| {f['tokens_per_call']:.2f} | {100 * min(b['greedy_match'], f['greedy_match']):.0f}% |")
+                     f"| {f['tokens_per_call']:.2f} | {_match_cell(b, f)} |")
     return "\n".join(lines)
+
+
+def _match_cell(*measures) -> str:
+    """The share of prompts decoded exactly as plain greedy decoding (the lower of before / after), and where
+    any row parts from it, the largest logit gap at which one does (`recipe.draft.divergence_gaps`)."""
+    cell = f"{100 * min(m['greedy_match'] for m in measures):.0f}%"
+    gaps = [g for m in measures for g in m.get("divergence_gaps", [])]
+    if gaps:
+        cell += f" ({len(gaps)} rows part at logit gaps <= {max(gaps):.2g})"
+    return cell
 
 
 def _speed_table(ks, speed) -> str:

@@ -104,6 +104,27 @@ def test_acceptance_is_a_rate_and_speculative_equals_greedy(setup):
         assert 0.0 <= row["acceptance_rate"] <= 1.0
         assert 1.0 <= row["tokens_per_call"] <= k + 1
         assert row["greedy_match"] == 1.0 and row["target_calls"] >= 1
+        assert row["divergence_gaps"] == []
+
+
+def test_divergence_gaps_are_the_targets_logit_gap_where_two_outputs_part(setup):
+    from l2m_jax.infer.generate import generate
+    from l2m_jax.recipe.draft import divergence_gaps
+
+    _, teacher, _, _, prompts = setup
+    prompts = [prompts[0], prompts[-1]]
+    greedy = generate(*teacher, prompts, 5)
+    other = [list(g) for g in greedy]
+    p, ref = prompts[1], list(greedy[1])
+    logits = np.asarray(l2m_jax.forward(*teacher, np.asarray([list(p) + ref[:2]], np.int32))[0][0, -1], np.float64)
+    runner_up = int(np.argsort(-logits)[1])
+    other[1] = ref[:2] + [runner_up, 0, 0]          # parts from greedy at its third token
+    other[0] = list(greedy[0])[:3]                   # stops early: no choice between two tokens
+    gaps = divergence_gaps(teacher, prompts, greedy, other)
+    assert len(gaps) == 2 and gaps[0] == float("inf")
+    np.testing.assert_allclose(gaps[1], logits[ref[2]] - logits[runner_up], rtol=1e-4, atol=1e-5)
+    assert gaps[1] >= 0
+    assert divergence_gaps(teacher, prompts, greedy, greedy) == []
 
 
 def test_decode_speed_times_plain_and_speculative_per_batch_size(setup):

@@ -101,6 +101,16 @@ def test_report_json_holds_the_tables_numbers(first_run):
     teacher = models["teacher"]["evals"]["persuasion"]["perplexity"]
     dpo = models["dpo-mamba50"]
     assert dpo["ratio"]["persuasion"] == pytest.approx(dpo["evals"]["persuasion"]["perplexity"] / teacher)
+    # the ratio by context length: exp(student NLL - teacher NLL) per group of the 64-token window
+    t_nll, d_nll = models["teacher"]["evals"]["kjv-john"]["context_nll"], dpo["evals"]["kjv-john"]["context_nll"]
+    assert list(t_nll) == ["1-15", "16-63"] and set(dpo["context_ratio"]["kjv-john"]) == set(t_nll)
+    for g in t_nll:
+        assert dpo["context_ratio"]["kjv-john"][g] == pytest.approx(np.exp(d_nll[g] - t_nll[g]))
+    md = (out / "report.md").read_text()
+    section = md[md.index("## Perplexity ratio by context length"):]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| dpo-mamba50 |"))
+    assert f"| {dpo['context_ratio']['persuasion']['1-15']:.3f} |" in line
+    assert models["teacher"]["context_ratio"]["persuasion"] == {"1-15": 1.0, "16-63": 1.0}
     assert set(report["dpo"]) == {"preferences_before", "preferences_after"}
     assert 0 <= report["dpo"]["preferences_after"]["reward_accuracy"] <= 1
     dec = report["data"]["decontamination"]                      # data.decontaminate=13 by default

@@ -1,13 +1,17 @@
 """Perplexity and top-1 predictions of several held-out texts from one compiled forward pass.
 
     scores = score_texts(cfg, params, {"persuasion": ids_a, "kjv-john": ids_b}, window=256)
-    scores["persuasion"] -> {"tokens": 1624, "perplexity": 61.2, "top1": int32 [rows, W]}
+    scores["persuasion"] -> {"tokens": 1624, "perplexity": 61.2, "top1": int32 [rows, W],
+                             "context_nll": {"1-15": 4.6, "16-63": 4.2, "64-127": 4.0, "128-255": 3.9}}
 
 The same numbers as `perplexity.perplexity` (windows of `window` tokens overlapping by one, each token after
 the first scored once with the context of its own window) and `agreement.top1_predictions` on the text cut into
 disjoint rows of `window` tokens, but every window of every text goes through the model in fixed-size batches
 of one padded shape: one compilation per model instead of one per call shape, and one launch per batch instead
 of one per window. Padding sits after each window's real tokens, so causality keeps it from changing them.
+"context_nll" is the mean NLL of the scored tokens grouped by how many tokens of their window precede them
+(`CONTEXT_EDGES`): a student's per-group NLL minus its teacher's tells whether it loses most where the context is
+short (modelling the text itself) or long (using what came before).
 """
 from __future__ import annotations
 
@@ -21,7 +25,16 @@ from ..config import ModelConfig
 from ..models import forward, shape_structs
 from ..ops import keyed_jit
 
-__all__ = ["score_texts", "score_batch_shape", "precompile_score"]
+__all__ = ["CONTEXT_EDGES", "score_texts", "score_batch_shape", "precompile_score", "context_groups"]
+
+CONTEXT_EDGES = (1, 16, 64, 128)   # groups of context length [1, 16), [16, 64), [64, 128), [128, window)
+
+
+def context_groups(window: int) -> list[tuple[str, int, int]]:
+    """(label, first, last) context lengths of the `CONTEXT_EDGES` groups that a window of `window` tokens has:
+    a scored token at index j of its window has j tokens of context, 1 <= j <= window - 1."""
+    edges = [e for e in CONTEXT_EDGES if e < window] + [window]
+    return [(f"{a}-{b - 1}", a, b - 1) for a, b in zip(edges, edges[1:])]
 
 
 @keyed_jit(static_argnums=0)
@@ -79,10 +92,16 @@ def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: 
     nll, top1 = np.concatenate(nll), np.concatenate(top1)
     out, i = {}, 0
     for name, (w, ppl_windows, rows) in plans.items():
-        total = sum(float(np.sum(nll[i + j, :c.size - 1])) for j, c in enumerate(ppl_windows))
-        scored = sum(c.size - 1 for c in ppl_windows)
+        sums, counts = np.zeros(w - 1), np.zeros(w - 1)      # by context length - 1
+        for j, c in enumerate(ppl_windows):
+            sums[:c.size - 1] += nll[i + j, :c.size - 1]
+            counts[:c.size - 1] += 1
+        scored = int(counts.sum())
         i += len(ppl_windows)
-        out[name] = {"tokens": scored, "perplexity": math.exp(total / scored), "top1": top1[i:i + len(rows), :w]}
+        by_context = {label: float(sums[a - 1:b].sum() / counts[a - 1:b].sum())
+                      for label, a, b in context_groups(w) if counts[a - 1:b].sum()}
+        out[name] = {"tokens": scored, "perplexity": math.exp(sums.sum() / scored), "top1": top1[i:i + len(rows), :w],
+                     "context_nll": by_context}
         i += len(rows)
     return out
 

@@ -215,7 +215,9 @@ def acceptance(target, draft, prompts, ks: Sequence[int] = (2, 4, 6, 8), max_new
     call and row), "target_calls", "seconds" (wall clock, compilation included unless JAX's persistent
     compilation cache is on: then every K's program is compiled first, all at once in threads,
     `infer.speculative.precompile_speculative`), "greedy_match" (the share of prompts whose output equals the
-    target's plain greedy decoding: 1.0 unless something is wrong).
+    target's plain greedy decoding), "divergence_gaps" (for each prompt whose output differs, the target's logit
+    gap between the two tokens where they part, `divergence_gaps`: near 0 when float rounding broke a near tie,
+    as the verifier's batched, padded shapes round differently from plain decoding's; a large gap is an error).
     Every K is checked against both models' contexts before anything runs (`check_speculative_fits`).
     """
     from l2m_jax.infer.generate import generate
@@ -252,11 +254,36 @@ def acceptance(target, draft, prompts, ks: Sequence[int] = (2, 4, 6, 8), max_new
         rate = acc / max(drafted, 1)
         table[k] = {"acceptance_rate": rate, "tokens_per_call": 1 + k * rate, "target_calls": calls,
                     "seconds": time.perf_counter() - t0,
-                    "greedy_match": float(np.mean([a == g for a, g in zip(out, greedy)]))}
+                    "greedy_match": float(np.mean([list(a) == list(g) for a, g in zip(out, greedy)])),
+                    "divergence_gaps": divergence_gaps(target, prompts, greedy, out)}
         if say:
             say(f"K={k}: acceptance {rate:.3f}, {1 + k * rate:.2f} tokens per target call, {calls} target calls, "
                 f"{table[k]['seconds']:.0f}s (compilation included)")
     return table
+
+
+def divergence_gaps(target, prompts, reference, outputs) -> list[float]:
+    """For every prompt whose `outputs` row differs from its `reference` row (token-id lists), the target's
+    logit of the reference token minus that of the output token at the first position where they differ,
+    computed by one full forward pass over the prompt and the shared prefix; inf where one row merely stops
+    early (an EOS or length difference, not a choice between two tokens)."""
+    import jax.numpy as jnp
+
+    from l2m_jax import forward
+
+    cfg, params = target
+    gaps = []
+    for p, ref, got in zip(prompts, reference, outputs):
+        ref, got = list(ref), list(got)
+        if ref == got:
+            continue
+        i = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+        if i is None:
+            gaps.append(float("inf"))
+            continue
+        logits = forward(cfg, params, jnp.asarray([list(p) + ref[:i]], jnp.int32))[0][0, -1].astype(jnp.float32)
+        gaps.append(float(logits[ref[i]] - logits[got[i]]))
+    return gaps
 
 
 def decode_speed(target, draft, prompts, ks: Sequence[int] = (4,), max_new_tokens: int = 48, *,

@@ -103,6 +103,16 @@ def plot_overview(histories: dict[str, Sequence[dict[str, float]]], path: str | 
     fig.savefig(path, dpi=100)
 
 
+def context_ratio(evaluation: dict, teacher: dict) -> dict[str, float] | None:
+    """{context-length group: perplexity over the teacher's} from two evaluations of one text with
+    "context_nll" (`eval.heldout.score_texts`); None where either lacks it (one kept from before it was
+    recorded)."""
+    mine, theirs = evaluation.get("context_nll"), teacher.get("context_nll")
+    if not mine or not theirs:
+        return None
+    return {g: math.exp(mine[g] - theirs[g]) for g in theirs if g in mine}
+
+
 @dataclasses.dataclass(frozen=True)
 class ReportRow:
     """One model in the evaluation table."""
@@ -121,6 +131,10 @@ class ReportRow:
     def ratio(self, text: str, teacher: "ReportRow") -> float:
         """Perplexity over the teacher's on one held-out text."""
         return self.evals[text]["perplexity"] / teacher.evals[text]["perplexity"]
+
+    def context_ratio(self, text: str, teacher: "ReportRow") -> dict[str, float] | None:
+        """{context-length group: perplexity over the teacher's} on one held-out text (`context_ratio`)."""
+        return context_ratio(self.evals[text], teacher.evals[text])
 
 
 def _fmt(value, spec: str) -> str:
@@ -148,6 +162,28 @@ def markdown_table(rows: Sequence[ReportRow]) -> str:
     return "\n".join(lines)
 
 
+def context_table(rows: Sequence[ReportRow]) -> str:
+    """A markdown section: each model's perplexity ratio to the teacher by context length within the evaluation
+    window (`eval.heldout.CONTEXT_EDGES`), per held-out text; "" when no evaluation recorded it."""
+    teacher = rows[0]
+    texts = [t for t in teacher.evals if teacher.evals[t].get("context_nll")]
+    if not texts:
+        return ""
+    groups = {t: list(teacher.evals[t]["context_nll"]) for t in texts}
+    head = ["model"] + [f"{t} {g}" for t in texts for g in groups[t]]
+    lines = ["## Perplexity ratio by context length", "",
+             "Each held-out token's context is the tokens before it in its evaluation window; a ratio that grows "
+             "with the context means the model loses most in using what came before.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows[1:]:
+        cells = [r.name]
+        for t in texts:
+            ratios = r.context_ratio(t, teacher) or {}
+            cells += [_fmt(ratios.get(g), ".3f") for g in groups[t]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report_json(rows: Sequence[ReportRow], **extra) -> dict:
     """Every number of the table (ratios included) as plain JSON, plus `extra` sections."""
     teacher = rows[0]
@@ -155,6 +191,7 @@ def report_json(rows: Sequence[ReportRow], **extra) -> dict:
     for r in rows:
         d = dataclasses.asdict(r)
         d["ratio"] = {t: r.ratio(t, teacher) for t in r.evals}
+        d["context_ratio"] = {t: r.context_ratio(t, teacher) for t in r.evals}
         models.append(d)
     return {"models": models, **extra}
 

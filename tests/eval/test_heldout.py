@@ -6,8 +6,8 @@ import pytest
 
 import l2m_jax
 from l2m_jax.eval.agreement import top1_predictions
-from l2m_jax.eval.heldout import score_texts
-from l2m_jax.eval.perplexity import perplexity
+from l2m_jax.eval.heldout import context_groups, score_texts
+from l2m_jax.eval.perplexity import _window_nll, perplexity
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +46,21 @@ def test_window_is_clamped_to_the_context_and_bad_input_is_named(model):
         score_texts(cfg, params, {"t": ids}, window=1)
     with pytest.raises(ValueError, match="at least 2 ids"):
         score_texts(cfg, params, {"one": np.array([5], np.int32)}, window=32)
+
+
+def test_context_nll_groups_every_scored_token_by_its_context_length(model):
+    cfg, params = model
+    ids = np.random.default_rng(1).integers(0, 97, 150).astype(np.int32)
+    w = 40
+    got = score_texts(cfg, params, {"t": ids}, window=w, batch_rows=4)["t"]["context_nll"]
+    assert context_groups(w) == [("1-15", 1, 15), ("16-39", 16, 39)]
+    assert context_groups(200)[-1] == ("128-199", 128, 199) and context_groups(10) == [("1-9", 1, 9)]
+    by_len = {}
+    for s in range(0, ids.size - 1, w - 1):          # the windows `perplexity` scores, token by token
+        window = ids[s:s + w]
+        nll = np.asarray(_window_nll(cfg, params, window[None], window.size))[:window.size - 1]
+        for j, v in enumerate(nll, 1):
+            by_len.setdefault(j, []).append(v)
+    for label, a, b in context_groups(w):
+        values = [v for j in range(a, b + 1) for v in by_len.get(j, [])]
+        np.testing.assert_allclose(got[label], np.mean(values), rtol=1e-5)
