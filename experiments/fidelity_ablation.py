@@ -169,9 +169,10 @@ def main(argv=None) -> int:
     def recipe_arm(name: str, rounds: list[str], dotlist: list[str]) -> None:
         cv = OmegaConf.merge(c, {"stage1": {"steps": a.steps}, "stage0": {"steps": a.stage0_steps},
                                  "data": {"text": a.text}}, OmegaConf.from_dotlist(dotlist))
-        key = (tuple(cv.data.text), tuple(sorted(cv.data.mix.items())), cv.data.seq_len, cv.data.repeat_period)
+        key = (tuple(cv.data.text), tuple(sorted(cv.data.mix.items())), cv.data.seq_len, cv.data.repeat_period,
+               cv.data.teacher_text_rows, cv.data.teacher_text_prefix)
         if key not in built:
-            built[key] = distill_rows(cv, rows, run.tok)
+            built[key] = distill_rows(cv, rows, run.tok, teacher=run.teacher, out=Path(a.out))
         rows_ = built[key]
         cached = bool(cv.stage1.teacher_cache)      # the teacher's hidden states of the rows, once per data and dtype
         if cached and (key, cv.compute_dtype) not in built:

@@ -235,7 +235,7 @@ def run(a, overrides: list[str]) -> dict:
         train_rows, prompts = split_heldout(rows, a.heldout_every)
         say(f"draft data: {len(train_rows)} of {len(rows)} conversations train the draft; {len(prompts)} held-out "
             "prompts")
-        data = distill_rows(c, train_rows, tok)
+        data = distill_rows(c, train_rows, tok, teacher=teacher, out=run_dir)
         source = "the recipe's stage-1 rows"
     prompts = prompts[:a.eval_prompts]
 

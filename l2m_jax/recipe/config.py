@@ -55,6 +55,9 @@ class SynthConfig:
     require_end_of_turn: bool = True
 
 
+MIX_SOURCES = ("chat", "text", "repeat", "teacher_text")     # the stage-0/1 row sources data.mix weighs
+
+
 @dataclasses.dataclass
 class DataConfig:
     prompts: List[str] = field(default_factory=lambda: ["chatterbot"])   # seed prompts: or l2m_jax.data.sources specs
@@ -67,6 +70,11 @@ class DataConfig:
     # mix.repeat > 0: rows of data.text whose first repeat_period tokens are tiled (data.text.repeat_rows), so
     # the teacher's copying is distilled too (null: seq_len // 2, two copies per row)
     repeat_period: Optional[int] = None
+    # mix.teacher_text > 0: teacher_text_rows rows the teacher writes (l2m_jax.data.teacher_text), each opening
+    # with the first teacher_text_prefix tokens of a data.text row (0: from the start token alone), sampled with
+    # synth.temperature / synth.top_p; kept in out/teacher_text
+    teacher_text_rows: int = 2048
+    teacher_text_prefix: int = 16
     # drop text / conversations sharing an n-token span with a held-out text (13 BPE tokens ~ 10 words; a
     # byte-level tokenizer needs a larger n, e.g. 64, or it drops most English text)
     decontaminate: Optional[int] = 13
@@ -305,10 +313,20 @@ def check_config(c) -> None:
     for key, needed in (("sft", bool(c.sft.attn_fractions)), ("preferences", c.dpo.enabled)):
         if needed and not getattr(c.data, key):
             problems.append(f"data.{key} is empty; name at least one source")
-    unknown_mix = sorted(set(c.data.mix) - {"chat", "text", "repeat"})
+    unknown_mix = sorted(set(c.data.mix) - set(MIX_SOURCES))
     if unknown_mix:
-        problems.append(f"data.mix has unknown sources {unknown_mix}; the stage-1 sources are 'chat', 'text' and "
-                        "'repeat'")
+        problems.append(f"data.mix has unknown sources {unknown_mix}; the stage-1 sources are "
+                        f"{', '.join(repr(m) for m in MIX_SOURCES)}")
+    if c.data.mix.get("teacher_text", 0) > 0:
+        if c.data.teacher_text_rows < 1:
+            problems.append(f"data.teacher_text_rows={c.data.teacher_text_rows} must be >= 1 when "
+                            "data.mix.teacher_text > 0")
+        if not 0 <= c.data.teacher_text_prefix < c.data.seq_len - 1:
+            problems.append(f"data.teacher_text_prefix={c.data.teacher_text_prefix} must lie in [0, seq_len - 2 = "
+                            f"{c.data.seq_len - 2}]: the row holds the start token, the prefix and new tokens")
+        elif c.data.teacher_text_prefix > 0 and not c.data.text:
+            problems.append("data.teacher_text_prefix > 0 opens the teacher's rows with data.text, which names no "
+                            "source; add one (e.g. data.text=[prose]) or set data.teacher_text_prefix=0")
     if c.data.mix.get("repeat", 0) > 0 and not c.data.text:
         problems.append("data.mix.repeat repeats spans of data.text, which names no source; add one (e.g. "
                         "data.text=[prose]) or set data.mix.repeat=0")

@@ -317,11 +317,13 @@ def text_specs(c, notes: dict | None = None) -> list[str]:
     return specs
 
 
-def distill_rows(c, rows: list[dict], tok, notes: dict | None = None) -> dict:
+def distill_rows(c, rows: list[dict], tok, notes: dict | None = None, *, teacher=None, out=None) -> dict:
     """Stage-0/1 rows {"tokens", "loss_mask"} [N, seq_len]: chat data and plain text mixed by data.mix.
 
     data.text's entry `prose` is `ensure_prose()`'s files; when they cannot be fetched the run goes on without
-    them (`text_specs`). Conversations and documents overlapping a held-out text are dropped (`heldout_filter`).
+    them (`text_specs`). Conversations and documents overlapping a held-out text are dropped (`heldout_filter`),
+    and so are rows the teacher wrote (data.mix.teacher_text, which needs `teacher` and keeps them in
+    out/teacher_text: `teacher_rows`).
     """
     from l2m_jax.data.text import mix_rows, repeat_rows, text_rows
 
@@ -333,8 +335,11 @@ def distill_rows(c, rows: list[dict], tok, notes: dict | None = None) -> dict:
         if keep:
             examples = _kept(examples, keep("stage-1 chat conversations", [ids for ids, _ in examples]))
         sources["chat"] = _rows(c, "stage-1 chat", examples, pad_id)
-    wants_text = c.data.mix.get("text", 0) > 0 or c.data.mix.get("repeat", 0) > 0
+    wants_teacher = c.data.mix.get("teacher_text", 0) > 0
+    wants_text = (c.data.mix.get("text", 0) > 0 or c.data.mix.get("repeat", 0) > 0
+                  or (wants_teacher and c.data.teacher_text_prefix > 0))
     specs = text_specs(c, notes) if c.data.text and wants_text else []
+    text = None
     if specs:
         doc_filter = (lambda docs: keep("stage-1 text documents", docs)) if keep else None
         arrays, stats = text_rows(tok, specs, c.data.seq_len, eos_id=eos_id, pad_id=pad_id,
@@ -347,6 +352,12 @@ def distill_rows(c, rows: list[dict], tok, notes: dict | None = None) -> dict:
             period = c.data.repeat_period or c.data.seq_len // 2
             sources["repeat"] = repeat_rows(text, period, seed=c.seed + 1)
             say(f"stage-1 repeat data: {len(text['tokens'])} rows, each a {period}-token span of the text repeated")
+    if wants_teacher:
+        made = teacher_rows(c, teacher, text, eos_id, out)
+        if keep:
+            made = {k: v[keep("stage-1 teacher text rows", list(made["tokens"]))] for k, v in made.items()}
+        if len(made["tokens"]):
+            sources["teacher_text"] = made
     if not sources:
         raise UsageError(f"stage 1 has no data: data.mix={dict(c.data.mix)} weighs only text, and data.text "
                          f"{list(c.data.text)} gave none; run `python -m experiments.fetch_texts --out DIR` and "
@@ -357,6 +368,42 @@ def distill_rows(c, rows: list[dict], tok, notes: dict | None = None) -> dict:
     parts = [f"{k} {v['rows']} rows ({v['repeats']} repeated)" for k, v in info["sources"].items()]
     say(f"stage-1 data: {len(mixed['tokens'])} rows mixed by {dict(c.data.mix)}: {', '.join(parts)}")
     return mixed
+
+
+def teacher_rows(c, teacher, text: dict | None, start_id: int, out=None) -> dict:
+    """data.teacher_text_rows rows the teacher writes (`data.teacher_text.teacher_text_rows`), each opening with
+    the first data.teacher_text_prefix tokens of a row of `text` (in a permutation drawn with the seed), sampled
+    with synth.temperature / synth.top_p in batches of pseudo_labels.batch_size; kept in out/teacher_text when
+    `out` is given, and read back from there by a run with the same settings."""
+    from l2m_jax.data.teacher_text import cached_teacher_text_rows, teacher_text_rows
+    from l2m_jax.ops.sampling import Sampling
+
+    d = c.data
+    if teacher is None:
+        raise UsageError("data.mix.teacher_text > 0 needs the teacher to write rows; pass teacher= to distill_rows")
+    prefix = d.teacher_text_prefix
+    if prefix and text is None:
+        raise UsageError("data.teacher_text_prefix > 0 opens the teacher's rows with data.text rows, and data.text "
+                         f"{list(d.text)} gave none; set data.teacher_text_prefix=0 or give a text source")
+    prefixes = [[]]
+    if prefix:
+        order = np.random.default_rng(c.seed + 2).permutation(len(text["tokens"]))
+        prefixes = [text["tokens"][i, :prefix].tolist() for i in order[:d.teacher_text_rows]]
+    sampling = Sampling(temperature=c.synth.temperature, top_p=c.synth.top_p)
+    settings = {"teacher": str(c.teacher), "rows": d.teacher_text_rows, "seq_len": d.seq_len, "prefix": prefix,
+                "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": c.seed,
+                "text": list(map(str, d.text)) if prefix else [], "start_id": int(start_id)}
+
+    def make():
+        t0 = time.perf_counter()
+        rows = teacher_text_rows(teacher, prefixes, d.seq_len, rows=d.teacher_text_rows, sampling=sampling,
+                                 start_id=start_id, batch_size=c.pseudo_labels.batch_size, seed=c.seed, say=say)
+        say(f"teacher text: {d.teacher_text_rows} rows of {d.seq_len} tokens in {time.perf_counter() - t0:.0f}s")
+        return rows
+
+    if out is None:
+        return make()
+    return cached_teacher_text_rows(Path(out) / "teacher_text", settings, make, say=say)
 
 
 def sft_rows(c, rows: list[dict], tok, notes: dict | None = None) -> dict:

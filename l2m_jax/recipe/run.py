@@ -135,7 +135,8 @@ class Run:
             kind = "stage1"
         if kind not in self._data:
             build = {"stage1": distill_rows, "sft": sft_rows, "dpo": preference_rows}[kind]
-            self._data[kind] = build(self.c, self.rows(), self.tok, notes=self.notes)
+            kw = {"teacher": self.teacher, "out": self.out} if kind == "stage1" else {}
+            self._data[kind] = build(self.c, self.rows(), self.tok, notes=self.notes, **kw)
             if kind == "stage1" and self.c.stage1.teacher_cache:
                 self._data[kind] = with_teacher_hidden(self.c, self.teacher, self._data[kind])
             write_json(self.out / "data_notes.json", self.notes)

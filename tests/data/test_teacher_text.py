@@ -1,0 +1,88 @@
+"""Rows the teacher writes (l2m_jax.data.teacher_text) and their place in the stage-1 mix."""
+import jax
+import numpy as np
+import pytest
+
+from l2m_jax.data.chat import DataError
+from l2m_jax.data.teacher_text import cached_teacher_text_rows, teacher_text_rows
+from l2m_jax.infer.generate import generate
+from l2m_jax.ops.sampling import GREEDY, Sampling
+
+
+def _config(**data):
+    from l2m_jax.recipe import RecipeConfig
+    from l2m_jax.recipe.config import DataConfig
+
+    return RecipeConfig(teacher="tiny-random", data=DataConfig(seq_len=24, **data))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from l2m_jax.recipe.data import load_teacher
+
+    cfg, params, tok = load_teacher(_config())
+    return (cfg, params), tok
+
+
+def test_rows_open_with_start_and_prefix_and_the_teacher_continues_them(teacher):
+    model, _ = teacher
+    prefixes = [[5, 6, 7], [8, 9, 10]]
+    got = teacher_text_rows(model, prefixes, 12, rows=5, sampling=GREEDY, start_id=2, batch_size=2)
+    assert got["tokens"].shape == (5, 12) and got["tokens"].dtype == np.int32 and got["loss_mask"].all()
+    for i, row in enumerate(got["tokens"]):
+        prompt = [2, *prefixes[i % 2]]
+        assert list(row[:4]) == prompt
+        assert list(row[4:]) == list(generate(*model, [prompt], 8)[0])      # greedy: the teacher's own choice
+    sampled = teacher_text_rows(model, [[]], 12, rows=4, sampling=Sampling(1.0), start_id=2, batch_size=4, seed=1)
+    again = teacher_text_rows(model, [[]], 12, rows=4, sampling=Sampling(1.0), start_id=2, batch_size=4, seed=1)
+    np.testing.assert_array_equal(sampled["tokens"], again["tokens"])       # seeded
+    assert (sampled["tokens"][:, 0] == 2).all() and len({tuple(r) for r in sampled["tokens"]}) > 1
+
+
+def test_bad_sizes_are_named(teacher):
+    model, _ = teacher
+    with pytest.raises(DataError, match="leaves no room"):
+        teacher_text_rows(model, [[1] * 11], 12, rows=2, sampling=GREEDY, start_id=2)
+    with pytest.raises(DataError, match="rows=0"):
+        teacher_text_rows(model, [[1]], 12, rows=0, sampling=GREEDY, start_id=2)
+
+
+def test_cache_reads_back_rows_made_with_the_same_settings(tmp_path):
+    calls = []
+
+    def make():
+        calls.append(1)
+        return {"tokens": np.full((2, 4), len(calls), np.int32), "loss_mask": np.ones((2, 4), bool)}
+
+    first = cached_teacher_text_rows(tmp_path, {"rows": 2, "top_p": 0.95}, make)
+    second = cached_teacher_text_rows(tmp_path, {"rows": 2, "top_p": 0.95}, make)
+    assert len(calls) == 1 and (second["tokens"] == first["tokens"]).all()
+    third = cached_teacher_text_rows(tmp_path, {"rows": 2, "top_p": 0.9}, make)
+    assert len(calls) == 2 and (third["tokens"] == 2).all()
+
+
+def test_stage1_mix_takes_teacher_rows_opened_by_text_rows(tmp_path, teacher):
+    from l2m_jax.recipe import UsageError, check_config
+    from l2m_jax.recipe.data import distill_rows, special_ids
+
+    model, tok = teacher
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a plain text file.\n" for i in range(100)))
+    c = _config(text=[str(tmp_path / "a.txt")], mix={"text": 1.0, "teacher_text": 1.0}, teacher_text_rows=6,
+                teacher_text_prefix=4)
+    check_config(c)
+    text_only = distill_rows(_config(text=[str(tmp_path / "a.txt")], mix={"text": 1.0}), [], tok)
+    got = distill_rows(c, [], tok, teacher=model, out=tmp_path / "run")
+    _, eos = special_ids(tok)
+    made = np.load(tmp_path / "run" / "teacher_text" / "rows.npz")["tokens"]
+    assert made.shape == (6, 24) and (made[:, 0] == eos).all()
+    starts = {tuple(r[:4]) for r in text_only["tokens"]}
+    assert all(tuple(r[1:5]) in starts for r in made)                       # each opens with a text row's start
+    mixed = {tuple(r) for r in got["tokens"]}
+    assert {tuple(r) for r in made} & mixed and {tuple(r) for r in text_only["tokens"]} & mixed
+    with pytest.raises(UsageError, match="needs the teacher"):
+        distill_rows(c, [], tok)
+    with pytest.raises(UsageError, match="data.teacher_text_prefix > 0 opens the teacher's rows with data.text"):
+        check_config(_config(mix={"chat": 1.0, "teacher_text": 1.0}))
+    check_config(_config(mix={"chat": 1.0, "teacher_text": 1.0}, teacher_text_prefix=0))
+    with pytest.raises(UsageError, match="data.teacher_text_prefix=23 must lie in"):
+        check_config(_config(text=["prose"], mix={"chat": 1.0, "teacher_text": 1.0}, teacher_text_prefix=23))
