@@ -86,3 +86,26 @@ def test_stage1_mix_takes_teacher_rows_opened_by_text_rows(tmp_path, teacher):
     check_config(_config(mix={"chat": 1.0, "teacher_text": 1.0}, teacher_text_prefix=0))
     with pytest.raises(UsageError, match="data.teacher_text_prefix=23 must lie in"):
         check_config(_config(text=["prose"], mix={"chat": 1.0, "teacher_text": 1.0}, teacher_text_prefix=23))
+
+
+def test_teacher_rows_sharing_a_heldout_span_are_dropped(tmp_path, teacher, monkeypatch):
+    from l2m_jax.assets import heldout_texts
+    from l2m_jax.data import teacher_text
+    from l2m_jax.recipe.data import distill_rows
+
+    _, tok = teacher
+    span = tok.encode(heldout_texts()["kjv-john"][:13], add_special_tokens=False)   # "In the beginn"
+    assert len(span) == 13
+
+    def written(model, prefixes, seq_len, *, rows, start_id, **kw):        # the teacher recites John 1:1 once
+        tokens = np.full((rows, seq_len), ord("~"), np.int32)
+        tokens[:, 0] = start_id
+        tokens[1, 3:16] = span
+        return {"tokens": tokens, "loss_mask": np.ones_like(tokens, bool)}
+
+    monkeypatch.setattr(teacher_text, "teacher_text_rows", written)
+    notes: dict = {}
+    c = _config(mix={"teacher_text": 1.0}, teacher_text_rows=4, teacher_text_prefix=0)
+    got = distill_rows(c, [], tok, notes=notes, teacher=teacher[0])
+    assert len(got["tokens"]) == 3 and not any(span == list(r[3:16]) for r in got["tokens"])
+    assert notes["decontamination"]["stage-1 teacher text rows"]["dropped"] == 1
