@@ -16,8 +16,9 @@ is distillation on raw text, there is no prompt to mask.
 `text_rows` packs the token stream into rows of exactly `seq_len` real tokens (no padding anywhere: the
 incomplete last row is dropped); `segment_ids` number the documents within each row and the EOS token marks
 where one ends. `repeat_rows` makes rows that repeat a span of text, so the teacher's copying (its induction
-heads) has something to be distilled from. `mix_rows` mixes the rows of several sources by weight. `ngram_overlap` finds the token
-sequences that share an n-token span with reference texts (decontamination against held-out evaluation text).
+heads) has something to be distilled from. `mix_rows` mixes the rows of several sources by weight.
+`ngram_overlap` finds the token sequences that share an n-token span with reference texts (decontamination
+against held-out evaluation text).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ before packing.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -390,9 +391,12 @@ def teacher_rows(c, teacher, text: dict | None, start_id: int, out=None) -> dict
         order = np.random.default_rng(c.seed + 2).permutation(len(text["tokens"]))
         prefixes = [text["tokens"][i, :prefix].tolist() for i in order[:d.teacher_text_rows]]
     sampling = Sampling(temperature=c.synth.temperature, top_p=c.synth.top_p)
-    settings = {"teacher": str(c.teacher), "rows": d.teacher_text_rows, "seq_len": d.seq_len, "prefix": prefix,
+    # what the rows depend on: the prefixes themselves (not the text settings that made them) and the batches,
+    # which fold the key
+    digest = hashlib.sha256(np.asarray([t for p in prefixes for t in p] + [len(prefixes)], np.int64)).hexdigest()
+    settings = {"teacher": str(c.teacher), "rows": d.teacher_text_rows, "seq_len": d.seq_len, "prefixes": digest,
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": c.seed,
-                "text": list(map(str, d.text)) if prefix else [], "start_id": int(start_id)}
+                "batch_size": c.pseudo_labels.batch_size, "start_id": int(start_id)}
 
     def make():
         t0 = time.perf_counter()
