@@ -17,7 +17,8 @@ writes, from packages downloaded with `apt-get download` (never installed) and u
 and prints each file's size. `--heldout-kjv FILE` also writes the held-out file in the bundled format. It
 needs a Debian-like system with apt-get and dpkg-deb; `apt-get download` needs current package lists (run
 `apt-get update` once; as root this script runs it itself when a package is not found). The recipe's
-`data.text=[prose]` fetches the same files (without kjv) into $L2M_CACHE/texts by itself.
+`data.text=[prose]` fetches the same files (without kjv) into $L2M_CACHE/texts-v2 by itself. The training files
+leave out every record sharing 10 words in a row with the whole KJV or an Austen novel (l2m_jax.data.prose).
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             write_text(path, text)
             print(f"{path}: {len(text):,} characters, {len(text.encode()):,} bytes, {text.count(chr(10)):,} lines")
         print("packages: " + ", ".join(f"{n} {v}" for n, v in fetched.versions.items()))
+        print("left out, sharing a span with the KJV or an Austen novel: " + ", ".join(
+            f"{n} {d} of {o} records" for n, (d, o) in fetched.screened.items()))
         if not args.keep_heldout:
             book, held = HELDOUT_KJV
             print(f"kjv.txt leaves out the held-out chapters {book} {held[0]}-{held[-1]}")

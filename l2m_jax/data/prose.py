@@ -19,8 +19,15 @@ fresh Debian or Ubuntu machine needs no model or dataset hub. Each source become
 
 `PROSE_SOURCES` are the training texts: every source but kjv, whose book holds held-out material (the CLI
 `python -m experiments.fetch_texts` writes it). `ensure_prose()` returns their files in `prose_dir()`
-($L2M_CACHE/texts), fetching the missing ones; a machine without apt-get, dpkg-deb, the Python package rdata
+($L2M_CACHE/texts-v2), fetching the missing ones; a machine without apt-get, dpkg-deb, the Python package rdata
 or a reachable mirror gets one `FetchError` saying which.
+
+The training texts are screened against the books the held-out texts come from: every record (paragraph) of
+them that shares a span of SCREEN_WORDS words with the whole KJV (bible-kjv-text, John 1-3 included) or with
+any of Jane Austen's six novels (r-cran-janeaustenr) is left out (`screen_records`), and `Fetched.screened`
+counts what was. Decontamination in the recipe catches only spans of the held-out excerpts themselves; this
+also keeps out quotations from elsewhere in their books (the fortune files quote the KJV, Moby-Dick's
+extracts quote Isaiah and Job), so that no stage trains on their authors' text.
 
 Within a record or entry, lines are stripped of surrounding whitespace and blank lines dropped, so that a blank
 line separates exactly the records (and `l2m_jax.data.text` cuts long files only between them).
@@ -44,7 +51,8 @@ from pathlib import Path
 from typing import Sequence
 
 __all__ = ["FetchError", "SOURCE_PACKAGES", "PROSE_SOURCES", "HELDOUT_KJV", "prose_dir", "ensure_prose",
-           "fetch_prose", "build_texts", "fortune_records", "parse_fortunes", "devil_entries", "dictd_number"]
+           "fetch_prose", "build_texts", "fortune_records", "parse_fortunes", "devil_entries", "dictd_number",
+           "screen_records", "austen_novels"]
 
 SOURCE_PACKAGES: dict[str, tuple[str, ...]] = {      # every source, in the order the CLI writes them
     "moby_dick": ("r-cran-tokenizers",),
@@ -55,6 +63,10 @@ SOURCE_PACKAGES: dict[str, tuple[str, ...]] = {      # every source, in the orde
 }
 PROSE_SOURCES = ("moby_dick", "fortunes", "devils_dictionary", "wordnet_glosses")
 HELDOUT_KJV = ("John", (1, 2, 3))          # the chapters of l2m_jax/data/heldout_kjv.txt
+# the books of the held-out texts, whole: training records sharing SCREEN_WORDS words in a row with one are dropped
+SCREEN_PACKAGES = {"kjv": ("bible-kjv-text", "bible-kjv"), "austen": ("r-cran-janeaustenr",)}
+AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+SCREEN_WORDS = 10                          # about 13 tokens of SmolLM2's tokenizer, the recipe's decontamination
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 FORTUNES_DIR = "usr/share/games/fortunes"
 FORTUNES_SKIP = ("ascii-art",)             # pictures, not prose
@@ -245,6 +257,39 @@ def heldout_kjv(chapters: list[tuple[str, int, str]], version: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- fortunes
+# ---------------------------------------------------------------------------------- screening against the books
+def austen_novels(root: Path) -> dict[str, str]:
+    """{name: text} of Jane Austen's six novels (janeaustenr's character vectors, one line per element)."""
+    base = root / "usr/lib/R/site-library/janeaustenr/data/Rdata"
+    return {name: "\n".join(str(x) for x in read_lazyload(base, name) if x is not None) for name in AUSTEN_NOVELS}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def screen_records(records: Sequence[str], books: Sequence[str], n: int = SCREEN_WORDS) -> list[bool]:
+    """keep[i]: False where records[i] shares n words in a row (lower-cased, punctuation ignored) with a book."""
+    import numpy as np
+
+    from l2m_jax.data.text import ngram_overlap
+
+    vocab: dict[str, int] = {}
+
+    def ids(text: str) -> np.ndarray:
+        return np.asarray([vocab.setdefault(w, len(vocab)) for w in _words(text)], np.int64)
+
+    refs = [ids(b) for b in books]
+    return [not hit for hit in ngram_overlap([ids(r) for r in records], refs, n)]
+
+
+def _screen_text(text: str, books: Sequence[str], sep: str) -> tuple[str, int, int]:
+    """(text without the `sep`-separated records that share a span with a book, dropped, records)."""
+    records = text.rstrip("\n").split(sep)
+    keep = screen_records(records, books)
+    return sep.join(r for r, k in zip(records, keep) if k) + "\n", keep.count(False), len(records)
+
+
 def _overstrike(text: str) -> str:
     """Resolve backspace overstriking ("___\\b\\b\\bnot" underlines "not") to the characters printed last."""
     while "\b" in text:
@@ -363,6 +408,7 @@ class Fetched:
     texts: dict[str, str]                  # {source name: the text of NAME.txt}
     versions: dict[str, str]               # {package: version}
     heldout_kjv: str | None = None         # the bundled held-out file's text, when asked for
+    screened: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)   # {source: (dropped, of)}
 
 
 def _check_names(names: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
@@ -378,16 +424,21 @@ def _check_names(names: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...
     return names
 
 
-def build_texts(names: Sequence[str], *, keep_heldout: bool = False, heldout: bool = False) -> Fetched:
+def build_texts(names: Sequence[str], *, keep_heldout: bool = False, heldout: bool = False,
+                screen: bool = True) -> Fetched:
     """The texts of the named sources (any of SOURCE_PACKAGES), fetched into a temporary folder.
 
-    `keep_heldout` keeps John 1-3 in kjv; `heldout` also builds the bundled held-out KJV file (needs "kjv").
+    `keep_heldout` keeps John 1-3 in kjv; `heldout` also builds the bundled held-out KJV file (needs "kjv");
+    `screen` leaves out of every training source (all but kjv) the records sharing SCREEN_WORDS words in a row
+    with the whole KJV or an Austen novel (`screen_records`; counts in `Fetched.screened`).
     """
     names = _check_names(names, tuple(SOURCE_PACKAGES))
     if heldout and "kjv" not in names:
         raise ValueError("heldout=True needs the source 'kjv'")
-    check_tools(rdata="moby_dick" in names)
-    packages = tuple(dict.fromkeys(p for n in names for p in SOURCE_PACKAGES[n]))
+    screen = screen and any(n != "kjv" for n in names)
+    check_tools(rdata="moby_dick" in names or screen)
+    wanted = list(names) + (list(SCREEN_PACKAGES) if screen else [])
+    packages = tuple(dict.fromkeys(p for n in wanted for p in {**SOURCE_PACKAGES, **SCREEN_PACKAGES}[n]))
     with tempfile.TemporaryDirectory(prefix="l2m_prose.") as tmp:
         work = Path(tmp)
         debs = download(packages, work)
@@ -408,8 +459,18 @@ def build_texts(names: Sequence[str], *, keep_heldout: bool = False, heldout: bo
                 texts[name] = "\n\n".join(devil_entries(root / DEVIL_DICT, root / DEVIL_INDEX)) + "\n"
             else:
                 texts[name] = "\n".join(wordnet_glosses(root)) + "\n"
+        if heldout or screen:
+            chapters = chapters or kjv_chapters(root)
         held = heldout_kjv(chapters, versions["bible-kjv-text"]) if heldout else None
-    return Fetched(texts, versions, held)
+        screened = {}
+        if screen:
+            books = [t for _, _, t in chapters] + list(austen_novels(root).values())
+            for name in names:
+                if name != "kjv":
+                    sep = "\n" if name == "wordnet_glosses" else "\n\n"     # one gloss per line
+                    texts[name], dropped, of = _screen_text(texts[name], books, sep)
+                    screened[name] = (dropped, of)
+    return Fetched(texts, versions, held, screened)
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -431,15 +492,19 @@ def write_text(path: Path, text: str) -> Path:
 def fetch_prose(out_dir: "str | os.PathLike[str]", names: Sequence[str] = PROSE_SOURCES) -> list[Path]:
     """Fetch the named training texts (of PROSE_SOURCES) and write out_dir/NAME.txt; their paths, in order."""
     names = _check_names(names, PROSE_SOURCES)
-    texts = build_texts(names).texts
-    return [write_text(Path(out_dir) / f"{n}.txt", texts[n]) for n in names]
+    fetched = build_texts(names)
+    print("l2m_jax: left out, sharing " + f"{SCREEN_WORDS} words in a row with the KJV or an Austen novel: "
+          + ", ".join(f"{d} of {o} records of {n}" for n, (d, o) in fetched.screened.items()),
+          file=sys.stderr, flush=True)
+    return [write_text(Path(out_dir) / f"{n}.txt", fetched.texts[n]) for n in names]
 
 
 def prose_dir() -> Path:
-    """Where `ensure_prose` keeps the texts: $L2M_CACHE/texts (default ~/.cache/l2m_jax/texts)."""
+    """Where `ensure_prose` keeps the texts: $L2M_CACHE/texts-v2 (default ~/.cache/l2m_jax/texts-v2; v2: the
+    texts screened against the held-out texts' books, which the texts of an older cache are not)."""
     from l2m_jax.assets import cache_dir
 
-    return cache_dir() / "texts"
+    return cache_dir() / "texts-v2"
 
 
 def ensure_prose(names: Sequence[str] = PROSE_SOURCES, directory: "str | os.PathLike[str] | None" = None

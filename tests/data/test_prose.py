@@ -97,6 +97,29 @@ def test_devil_entries_from_a_dictzip_body_and_index(tmp_path):
         devil_entries(dz, idx)
 
 
+# ------------------------------------------------------------------------------------- screening
+BOOK = ("In the beginning was the Word, and the Word was with God, and the Word was God. The same was in the "
+        "beginning with God.")
+
+
+def test_screen_records_drops_only_records_sharing_a_run_of_words_with_a_book():
+    records = ['"And the Word was with God, and the Word was God." --JOHN.',        # 10 words of the book
+               "THE word, was WITH god; and the word WAS god -- case and punctuation ignored",
+               "the Word was with God, and the Word was -- nine words only",
+               "Nothing from the book at all, however long the record is made to be."]
+    assert prose.screen_records(records, [BOOK]) == [False, False, True, True]
+    assert prose.screen_records(records, [BOOK], n=9) == [False, False, False, True]
+    assert prose.screen_records(records, []) == [True] * 4
+
+
+def test_screen_text_keeps_the_record_separator():
+    text = "a gloss\nthe Word was with God, and the Word was God. The same\nanother gloss\n"
+    kept, dropped, of = prose._screen_text(text, [BOOK], "\n")
+    assert (kept, dropped, of) == ("a gloss\nanother gloss\n", 1, 3)
+    kept, dropped, of = prose._screen_text(text.replace("\n", "\n\n"), [BOOK], "\n\n")
+    assert (kept, dropped, of) == ("a gloss\n\nanother gloss\n", 1, 3)
+
+
 # ------------------------------------------------------------------------------------------ ensure_prose
 def test_ensure_prose_fetches_only_missing_files(tmp_path, monkeypatch):
     asked = []
@@ -121,8 +144,8 @@ def test_ensure_prose_fetches_only_missing_files(tmp_path, monkeypatch):
 def test_ensure_prose_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("L2M_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(prose.shutil, "which", lambda tool: None)          # no apt-get, no dpkg-deb
-    assert prose.prose_dir() == tmp_path / "cache" / "texts"
-    with pytest.raises(FetchError, match=r"cannot fetch the prose texts \['devils_dictionary'\] into .*texts: "
+    assert prose.prose_dir() == tmp_path / "cache" / "texts-v2"
+    with pytest.raises(FetchError, match=r"cannot fetch the prose texts \['devils_dictionary'\] into .*texts-v2: "
                                          r"missing: apt-get, dpkg-deb"):
         ensure_prose(["devils_dictionary"])
-    assert not (tmp_path / "cache" / "texts" / "devils_dictionary.txt").exists()
+    assert not (tmp_path / "cache" / "texts-v2" / "devils_dictionary.txt").exists()
