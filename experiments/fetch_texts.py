@@ -13,6 +13,9 @@ writes, from packages downloaded with `apt-get download` (never installed) and u
   DIR/fortunes.txt           the fortune cookie files of fortunes and fortunes-min, one record per paragraph
   DIR/devils_dictionary.txt  Ambrose Bierce, The Devil's Dictionary (dict-devil), one entry per paragraph
   DIR/wordnet_glosses.txt    the gloss of every synset of WordNet 3.0 (wordnet-base), one per line
+  DIR/books/kjv.txt, DIR/books/austen.txt   the books of the held-out texts whole (the KJV with John 1-3, Austen's
+                             six novels from r-cran-janeaustenr): what the training files are screened against,
+                             never training data
 
 and prints each file's size. `--heldout-kjv FILE` also writes the held-out file in the bundled format. It
 needs a Debian-like system with apt-get and dpkg-deb; `apt-get download` needs current package lists (run
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         fetched = build_texts(tuple(SOURCE_PACKAGES), keep_heldout=args.keep_heldout,
                               heldout=args.heldout_kjv is not None)
         outputs = {args.out / f"{name}.txt": text for name, text in fetched.texts.items()}
+        outputs.update({args.out / "books" / f"{name}.txt": text for name, text in fetched.books.items()})
         if args.heldout_kjv:
             outputs[args.heldout_kjv] = fetched.heldout_kjv
         for path, text in outputs.items():

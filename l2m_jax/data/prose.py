@@ -27,7 +27,10 @@ them that shares a span of SCREEN_WORDS words with the whole KJV (bible-kjv-text
 any of Jane Austen's six novels (r-cran-janeaustenr) is left out (`screen_records`), and `Fetched.screened`
 counts what was. Decontamination in the recipe catches only spans of the held-out excerpts themselves; this
 also keeps out quotations from elsewhere in their books (the fortune files quote the KJV, Moby-Dick's
-extracts quote Isaiah and Job), so that no stage trains on their authors' text.
+extracts quote Isaiah and Job), so that no stage trains on their authors' text. The books themselves are kept
+beside the texts (`books/kjv.txt`, `books/austen.txt`; `ensure_books()`, `screen_books()`), so the recipe
+screens what the teacher writes the same way (`l2m_jax.recipe.data.heldout_filter`); they are never training
+data.
 
 Within a record or entry, lines are stripped of surrounding whitespace and blank lines dropped, so that a blank
 line separates exactly the records (and `l2m_jax.data.text` cuts long files only between them).
@@ -52,7 +55,7 @@ from typing import Sequence
 
 __all__ = ["FetchError", "SOURCE_PACKAGES", "PROSE_SOURCES", "HELDOUT_KJV", "prose_dir", "ensure_prose",
            "fetch_prose", "build_texts", "fortune_records", "parse_fortunes", "devil_entries", "dictd_number",
-           "screen_records", "austen_novels"]
+           "screen_records", "austen_novels", "BOOKS", "ensure_books", "screen_books", "book_word_ids"]
 
 SOURCE_PACKAGES: dict[str, tuple[str, ...]] = {      # every source, in the order the CLI writes them
     "moby_dick": ("r-cran-tokenizers",),
@@ -67,6 +70,7 @@ HELDOUT_KJV = ("John", (1, 2, 3))          # the chapters of l2m_jax/data/heldou
 SCREEN_PACKAGES = {"kjv": ("bible-kjv-text", "bible-kjv"), "austen": ("r-cran-janeaustenr",)}
 AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 SCREEN_WORDS = 10                          # about 13 tokens of SmolLM2's tokenizer, the recipe's decontamination
+BOOKS = ("kjv", "austen")                  # books/NAME.txt beside the texts: the screening references, whole
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 FORTUNES_DIR = "usr/share/games/fortunes"
 FORTUNES_SKIP = ("ascii-art",)             # pictures, not prose
@@ -268,19 +272,29 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
 
 
-def screen_records(records: Sequence[str], books: Sequence[str], n: int = SCREEN_WORDS) -> list[bool]:
-    """keep[i]: False where records[i] shares n words in a row (lower-cased, punctuation ignored) with a book."""
+def book_word_ids(books: Sequence[str]) -> tuple[dict[str, int], list]:
+    """(vocabulary word -> id, int64 word ids of each book): the books in the form `screen_records` compares."""
+    import numpy as np
+
+    vocab: dict[str, int] = {}
+    return vocab, [np.asarray([vocab.setdefault(w, len(vocab)) for w in _words(b)], np.int64) for b in books]
+
+
+def screen_records(records: Sequence[str], books, n: int = SCREEN_WORDS) -> list[bool]:
+    """keep[i]: False where records[i] shares n words in a row (lower-cased, punctuation ignored) with a book.
+    `books`: the books' texts, or `book_word_ids(texts)` to reuse across calls."""
     import numpy as np
 
     from l2m_jax.data.text import ngram_overlap
 
-    vocab: dict[str, int] = {}
+    vocab, refs = books if isinstance(books, tuple) else book_word_ids(books)
+    unknown = -1                                   # a word no book has: it can be in no shared span
 
     def ids(text: str) -> np.ndarray:
-        return np.asarray([vocab.setdefault(w, len(vocab)) for w in _words(text)], np.int64)
+        return np.asarray([vocab.get(w, unknown) for w in _words(text)], np.int64)
 
-    refs = [ids(b) for b in books]
-    return [not hit for hit in ngram_overlap([ids(r) for r in records], refs, n)]
+    hits = ngram_overlap([ids(r) for r in records], refs, n)
+    return [not hit for hit in hits]
 
 
 def _screen_text(text: str, books: Sequence[str], sep: str) -> tuple[str, int, int]:
@@ -409,6 +423,7 @@ class Fetched:
     versions: dict[str, str]               # {package: version}
     heldout_kjv: str | None = None         # the bundled held-out file's text, when asked for
     screened: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)   # {source: (dropped, of)}
+    books: dict[str, str] = dataclasses.field(default_factory=dict)    # {"kjv", "austen": whole text} if screened
 
 
 def _check_names(names: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
@@ -462,15 +477,22 @@ def build_texts(names: Sequence[str], *, keep_heldout: bool = False, heldout: bo
         if heldout or screen:
             chapters = chapters or kjv_chapters(root)
         held = heldout_kjv(chapters, versions["bible-kjv-text"]) if heldout else None
-        screened = {}
+        screened, books = {}, {}
         if screen:
-            books = [t for _, _, t in chapters] + list(austen_novels(root).values())
+            books = _books(chapters, root)
+            refs = book_word_ids(list(books.values()))
             for name in names:
                 if name != "kjv":
                     sep = "\n" if name == "wordnet_glosses" else "\n\n"     # one gloss per line
-                    texts[name], dropped, of = _screen_text(texts[name], books, sep)
+                    texts[name], dropped, of = _screen_text(texts[name], refs, sep)
                     screened[name] = (dropped, of)
-    return Fetched(texts, versions, held, screened)
+    return Fetched(texts, versions, held, screened, books)
+
+
+def _books(chapters: list[tuple[str, int, str]], root: Path) -> dict[str, str]:
+    """{"kjv": every chapter (John 1-3 included), "austen": the six novels}, chapters / novels blank-line apart."""
+    return {"kjv": "\n\n".join(t for _, _, t in chapters) + "\n",
+            "austen": "\n\n".join(austen_novels(root).values()) + "\n"}
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -496,6 +518,8 @@ def fetch_prose(out_dir: "str | os.PathLike[str]", names: Sequence[str] = PROSE_
     print("l2m_jax: left out, sharing " + f"{SCREEN_WORDS} words in a row with the KJV or an Austen novel: "
           + ", ".join(f"{d} of {o} records of {n}" for n, (d, o) in fetched.screened.items()),
           file=sys.stderr, flush=True)
+    for book, text in fetched.books.items():
+        write_text(Path(out_dir) / "books" / f"{book}.txt", text)
     return [write_text(Path(out_dir) / f"{n}.txt", fetched.texts[n]) for n in names]
 
 
@@ -526,3 +550,34 @@ def ensure_prose(names: Sequence[str] = PROSE_SOURCES, directory: "str | os.Path
         except FetchError as e:
             raise FetchError(f"cannot fetch the prose texts {missing} into {directory}: {e}") from None
     return paths
+
+
+def screen_books(directory: "str | os.PathLike[str] | None" = None) -> list[Path] | None:
+    """The books the texts were screened against (directory/books/NAME.txt for NAME in BOOKS; default
+    `prose_dir()`), or None where any is missing. Never fetches: `ensure_books` does."""
+    base = (Path(directory) if directory is not None else prose_dir()) / "books"
+    paths = [base / f"{b}.txt" for b in BOOKS]
+    return paths if all(p.is_file() and p.stat().st_size > 0 for p in paths) else None
+
+
+def ensure_books(directory: "str | os.PathLike[str] | None" = None) -> list[Path]:
+    """The books of `screen_books`, fetched (bible-kjv-text, bible-kjv, r-cran-janeaustenr) if missing; a
+    FetchError says why they cannot be."""
+    directory = Path(directory) if directory is not None else prose_dir()
+    found = screen_books(directory)
+    if found:
+        return found
+    packages = [p for b in BOOKS for p in SCREEN_PACKAGES[b]]
+    print(f"l2m_jax: fetching the held-out texts' books (Debian packages {', '.join(packages)}) into "
+          f"{directory / 'books'} ...", file=sys.stderr, flush=True)
+    check_tools(rdata=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="l2m_books.") as tmp:
+            work = Path(tmp)
+            debs = download(packages, work)
+            for deb in debs.values():
+                extract(deb, work / "root")
+            books = _books(kjv_chapters(work / "root"), work / "root")
+    except FetchError as e:
+        raise FetchError(f"cannot fetch the books into {directory / 'books'}: {e}") from None
+    return [write_text(directory / "books" / f"{b}.txt", books[b]) for b in BOOKS]

@@ -78,6 +78,10 @@ class DataConfig:
     # drop text / conversations sharing an n-token span with a held-out text (13 BPE tokens ~ 10 words; a
     # byte-level tokenizer needs a larger n, e.g. 64, or it drops most English text)
     decontaminate: Optional[int] = 13
+    # also drop what shares 10 words in a row with the books the held-out texts come from (the whole KJV, Austen's
+    # novels; kept beside the prose in $L2M_CACHE/texts-v2/books when data.text=prose fetches it): what the
+    # teacher writes may quote them from memory without sharing a span with the held-out excerpts themselves
+    screen_books: bool = True
     loss_on_prompts: bool = True         # stage 0/1: every real token is a target (the teacher wrote the requests)
     sft: List[str] = field(default_factory=lambda: ["pseudo_labels"])
     max_sft_rows: Optional[int] = None   # per dataset source

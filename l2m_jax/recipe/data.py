@@ -17,6 +17,7 @@ before packing.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -260,29 +261,69 @@ def heldout_references(tok) -> list[np.ndarray]:
 
 def heldout_filter(c, tok, notes: dict | None = None) -> Callable[[str, list], np.ndarray] | None:
     """`keep(what, items) -> bool [len(items)]` dropping the items (token arrays, or tuples of arrays) that share
-    a data.decontaminate-token span with a held-out text, logging and noting the counts; None when off."""
+    a data.decontaminate-token span with a held-out text and, with data.screen_books, those sharing
+    prose.SCREEN_WORDS words in a row with the books the held-out texts come from (the whole KJV, Austen's
+    novels: `prose.screen_books()`, kept beside the prose when it is fetched; where they are not there, that is
+    said and noted); logging and noting the counts; None when both are off."""
     from l2m_jax.data.text import ngram_overlap
 
     n = c.data.decontaminate
-    if not n:
+    books = _screen_refs(notes) if c.data.screen_books else None
+    if not n and books is None:
         return None
-    refs = heldout_references(tok)
+    refs = heldout_references(tok) if n else None
 
     def keep(what: str, items: list) -> np.ndarray:
         parts = [x if isinstance(x, tuple) else (x,) for x in items]
         flat = [np.asarray(a) for p in parts for a in p]
         owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
         bad = np.zeros(len(parts), bool)
-        np.logical_or.at(bad, owner, ngram_overlap(flat, refs, n))
-        tokens = int(sum(a.size for a, o in zip(flat, owner) if bad[o]))
-        say(f"{what}: decontamination dropped {int(bad.sum())} of {len(parts)} that share a {n}-token span with "
-            f"a held-out text ({tokens} tokens)")
-        if notes is not None:
-            notes.setdefault("decontamination", {"ngram": int(n)})[what] = {
-                "dropped": int(bad.sum()), "of": len(parts), "tokens": tokens}
+        if n:
+            np.logical_or.at(bad, owner, ngram_overlap(flat, refs, n))
+            tokens = int(sum(a.size for a, o in zip(flat, owner) if bad[o]))
+            say(f"{what}: decontamination dropped {int(bad.sum())} of {len(parts)} that share a {n}-token span "
+                f"with a held-out text ({tokens} tokens)")
+            if notes is not None:
+                notes.setdefault("decontamination", {"ngram": int(n)})[what] = {
+                    "dropped": int(bad.sum()), "of": len(parts), "tokens": tokens}
+        if books is not None:
+            from l2m_jax.data.prose import SCREEN_WORDS, screen_records
+
+            texts = [tok.decode([int(t) for t in a]) for a in flat]
+            hit = ~np.asarray(screen_records(texts, books), bool)
+            screened = np.zeros(len(parts), bool)
+            np.logical_or.at(screened, owner, hit)
+            screened &= ~bad
+            bad |= screened
+            say(f"{what}: screening dropped {int(screened.sum())} more of {len(parts)} that share "
+                f"{SCREEN_WORDS} words in a row with the KJV or an Austen novel")
+            if notes is not None:
+                notes["screening"][what] = {"dropped": int(screened.sum()), "of": len(parts)}
         return ~bad
 
     return keep
+
+
+def _screen_refs(notes: dict | None):
+    """The held-out texts' books as `prose.book_word_ids` (read once per process), or None (noted) where they
+    are not beside the prose."""
+    from l2m_jax.data.prose import SCREEN_WORDS, screen_books
+
+    paths = screen_books()
+    if notes is not None:
+        notes["screening"] = {"words": SCREEN_WORDS, "books": [p.stem for p in paths] if paths else None}
+    if paths is None:
+        say("screening against the held-out texts' books: they are not there (they come with data.text=prose, "
+            "or `python -m experiments.fetch_texts`); only the held-out excerpts are screened")
+        return None
+    return _book_refs(tuple(str(p) for p in paths), tuple(p.stat().st_mtime_ns for p in paths))
+
+
+@functools.lru_cache(maxsize=2)
+def _book_refs(paths: tuple[str, ...], mtimes: tuple[int, ...]):
+    from l2m_jax.data.prose import book_word_ids
+
+    return book_word_ids([Path(p).read_text(encoding="utf-8") for p in paths])
 
 
 def _kept(examples: list, keep: np.ndarray) -> list:

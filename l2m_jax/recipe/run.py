@@ -612,8 +612,8 @@ def tensorboard_note(out: Path) -> str:
 
 
 def data_notes(notes: dict) -> list[str]:
-    """The report's lines on the training data: a text source that was unavailable, decontamination, and the
-    layer order of stage1.layer_order=aligned."""
+    """The report's lines on the training data: a text source that was unavailable, decontamination, screening
+    against the held-out texts' books, and the layer order of stage1.layer_order=aligned."""
     lines = []
     if notes.get("layer_order"):
         lines.append(order_line(notes["layer_order"]))
@@ -627,6 +627,14 @@ def data_notes(notes: dict) -> list[str]:
                  if isinstance(v, dict)]
         lines.append(f"decontamination: dropped what shares a {dec['ngram']}-token span with a held-out text: "
                      + "; ".join(parts))
+    scr = notes.get("screening")
+    if scr and scr.get("books") is None:
+        lines.append("screening against the held-out texts' books (data.screen_books): the books were not there "
+                     "(they come with data.text=prose), so only the held-out excerpts were screened")
+    elif scr:
+        parts = [f"{v['dropped']} of {v['of']} {what}" for what, v in scr.items() if isinstance(v, dict)]
+        lines.append(f"screening: dropped what shares {scr['words']} words in a row with the held-out texts' "
+                     f"books ({', '.join(scr['books'])}), beyond decontamination: " + "; ".join(parts))
     return lines
 
 

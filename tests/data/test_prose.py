@@ -149,3 +149,18 @@ def test_ensure_prose_names_what_is_missing(tmp_path, monkeypatch):
                                          r"missing: apt-get, dpkg-deb"):
         ensure_prose(["devils_dictionary"])
     assert not (tmp_path / "cache" / "texts-v2" / "devils_dictionary.txt").exists()
+
+
+def test_books_are_written_beside_the_texts_and_found_or_fetched(tmp_path, monkeypatch):
+    def fake_build(names, **kw):
+        return prose.Fetched({n: f"text of {n}\n" for n in names}, {}, books={"kjv": "K\n", "austen": "A\n"})
+
+    monkeypatch.setattr(prose, "build_texts", fake_build)
+    assert prose.screen_books(tmp_path) is None
+    ensure_prose(["fortunes"], directory=tmp_path)
+    assert prose.screen_books(tmp_path) == [tmp_path / "books" / "kjv.txt", tmp_path / "books" / "austen.txt"]
+    assert prose.ensure_books(tmp_path) == prose.screen_books(tmp_path)          # there: nothing fetched
+    assert (tmp_path / "books" / "austen.txt").read_text() == "A\n"
+    monkeypatch.setattr(prose.shutil, "which", lambda tool: None)
+    with pytest.raises(FetchError, match="missing: apt-get, dpkg-deb"):
+        prose.ensure_books(tmp_path / "elsewhere")

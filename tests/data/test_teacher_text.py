@@ -13,7 +13,7 @@ def _config(**data):
     from l2m_jax.recipe import RecipeConfig
     from l2m_jax.recipe.config import DataConfig
 
-    return RecipeConfig(teacher="tiny-random", data=DataConfig(seq_len=24, **data))
+    return RecipeConfig(teacher="tiny-random", data=DataConfig(**{"seq_len": 24, **data}))
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,48 @@ def test_teacher_rows_sharing_a_heldout_span_are_dropped(tmp_path, teacher, monk
     got = distill_rows(c, [], tok, notes=notes, teacher=teacher[0])
     assert len(got["tokens"]) == 3 and not any(span == list(r[3:16]) for r in got["tokens"])
     assert notes["decontamination"]["stage-1 teacher text rows"]["dropped"] == 1
+
+
+def test_teacher_rows_quoting_the_heldout_texts_books_are_screened(tmp_path, teacher, monkeypatch):
+    """A row quoting the KJV outside the held-out chapters shares no span with the held-out excerpt, so only the
+    screening against the books (data.screen_books, the books beside the prose) drops it; the report says so,
+    and says when the books were not there."""
+    from l2m_jax.data import teacher_text
+    from l2m_jax.recipe.data import distill_rows
+    from l2m_jax.recipe.run import data_notes
+
+    _, tok = teacher
+    quote = "For God so loved the world, that he gave his only begotten Son"      # John 3:16: not in the excerpt
+    other = "Answer a fool according to his folly, lest he be wise in his own conceit."   # Proverbs 26:5
+    books = tmp_path / "cache" / "texts-v2" / "books"
+    monkeypatch.setenv("L2M_CACHE", str(tmp_path / "cache"))
+
+    def written(model, prefixes, seq_len, *, rows, start_id, **kw):        # row 2 quotes Proverbs
+        tokens = np.full((rows, seq_len), ord("~"), np.int32)
+        tokens[:, 0] = start_id
+        q = tok.encode(other.upper(), add_special_tokens=False)            # case does not hide a quotation
+        tokens[2, 1:1 + len(q)] = q
+        return {"tokens": tokens, "loss_mask": np.ones_like(tokens, bool)}
+
+    monkeypatch.setattr(teacher_text, "teacher_text_rows", written)
+    c = _config(mix={"teacher_text": 1.0}, teacher_text_rows=4, teacher_text_prefix=0, seq_len=96)
+    notes: dict = {}
+    assert len(distill_rows(c, [], tok, notes=notes, teacher=teacher[0])["tokens"]) == 4     # no books: kept
+    assert notes["screening"]["books"] is None
+    assert "only the held-out excerpts were screened" in " ".join(data_notes(notes))
+
+    books.mkdir(parents=True)
+    (books / "kjv.txt").write_text(f"{quote}.\n\n{other}\n")
+    (books / "austen.txt").write_text("It is a truth universally acknowledged.\n")
+    notes = {}
+    got = distill_rows(c, [], tok, notes=notes, teacher=teacher[0], out=tmp_path / "o")
+    assert len(got["tokens"]) == 3 and not any(ord("A") in r for r in got["tokens"])
+    assert notes["decontamination"]["stage-1 teacher text rows"]["dropped"] == 0
+    assert notes["screening"]["stage-1 teacher text rows"] == {"dropped": 1, "of": 4}
+    assert notes["screening"]["books"] == ["kjv", "austen"]
+    assert ("screening: dropped what shares 10 words in a row with the held-out texts' books (kjv, austen), "
+            "beyond decontamination: 1 of 4 stage-1 teacher text rows") in data_notes(notes)
+    c_off = _config(mix={"teacher_text": 1.0}, teacher_text_rows=4, teacher_text_prefix=0, seq_len=96, screen_books=False)
+    notes = {}
+    assert len(distill_rows(c_off, [], tok, notes=notes, teacher=teacher[0])["tokens"]) == 4
+    assert "screening" not in notes
