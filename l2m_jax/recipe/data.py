@@ -268,7 +268,7 @@ def heldout_filter(c, tok, notes: dict | None = None) -> Callable[[str, list], n
     from l2m_jax.data.text import ngram_overlap
 
     n = c.data.decontaminate
-    books = _screen_refs(notes) if c.data.screen_books else None
+    books = _screen_refs(c, notes) if c.data.screen_books else None
     if not n and books is None:
         return None
     refs = heldout_references(tok) if n else None
@@ -304,14 +304,20 @@ def heldout_filter(c, tok, notes: dict | None = None) -> Callable[[str, list], n
     return keep
 
 
-def _screen_refs(notes: dict | None):
+def _screen_refs(c, notes: dict | None):
     """The held-out texts' books as `prose.book_word_ids` (read once per process), or None (noted) where they
-    are not beside the prose."""
-    from l2m_jax.data.prose import SCREEN_WORDS, screen_books
+    are not beside the prose; with data.text=prose, the prose (and with it the books) is fetched first."""
+    from l2m_jax.data import prose
 
-    paths = screen_books()
+    paths = prose.screen_books()
+    if paths is None and "prose" in [str(t) for t in c.data.text]:
+        try:
+            prose.ensure_prose()                   # fetching the prose brings the books
+            paths = prose.ensure_books()           # a cache of the prose without them
+        except prose.FetchError:
+            pass                                   # text_specs says why, once, when it asks for the prose
     if notes is not None:
-        notes["screening"] = {"words": SCREEN_WORDS, "books": [p.stem for p in paths] if paths else None}
+        notes["screening"] = {"words": prose.SCREEN_WORDS, "books": [p.stem for p in paths] if paths else None}
     if paths is None:
         say("screening against the held-out texts' books: they are not there (they come with data.text=prose, "
             "or `python -m experiments.fetch_texts`); only the held-out excerpts are screened")

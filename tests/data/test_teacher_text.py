@@ -154,3 +154,29 @@ def test_teacher_rows_quoting_the_heldout_texts_books_are_screened(tmp_path, tea
     notes = {}
     assert len(distill_rows(c_off, [], tok, notes=notes, teacher=teacher[0])["tokens"]) == 4
     assert "screening" not in notes
+
+
+def test_screening_fetches_the_prose_first_where_data_text_asks_for_it(tmp_path, monkeypatch):
+    """The first data builder to screen may run before the prose is fetched: with data.text=prose it fetches it
+    (which brings the books) instead of screening against nothing."""
+    from l2m_jax.data import prose
+    from l2m_jax.recipe.data import heldout_filter
+
+    monkeypatch.setenv("L2M_CACHE", str(tmp_path / "cache"))
+    fetched = []
+
+    def fake_ensure_prose(*a, **kw):
+        fetched.append(True)
+        books = prose.prose_dir() / "books"
+        books.mkdir(parents=True, exist_ok=True)
+        for b in prose.BOOKS:
+            (books / f"{b}.txt").write_text("the whole book of " + b + "\n")
+        return []
+
+    monkeypatch.setattr(prose, "ensure_prose", fake_ensure_prose)
+    notes: dict = {}
+    assert heldout_filter(_config(text=["prose"], decontaminate=None), None, notes) is not None and fetched
+    assert notes["screening"]["books"] == list(prose.BOOKS)
+    notes = {}
+    heldout_filter(_config(text=["/some/dir"], decontaminate=None), None, notes)
+    assert notes["screening"]["books"] == list(prose.BOOKS) and len(fetched) == 1     # there now: not fetched
