@@ -45,7 +45,7 @@ from l2m_jax.recipe.config import ALIGNED_ORDERS, use_kernels
 from l2m_jax.recipe.run import (Run, copy_nll, evaluate, keep_induction, stage1_trains, stage_settings,
                                 use_compilation_cache, with_teacher_hidden)
 from l2m_jax.train.align import LAYER_SCORES, align_stage, conversion_order, take_mixers
-from l2m_jax.train.report import context_ratio
+from l2m_jax.train.report import confidence_ratio, context_ratio
 from l2m_jax.train.stages import distill_stage
 
 
@@ -76,6 +76,9 @@ def score(run: Run, model, teacher_eval) -> dict:
     for name, e in scores.items():
         e["ratio"] = e["perplexity"] / teacher_eval[name]["perplexity"]
         e["context_ratio"] = context_ratio(e, teacher_eval[name])
+        e["confidence_ratio"] = confidence_ratio(e, teacher_eval[name])
+    for e in scores.values():
+        e.pop("token_nll", None)       # kept only until the ratios are taken (the teacher's stays)
     return scores
 
 

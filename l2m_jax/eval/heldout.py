@@ -11,7 +11,10 @@ of one padded shape: one compilation per model instead of one per call shape, an
 of one per window. Padding sits after each window's real tokens, so causality keeps it from changing them.
 "context_nll" is the mean NLL of the scored tokens grouped by how many tokens of their window precede them
 (`CONTEXT_EDGES`): a student's per-group NLL minus its teacher's tells whether it loses most where the context is
-short (modelling the text itself) or long (using what came before).
+short (modelling the text itself) or long (using what came before). "token_nll" (float32 [tokens]) is every
+scored token's NLL in text order; grouped by the teacher's NLL of the same tokens (`confidence_groups`), a
+student's excess tells whether it loses most where the teacher is near certain (text it knows by heart) or
+where it is unsure.
 """
 from __future__ import annotations
 
@@ -25,9 +28,20 @@ from ..config import ModelConfig
 from ..models import forward, shape_structs
 from ..ops import keyed_jit
 
-__all__ = ["CONTEXT_EDGES", "score_texts", "score_batch_shape", "precompile_score", "context_groups"]
+__all__ = ["CONTEXT_EDGES", "CONFIDENCE_EDGES", "score_texts", "score_batch_shape", "precompile_score",
+           "context_groups", "confidence_groups"]
 
 CONTEXT_EDGES = (1, 16, 64, 128)   # groups of context length [1, 16), [16, 64), [64, 128), [128, window)
+CONFIDENCE_EDGES = (0.1, 1.0, 3.0)  # groups of the teacher's NLL of a token, in nats: < 0.1 (near certain), ...
+
+
+def confidence_groups(teacher_nll: np.ndarray) -> dict[str, np.ndarray]:
+    """{label: bool mask} of the tokens in each `CONFIDENCE_EDGES` group of the teacher's per-token NLL."""
+    nll = np.asarray(teacher_nll, np.float64)
+    edges = [-np.inf, *CONFIDENCE_EDGES, np.inf]
+    labels = [f"<{CONFIDENCE_EDGES[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:])] \
+        + [f">={CONFIDENCE_EDGES[-1]:g}"]
+    return {label: (nll >= a) & (nll < b) for label, a, b in zip(labels, edges, edges[1:])}
 
 
 def context_groups(window: int) -> list[tuple[str, int, int]]:
@@ -57,7 +71,7 @@ def _check_ids(name: str, ids: np.ndarray, vocab: int) -> None:
 
 def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: int, *,
                 batch_rows: int = 8) -> dict[str, dict]:
-    """{name: {"tokens", "perplexity", "top1"}} for every text (int [T] token ids).
+    """{name: {"tokens", "perplexity", "top1", "context_nll", "token_nll"}} for every text (int [T] token ids).
 
     Per text the window is w = min(window, T, cfg.max_position_embeddings); "tokens" and "perplexity" equal
     `perplexity(cfg, params, ids, window=w)`, "top1" equals `top1_predictions(cfg, params, rows)` with rows
@@ -93,15 +107,17 @@ def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: 
     out, i = {}, 0
     for name, (w, ppl_windows, rows) in plans.items():
         sums, counts = np.zeros(w - 1), np.zeros(w - 1)      # by context length - 1
+        token_nll = []
         for j, c in enumerate(ppl_windows):
             sums[:c.size - 1] += nll[i + j, :c.size - 1]
             counts[:c.size - 1] += 1
+            token_nll.append(nll[i + j, :c.size - 1])
         scored = int(counts.sum())
         i += len(ppl_windows)
         by_context = {label: float(sums[a - 1:b].sum() / counts[a - 1:b].sum())
                       for label, a, b in context_groups(w) if counts[a - 1:b].sum()}
         out[name] = {"tokens": scored, "perplexity": math.exp(sums.sum() / scored), "top1": top1[i:i + len(rows), :w],
-                     "context_nll": by_context}
+                     "context_nll": by_context, "token_nll": np.concatenate(token_nll).astype(np.float32)}
         i += len(rows)
     return out
 

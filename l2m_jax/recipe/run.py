@@ -52,8 +52,9 @@ def peak_memory_bytes() -> int | None:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate(cfg, params, texts: dict[str, np.ndarray], window: int, teacher_top1=None) -> tuple[dict, dict]:
-    """({text: {"perplexity", "tokens", "agreement", "context_nll"}}, {text: top-1 predictions}) on the held-out
-    texts; "context_nll" is the mean NLL by context length within the window (`eval.heldout.score_texts`)."""
+    """({text: {"perplexity", "tokens", "agreement", "context_nll", "token_nll"}}, {text: top-1 predictions}) on
+    the held-out texts; "context_nll" is the mean NLL by context length within the window, "token_nll" every
+    scored token's NLL (`eval.heldout.score_texts`)."""
     from l2m_jax.eval.agreement import top1_agreement
     from l2m_jax.eval.heldout import score_texts
 
@@ -62,7 +63,8 @@ def evaluate(cfg, params, texts: dict[str, np.ndarray], window: int, teacher_top
         preds[name] = r["top1"]                                              # [N, W]
         agreement = None if teacher_top1 is None else top1_agreement(preds[name], teacher_top1[name])
         scores[name] = {"perplexity": r["perplexity"], "tokens": r["tokens"], "agreement": agreement,
-                        "context_nll": r["context_nll"]}
+                        "context_nll": r["context_nll"],
+                        "token_nll": [round(float(x), 4) for x in r["token_nll"]]}
     return scores, preds
 
 
@@ -669,7 +671,7 @@ def write_run_report(run: Run, plan, records: list[dict]) -> Path:
     texts = {name: HELDOUT_SOURCES.get(name, name) for name in run.texts}
     dpo = {k: r[k] for r in records if r["kind"] == "dpo" for k in ("preferences_before", "preferences_after")
            if k in r}
-    sections = [s for s in [report.context_table(rows)] if s]
+    sections = [s for s in [report.context_table(rows), report.confidence_table(rows)] if s]
     if len(dpo) == 2:
         b, a = dpo["preferences_before"], dpo["preferences_after"]
         sections.append("## DPO on held-out preference pairs\n\n| | reward accuracy | reward margin |\n|---|---|---|\n"

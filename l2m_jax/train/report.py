@@ -113,6 +113,31 @@ def context_ratio(evaluation: dict, teacher: dict) -> dict[str, float] | None:
     return {g: math.exp(mine[g] - theirs[g]) for g in theirs if g in mine}
 
 
+def confidence_ratio(evaluation: dict, teacher: dict) -> dict[str, float] | None:
+    """{teacher-confidence group: perplexity over the teacher's on those tokens} from two evaluations of one text
+    with "token_nll" (`eval.heldout.confidence_groups`: the tokens grouped by the teacher's NLL); None where either
+    lacks it or their tokens differ."""
+    import numpy as np
+
+    from l2m_jax.eval.heldout import confidence_groups
+
+    mine, theirs = evaluation.get("token_nll"), teacher.get("token_nll")
+    if mine is None or theirs is None or len(mine) != len(theirs) or not len(theirs):
+        return None
+    mine, theirs = np.asarray(mine, np.float64), np.asarray(theirs, np.float64)
+    return {g: math.exp(mine[m].mean() - theirs[m].mean()) for g, m in confidence_groups(theirs).items() if m.any()}
+
+
+def confidence_shares(teacher: dict) -> dict[str, float]:
+    """{teacher-confidence group: share of the text's scored tokens in it}."""
+    from l2m_jax.eval.heldout import confidence_groups
+
+    nll = teacher.get("token_nll")
+    if not nll:
+        return {}
+    return {g: float(m.mean()) for g, m in confidence_groups(nll).items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class ReportRow:
     """One model in the evaluation table."""
@@ -135,6 +160,10 @@ class ReportRow:
     def context_ratio(self, text: str, teacher: "ReportRow") -> dict[str, float] | None:
         """{context-length group: perplexity over the teacher's} on one held-out text (`context_ratio`)."""
         return context_ratio(self.evals[text], teacher.evals[text])
+
+    def confidence_ratio(self, text: str, teacher: "ReportRow") -> dict[str, float] | None:
+        """{teacher-confidence group: perplexity over the teacher's} on one held-out text (`confidence_ratio`)."""
+        return confidence_ratio(self.evals[text], teacher.evals[text])
 
 
 def _fmt(value, spec: str) -> str:
@@ -162,26 +191,46 @@ def markdown_table(rows: Sequence[ReportRow]) -> str:
     return "\n".join(lines)
 
 
+def _grouped_table(rows: Sequence[ReportRow], title: str, intro: str, groups: dict[str, dict[str, str]],
+                   ratio: str) -> str:
+    """A markdown section of each model's ratio per held-out text and group: `groups` {text: {group: column
+    label}}, `ratio` the ReportRow method giving {group: ratio}; "" without groups."""
+    if not groups:
+        return ""
+    teacher = rows[0]
+    head = ["model"] + [f"{t} {label}" for t, g in groups.items() for label in g.values()]
+    lines = [f"## {title}", "", intro, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows[1:]:
+        cells = [r.name]
+        for t, g in groups.items():
+            ratios = getattr(r, ratio)(t, teacher) or {}
+            cells += [_fmt(ratios.get(k), ".3f") for k in g]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def context_table(rows: Sequence[ReportRow]) -> str:
     """A markdown section: each model's perplexity ratio to the teacher by context length within the evaluation
     window (`eval.heldout.CONTEXT_EDGES`), per held-out text; "" when no evaluation recorded it."""
-    teacher = rows[0]
-    texts = [t for t in teacher.evals if teacher.evals[t].get("context_nll")]
-    if not texts:
-        return ""
-    groups = {t: list(teacher.evals[t]["context_nll"]) for t in texts}
-    head = ["model"] + [f"{t} {g}" for t in texts for g in groups[t]]
-    lines = ["## Perplexity ratio by context length", "",
-             "Each held-out token's context is the tokens before it in its evaluation window; a ratio that grows "
-             "with the context means the model loses most in using what came before.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows[1:]:
-        cells = [r.name]
-        for t in texts:
-            ratios = r.context_ratio(t, teacher) or {}
-            cells += [_fmt(ratios.get(g), ".3f") for g in groups[t]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    evals = rows[0].evals
+    groups = {t: {g: g for g in e["context_nll"]} for t, e in evals.items() if e.get("context_nll")}
+    return _grouped_table(rows, "Perplexity ratio by context length",
+                          "Each held-out token's context is the tokens before it in its evaluation window; a ratio "
+                          "that grows with the context means the model loses most in using what came before.",
+                          groups, "context_ratio")
+
+
+def confidence_table(rows: Sequence[ReportRow]) -> str:
+    """A markdown section: each model's perplexity ratio to the teacher on the tokens grouped by the teacher's
+    NLL of them (`eval.heldout.CONFIDENCE_EDGES`), per held-out text; "" when no evaluation recorded it."""
+    evals = rows[0].evals
+    groups = {t: {g: f"{g} ({100 * share:.0f}%)" for g, share in confidence_shares(e).items()}
+              for t, e in evals.items() if e.get("token_nll")}
+    return _grouped_table(rows, "Perplexity ratio by the teacher's confidence",
+                          "The held-out tokens grouped by the teacher's NLL of them, in nats (the share of each "
+                          "text's tokens in brackets); a ratio that is highest where the teacher is near certain "
+                          "means the model loses most on what the teacher knows by heart.",
+                          groups, "confidence_ratio")
 
 
 def report_json(rows: Sequence[ReportRow], **extra) -> dict:
@@ -192,6 +241,9 @@ def report_json(rows: Sequence[ReportRow], **extra) -> dict:
         d = dataclasses.asdict(r)
         d["ratio"] = {t: r.ratio(t, teacher) for t in r.evals}
         d["context_ratio"] = {t: r.context_ratio(t, teacher) for t in r.evals}
+        d["confidence_ratio"] = {t: r.confidence_ratio(t, teacher) for t in r.evals}
+        for e in d["evals"].values():          # per-token numbers stay in the run's eval/*.json
+            e.pop("token_nll", None)
         models.append(d)
     return {"models": models, **extra}
 

@@ -64,3 +64,30 @@ def test_context_nll_groups_every_scored_token_by_its_context_length(model):
     for label, a, b in context_groups(w):
         values = [v for j in range(a, b + 1) for v in by_len.get(j, [])]
         np.testing.assert_allclose(got[label], np.mean(values), rtol=1e-5)
+
+
+def test_token_nll_is_every_scored_token_in_text_order_and_groups_by_confidence(model):
+    from l2m_jax.eval.heldout import confidence_groups
+    from l2m_jax.train.report import confidence_ratio, confidence_shares
+
+    cfg, params = model
+    ids = np.random.default_rng(2).integers(0, 97, 150).astype(np.int32)
+    w = 40
+    r = score_texts(cfg, params, {"t": ids}, window=w, batch_rows=4)["t"]
+    want = np.concatenate([np.asarray(_window_nll(cfg, params, ids[s:s + w][None], ids[s:s + w].size))
+                           [:ids[s:s + w].size - 1] for s in range(0, ids.size - 1, w - 1)])
+    assert r["token_nll"].shape == (r["tokens"],) == want.shape
+    np.testing.assert_allclose(r["token_nll"], want, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(r["token_nll"].astype(np.float64).mean()), r["perplexity"], rtol=1e-5)
+    teacher = np.array([0.05, 0.5, 2.0, 5.0, 0.01, 3.0])
+    groups = confidence_groups(teacher)
+    assert list(groups) == ["<0.1", "0.1-1", "1-3", ">=3"]
+    assert [m.tolist() for m in groups.values()] == [[1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                                                     [0, 0, 0, 1, 0, 1]]
+    student = teacher + np.array([1.0, 0.0, 0.5, 0.0, 0.0, 0.2])
+    ratio = confidence_ratio({"token_nll": student.tolist()}, {"token_nll": teacher.tolist()})
+    assert ratio == pytest.approx({"<0.1": np.exp(0.5), "0.1-1": 1.0, "1-3": np.exp(0.5), ">=3": np.exp(0.1)})
+    assert confidence_shares({"token_nll": teacher.tolist()}) == pytest.approx(
+        {"<0.1": 2 / 6, "0.1-1": 1 / 6, "1-3": 1 / 6, ">=3": 2 / 6})
+    assert confidence_ratio({"token_nll": student[:3].tolist()}, {"token_nll": teacher.tolist()}) is None
+    assert confidence_ratio({}, {"token_nll": teacher.tolist()}) is None
