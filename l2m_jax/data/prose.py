@@ -139,6 +139,14 @@ def download(packages: Sequence[str], workdir: Path) -> dict[str, Path]:
     return debs
 
 
+def _unpacked(packages: Sequence[str], work: Path) -> tuple[Path, dict[str, Path]]:
+    """Download `packages` into `work` and unpack them all into work/root: (root, {name: .deb path})."""
+    debs = download(packages, work)
+    for deb in debs.values():
+        extract(deb, work / "root")
+    return work / "root", debs
+
+
 def deb_version(deb: Path) -> str:
     return _run(["dpkg-deb", "-f", str(deb), "Version"]).stdout.strip()
 
@@ -297,7 +305,7 @@ def screen_records(records: Sequence[str], books, n: int = SCREEN_WORDS) -> list
     return [not hit for hit in hits]
 
 
-def _screen_text(text: str, books: Sequence[str], sep: str) -> tuple[str, int, int]:
+def _screen_text(text: str, books, sep: str) -> tuple[str, int, int]:
     """(text without the `sep`-separated records that share a span with a book, dropped, records)."""
     records = text.rstrip("\n").split(sep)
     keep = screen_records(records, books)
@@ -455,11 +463,7 @@ def build_texts(names: Sequence[str], *, keep_heldout: bool = False, heldout: bo
     wanted = list(names) + (list(SCREEN_PACKAGES) if screen else [])
     packages = tuple(dict.fromkeys(p for n in wanted for p in {**SOURCE_PACKAGES, **SCREEN_PACKAGES}[n]))
     with tempfile.TemporaryDirectory(prefix="l2m_prose.") as tmp:
-        work = Path(tmp)
-        debs = download(packages, work)
-        root = work / "root"
-        for deb in debs.values():
-            extract(deb, root)
+        root, debs = _unpacked(packages, Path(tmp))
         versions = {name: deb_version(deb) for name, deb in debs.items()}
         texts, chapters = {}, None
         for name in names:
@@ -573,11 +577,8 @@ def ensure_books(directory: "str | os.PathLike[str] | None" = None) -> list[Path
     check_tools(rdata=True)
     try:
         with tempfile.TemporaryDirectory(prefix="l2m_books.") as tmp:
-            work = Path(tmp)
-            debs = download(packages, work)
-            for deb in debs.values():
-                extract(deb, work / "root")
-            books = _books(kjv_chapters(work / "root"), work / "root")
+            root, _ = _unpacked(packages, Path(tmp))
+            books = _books(kjv_chapters(root), root)
     except FetchError as e:
         raise FetchError(f"cannot fetch the books into {directory / 'books'}: {e}") from None
     return [write_text(directory / "books" / f"{b}.txt", books[b]) for b in BOOKS]

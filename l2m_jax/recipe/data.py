@@ -289,7 +289,7 @@ def heldout_filter(c, tok, notes: dict | None = None) -> Callable[[str, list], n
         if books is not None:
             from l2m_jax.data.prose import SCREEN_WORDS, screen_records
 
-            texts = [tok.decode([int(t) for t in a]) for a in flat]
+            texts = [tok.decode(a.tolist()) for a in flat]
             hit = ~np.asarray(screen_records(texts, books), bool)
             screened = np.zeros(len(parts), bool)
             np.logical_or.at(screened, owner, hit)
@@ -316,8 +316,9 @@ def _screen_refs(c, notes: dict | None):
             paths = prose.ensure_books()           # a cache of the prose without them
         except prose.FetchError:
             pass                                   # text_specs says why, once, when it asks for the prose
-    if notes is not None:
-        notes["screening"] = {"words": prose.SCREEN_WORDS, "books": [p.stem for p in paths] if paths else None}
+    if notes is not None:       # one entry for the run: every data builder adds its counts to it
+        notes.setdefault("screening", {}).update(words=prose.SCREEN_WORDS,
+                                                 books=[p.stem for p in paths] if paths else None)
     if paths is None:
         say("screening against the held-out texts' books: they are not there (they come with data.text=prose, "
             "or `python -m experiments.fetch_texts`); only the held-out excerpts are screened")
