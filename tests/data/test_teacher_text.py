@@ -150,6 +150,12 @@ def test_teacher_rows_quoting_the_heldout_texts_books_are_screened(tmp_path, tea
     assert notes["screening"]["books"] == ["kjv", "austen"]
     assert ("screening: dropped what shares 10 words in a row with the held-out texts' books (kjv, austen), "
             "beyond decontamination: 1 of 4 stage-1 teacher text rows") in data_notes(notes)
+    from l2m_jax.recipe.data import heldout_filter                          # a second builder adds its counts
+    rows = [np.asarray(tok.encode(t, add_special_tokens=False)) for t in ("plain words here", other.lower())]
+    assert list(heldout_filter(c, tok, notes)("sft conversations", rows)) == [True, False]
+    assert notes["screening"]["stage-1 teacher text rows"] == {"dropped": 1, "of": 4}
+    assert notes["screening"]["sft conversations"] == {"dropped": 1, "of": 2}
+    assert data_notes(notes)[-1].endswith("1 of 4 stage-1 teacher text rows; 1 of 2 sft conversations")
     c_off = _config(mix={"teacher_text": 1.0}, teacher_text_rows=4, teacher_text_prefix=0, seq_len=96, screen_books=False)
     notes = {}
     assert len(distill_rows(c_off, [], tok, notes=notes, teacher=teacher[0])["tokens"]) == 4
