@@ -280,22 +280,26 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
 
 
-def book_word_ids(books: Sequence[str]) -> tuple[dict[str, int], list]:
-    """(vocabulary word -> id, int64 word ids of each book): the books in the form `screen_records` compares."""
+def book_word_ids(books: Sequence[str], n: int = SCREEN_WORDS) -> tuple[dict[str, int], object]:
+    """(vocabulary word -> id, `data.text.NgramIndex` of the books' n-word runs): the books in the form
+    `screen_records` compares, built once (the index of two long books takes seconds) for many calls with this n."""
     import numpy as np
 
+    from l2m_jax.data.text import ngram_index
+
     vocab: dict[str, int] = {}
-    return vocab, [np.asarray([vocab.setdefault(w, len(vocab)) for w in _words(b)], np.int64) for b in books]
+    ids = [np.asarray([vocab.setdefault(w, len(vocab)) for w in _words(b)], np.int64) for b in books]
+    return vocab, ngram_index(ids, n)
 
 
 def screen_records(records: Sequence[str], books, n: int = SCREEN_WORDS) -> list[bool]:
     """keep[i]: False where records[i] shares n words in a row (lower-cased, punctuation ignored) with a book.
-    `books`: the books' texts, or `book_word_ids(texts)` to reuse across calls."""
+    `books`: the books' texts, or `book_word_ids(texts, n)` to reuse across calls."""
     import numpy as np
 
     from l2m_jax.data.text import ngram_overlap
 
-    vocab, refs = books if isinstance(books, tuple) else book_word_ids(books)
+    vocab, refs = books if isinstance(books, tuple) else book_word_ids(books, n)
     unknown = -1                                   # a word no book has: it can be in no shared span
 
     def ids(text: str) -> np.ndarray:

@@ -35,7 +35,7 @@ from l2m_jax.data.chat import DataError
 from l2m_jax.data.packing import PackStats, pack_sequences
 
 __all__ = ["MAX_DOC_CHARS", "read_documents", "split_paragraphs", "tokenize_documents", "text_rows", "repeat_rows",
-           "mix_rows", "ngram_overlap"]
+           "mix_rows", "ngram_overlap", "ngram_index", "NgramIndex"]
 
 MAX_DOC_CHARS = 20_000          # documents cut from a long .txt file are at most this long (when possible)
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -463,28 +463,63 @@ def _windows(flat: np.ndarray, starts: np.ndarray, n: int) -> tuple[np.ndarray, 
     return h, pos
 
 
-def ngram_overlap(sequences: Sequence[np.ndarray], references: Sequence[np.ndarray], n: int = 13) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class NgramIndex:
+    """The distinct n-token windows of reference sequences, sorted by their hash: the reference side of
+    `ngram_overlap`, built once by `ngram_index` where many batches are checked against the same references."""
+    n: int
+    hashes: np.ndarray          # int64 [M], sorted
+    windows: np.ndarray         # int64 [M, n], the window of each hash (equal hashes of different windows apart)
+
+    def __len__(self) -> int:
+        return int(self.hashes.size)
+
+
+def _check_n(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise DataError(f"ngram_overlap: n={n!r} must be a positive number of tokens")
+    return int(n)
+
+
+def ngram_index(references: Sequence[np.ndarray], n: int = 13) -> NgramIndex:
+    """The `NgramIndex` of every n-token window lying inside one of `references` (1-D token id arrays)."""
+    n = _check_n(n)
+    rflat, rstarts = _flat(references, "reference")
+    r_hash, r_pos = _windows(rflat, rstarts, n)
+    if r_hash.size == 0:
+        return NgramIndex(n, np.zeros(0, np.int64), np.zeros((0, n), np.int64))
+    r_hash = r_hash.view(np.int64)
+    order = np.argsort(r_hash, kind="stable")
+    hashes, windows = r_hash[order], rflat[r_pos[order][:, None] + np.arange(n)]
+    # repeats of a window are adjacent (same hash); under a hash collision one may stay twice, which only costs a
+    # comparison
+    keep = np.ones(hashes.size, bool)
+    keep[1:] = (hashes[1:] != hashes[:-1]) | (windows[1:] != windows[:-1]).any(axis=1)
+    return NgramIndex(n, hashes[keep], windows[keep])
+
+
+def ngram_overlap(sequences: Sequence[np.ndarray], references: Sequence[np.ndarray] | NgramIndex,
+                  n: int = 13) -> np.ndarray:
     """bool [S]: True for each token sequence sharing some n-token window with any reference sequence.
 
     Exact: the windows of `references` are hashed (a 64-bit polynomial of mixed token ids) and every
     sequence window whose hash is one of theirs is compared token for token with each reference window of
     that hash. A window never spans two sequences (or two references); a sequence shorter than n matches
     nothing. Vectorised over all positions at once: Python loops run only over the n offsets of a window
-    (and over the reference windows of one hash, one unless 64-bit hashes collide).
+    (and over the reference windows of one hash, one unless 64-bit hashes collide). `references` may be an
+    `ngram_index` of them, built once for many calls (its n must be this n).
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise DataError(f"ngram_overlap: n={n!r} must be a positive number of tokens")
-    n = int(n)
+    n = _check_n(n)
     flat, starts = _flat(sequences, "sequence")
     out = np.zeros(len(starts) - 1, bool)
-    rflat, rstarts = _flat(references, "reference")
-    r_hash, r_pos = _windows(rflat, rstarts, n)
-    if r_hash.size == 0 or out.size == 0:
+    index = references if isinstance(references, NgramIndex) else ngram_index(references, n)
+    if index.n != n:
+        raise DataError(f"ngram_overlap: the reference index holds {index.n}-token windows, not {n}-token ones; "
+                        f"build it with ngram_index(references, n={n})")
+    if not len(index) or out.size == 0:
         return out
     offsets = np.arange(n)
-    # distinct reference windows sorted by (hash, tokens): equal hashes of different windows stay apart
-    table = np.unique(np.column_stack([r_hash.view(np.int64), rflat[r_pos[:, None] + offsets]]), axis=0)
-    r_hash, r_windows = table[:, 0], table[:, 1:]                # [M], [M, n]
+    r_hash, r_windows = index.hashes, index.windows               # [M], [M, n]
     h, pos = _windows(flat, starts, n)
     h = h.view(np.int64)
     lo = np.searchsorted(r_hash, h, side="left")

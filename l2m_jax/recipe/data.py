@@ -404,7 +404,8 @@ def distill_rows(c, rows: list[dict], tok, notes: dict | None = None, *, teacher
     if wants_teacher:
         made = teacher_rows(c, teacher, text, eos_id, out)
         if keep:
-            made = {k: v[keep("stage-1 teacher text rows", list(made["tokens"]))] for k, v in made.items()}
+            kept = keep("stage-1 teacher text rows", list(made["tokens"]))       # once, not once per key
+            made = {k: v[kept] for k, v in made.items()}
         if len(made["tokens"]):
             sources["teacher_text"] = made
     if not sources:

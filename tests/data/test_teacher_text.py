@@ -111,7 +111,7 @@ def test_teacher_rows_sharing_a_heldout_span_are_dropped(tmp_path, teacher, monk
     assert notes["decontamination"]["stage-1 teacher text rows"]["dropped"] == 1
 
 
-def test_teacher_rows_quoting_the_heldout_texts_books_are_screened(tmp_path, teacher, monkeypatch):
+def test_teacher_rows_quoting_the_heldout_texts_books_are_screened(tmp_path, teacher, monkeypatch, capsys):
     """A row quoting the KJV outside the held-out chapters shares no span with the held-out excerpt, so only the
     screening against the books (data.screen_books, the books beside the prose) drops it; the report says so,
     and says when the books were not there."""
@@ -148,6 +148,7 @@ def test_teacher_rows_quoting_the_heldout_texts_books_are_screened(tmp_path, tea
     assert notes["decontamination"]["stage-1 teacher text rows"]["dropped"] == 0
     assert notes["screening"]["stage-1 teacher text rows"] == {"dropped": 1, "of": 4}
     assert notes["screening"]["books"] == ["kjv", "austen"]
+    assert capsys.readouterr().out.count("teacher text rows: screening dropped") == 1     # the rows screened once
     assert ("screening: dropped what shares 10 words in a row with the held-out texts' books (kjv, austen), "
             "beyond decontamination: 1 of 4 stage-1 teacher text rows") in data_notes(notes)
     from l2m_jax.recipe.data import heldout_filter                          # a second builder adds its counts

@@ -7,7 +7,7 @@ import pytest
 
 from l2m_jax.recipe.data import byte_chatml_tokenizer
 from l2m_jax.data.chat import DataError
-from l2m_jax.data.text import (mix_rows, repeat_rows, ngram_overlap, read_documents, split_paragraphs, text_rows,
+from l2m_jax.data.text import (mix_rows, repeat_rows, ngram_index, ngram_overlap, read_documents, split_paragraphs, text_rows,
                                tokenize_documents)
 
 EOS, PAD = 2, 0
@@ -203,6 +203,18 @@ def test_ngram_overlap_equals_brute_force_on_random_sequences():
         got = ngram_overlap(seqs, refs, n)
         assert got.dtype == bool and got.shape == (len(seqs),)
         assert got.tolist() == _overlap_brute(seqs, refs, n), trial
+        index = ngram_index(refs, n)                                     # built once, reused: the same answer
+        assert ngram_overlap(seqs, index, n).tolist() == got.tolist(), trial
+        distinct = {tuple(r[i:i + n]) for r in map(list, refs) for i in range(len(r) - n + 1)}
+        assert len(index) == len(distinct) and (index.hashes[1:] >= index.hashes[:-1]).all(), trial
+
+
+def test_ngram_index_of_another_span_length_is_refused():
+    index = ngram_index([np.arange(20)], 10)
+    assert ngram_overlap([np.arange(5, 15)], index, 10).tolist() == [True]
+    with pytest.raises(DataError, match="holds 10-token windows, not 13-token"):
+        ngram_overlap([np.arange(20)], index, 13)
+    assert len(ngram_index([], 4)) == 0 and not ngram_overlap([np.arange(9)], ngram_index([], 4), 4)[0]
 
 
 def test_ngram_overlap_span_lengths_and_boundaries():
