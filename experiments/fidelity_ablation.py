@@ -78,7 +78,8 @@ def score(run: Run, model, teacher_eval) -> dict:
         e["context_ratio"] = context_ratio(e, teacher_eval[name])
         e["confidence_ratio"] = confidence_ratio(e, teacher_eval[name])
     for e in scores.values():
-        e.pop("token_nll", None)       # kept only until the ratios are taken (the teacher's stays)
+        e.pop("token_nll", None)       # kept only until the ratios are taken (the teacher's stay)
+        e.pop("token_entropy", None)
     return scores
 
 

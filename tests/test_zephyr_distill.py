@@ -111,13 +111,15 @@ def test_report_json_holds_the_tables_numbers(first_run):
     line = next(ln for ln in section.splitlines() if ln.startswith("| dpo-mamba50 |"))
     assert f"| {dpo['context_ratio']['persuasion']['1-15']:.3f} |" in line
     assert models["teacher"]["context_ratio"]["persuasion"] == {"1-15": 1.0, "16-63": 1.0}
-    # and by the teacher's confidence: the per-token NLLs stay in eval/*.json, the ratios reach the report
-    assert "token_nll" not in dpo["evals"]["kjv-john"]
-    t_tok = json.loads((out / "eval" / "teacher.json").read_text())["kjv-john"]["token_nll"]
+    # and by the teacher's confidence: the per-token numbers stay in eval/*.json, the ratios reach the report
+    assert "token_nll" not in dpo["evals"]["kjv-john"] and "token_entropy" not in dpo["evals"]["kjv-john"]
+    t_eval = json.loads((out / "eval" / "teacher.json").read_text())["kjv-john"]
+    t_tok, t_ent = t_eval["token_nll"], t_eval["token_entropy"]
     d_tok = json.loads((out / "eval" / "dpo-mamba50.json").read_text())["kjv-john"]["token_nll"]
     from l2m_jax.eval.heldout import confidence_groups
 
-    for g, m in confidence_groups(t_tok).items():
+    assert len(t_ent) == len(t_tok) == len(d_tok)
+    for g, m in confidence_groups(t_ent).items():
         if m.any():
             assert dpo["confidence_ratio"]["kjv-john"][g] == pytest.approx(
                 np.exp(np.asarray(d_tok)[m].mean() - np.asarray(t_tok)[m].mean()))

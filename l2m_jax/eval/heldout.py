@@ -32,12 +32,15 @@ __all__ = ["CONTEXT_EDGES", "CONFIDENCE_EDGES", "score_texts", "score_batch_shap
            "context_groups", "confidence_groups"]
 
 CONTEXT_EDGES = (1, 16, 64, 128)   # groups of context length [1, 16), [16, 64), [64, 128), [128, window)
-CONFIDENCE_EDGES = (0.1, 1.0, 3.0)  # groups of the teacher's NLL of a token, in nats: < 0.1 (near certain), ...
+# groups of the teacher's predictive entropy at a position, in nats: < 0.1 (near certain), 0.1-1, 1-3, >= 3. The
+# entropy does not depend on which token came, so grouping by it favours neither model; grouping by the teacher's
+# NLL of the token would put the tokens it happened to miss in its high groups, where any other model looks better
+CONFIDENCE_EDGES = (0.1, 1.0, 3.0)
 
 
-def confidence_groups(teacher_nll: np.ndarray) -> dict[str, np.ndarray]:
-    """{label: bool mask} of the tokens in each `CONFIDENCE_EDGES` group of the teacher's per-token NLL."""
-    nll = np.asarray(teacher_nll, np.float64)
+def confidence_groups(teacher_entropy: np.ndarray) -> dict[str, np.ndarray]:
+    """{label: bool mask} of the positions in each `CONFIDENCE_EDGES` group of the teacher's entropy there."""
+    nll = np.asarray(teacher_entropy, np.float64)
     edges = [-np.inf, *CONFIDENCE_EDGES, np.inf]
     labels = [f"<{CONFIDENCE_EDGES[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:])] \
         + [f">={CONFIDENCE_EDGES[-1]:g}"]
@@ -53,11 +56,13 @@ def context_groups(window: int) -> list[tuple[str, int, int]]:
 
 @keyed_jit(static_argnums=0)
 def _score(cfg: ModelConfig, params, tokens):
-    """tokens int32 [N, W] -> (nll of tokens[:, 1:] float32 [N, W-1], argmax int32 [N, W])."""
+    """tokens int32 [N, W] -> (nll of tokens[:, 1:] float32 [N, W-1], argmax int32 [N, W], entropy of the
+    predictions of tokens[:, 1:] float32 [N, W-1])."""
     logits = forward(cfg, params, tokens, checked=False)[0].astype(jnp.float32)   # ids checked on the host
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return nll, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return nll, jnp.argmax(logits, axis=-1).astype(jnp.int32), entropy
 
 
 def _check_ids(name: str, ids: np.ndarray, vocab: int) -> None:
@@ -71,7 +76,8 @@ def _check_ids(name: str, ids: np.ndarray, vocab: int) -> None:
 
 def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: int, *,
                 batch_rows: int = 8) -> dict[str, dict]:
-    """{name: {"tokens", "perplexity", "top1", "context_nll", "token_nll"}} for every text (int [T] token ids).
+    """{name: {"tokens", "perplexity", "top1", "context_nll", "token_nll", "token_entropy"}} for every text (int
+    [T] token ids); "token_entropy" is the entropy of the model's prediction of each scored token, in its order.
 
     Per text the window is w = min(window, T, cfg.max_position_embeddings); "tokens" and "perplexity" equal
     `perplexity(cfg, params, ids, window=w)`, "top1" equals `top1_predictions(cfg, params, rows)` with rows
@@ -98,26 +104,29 @@ def score_texts(cfg: ModelConfig, params, texts: dict[str, np.ndarray], window: 
     batch = np.zeros((n, width), np.int32)
     for i, c in enumerate(chunks):
         batch[i, :c.size] = c
-    nll, top1 = [], []
+    nll, top1, ent = [], [], []
     for s in range(0, n, batch_rows):
-        a, b = _score(cfg, params, jnp.asarray(batch[s:s + batch_rows]))
+        a, b, e = _score(cfg, params, jnp.asarray(batch[s:s + batch_rows]))
         nll.append(np.asarray(a, np.float64))
         top1.append(np.asarray(b))
-    nll, top1 = np.concatenate(nll), np.concatenate(top1)
+        ent.append(np.asarray(e))
+    nll, top1, ent = np.concatenate(nll), np.concatenate(top1), np.concatenate(ent)
     out, i = {}, 0
     for name, (w, ppl_windows, rows) in plans.items():
         sums, counts = np.zeros(w - 1), np.zeros(w - 1)      # by context length - 1
-        token_nll = []
+        token_nll, token_entropy = [], []
         for j, c in enumerate(ppl_windows):
             sums[:c.size - 1] += nll[i + j, :c.size - 1]
             counts[:c.size - 1] += 1
             token_nll.append(nll[i + j, :c.size - 1])
+            token_entropy.append(ent[i + j, :c.size - 1])
         scored = int(counts.sum())
         i += len(ppl_windows)
         by_context = {label: float(sums[a - 1:b].sum() / counts[a - 1:b].sum())
                       for label, a, b in context_groups(w) if counts[a - 1:b].sum()}
         out[name] = {"tokens": scored, "perplexity": math.exp(sums.sum() / scored), "top1": top1[i:i + len(rows), :w],
-                     "context_nll": by_context, "token_nll": np.concatenate(token_nll).astype(np.float32)}
+                     "context_nll": by_context, "token_nll": np.concatenate(token_nll).astype(np.float32),
+                     "token_entropy": np.concatenate(token_entropy).astype(np.float32)}
         i += len(rows)
     return out
 

@@ -52,9 +52,10 @@ def peak_memory_bytes() -> int | None:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate(cfg, params, texts: dict[str, np.ndarray], window: int, teacher_top1=None) -> tuple[dict, dict]:
-    """({text: {"perplexity", "tokens", "agreement", "context_nll", "token_nll"}}, {text: top-1 predictions}) on
-    the held-out texts; "context_nll" is the mean NLL by context length within the window, "token_nll" every
-    scored token's NLL (`eval.heldout.score_texts`)."""
+    """({text: {"perplexity", "tokens", "agreement", "context_nll", "token_nll", "token_entropy"}}, {text: top-1
+    predictions}) on the held-out texts; "context_nll" is the mean NLL by context length within the window,
+    "token_nll" every scored token's NLL, "token_entropy" the entropy of the model's prediction of it
+    (`eval.heldout.score_texts`)."""
     from l2m_jax.eval.agreement import top1_agreement
     from l2m_jax.eval.heldout import score_texts
 
@@ -64,7 +65,8 @@ def evaluate(cfg, params, texts: dict[str, np.ndarray], window: int, teacher_top
         agreement = None if teacher_top1 is None else top1_agreement(preds[name], teacher_top1[name])
         scores[name] = {"perplexity": r["perplexity"], "tokens": r["tokens"], "agreement": agreement,
                         "context_nll": r["context_nll"],
-                        "token_nll": [round(float(x), 4) for x in r["token_nll"]]}
+                        "token_nll": [round(float(x), 4) for x in r["token_nll"]],
+                        "token_entropy": [round(float(x), 4) for x in r["token_entropy"]]}
     return scores, preds
 
 

@@ -115,27 +115,28 @@ def context_ratio(evaluation: dict, teacher: dict) -> dict[str, float] | None:
 
 def confidence_ratio(evaluation: dict, teacher: dict) -> dict[str, float] | None:
     """{teacher-confidence group: perplexity over the teacher's on those tokens} from two evaluations of one text
-    with "token_nll" (`eval.heldout.confidence_groups`: the tokens grouped by the teacher's NLL); None where either
-    lacks it or their tokens differ."""
+    with "token_nll", the teacher's with "token_entropy" too (`eval.heldout.confidence_groups`: the positions
+    grouped by the teacher's predictive entropy there); None where one lacks them or their tokens differ."""
     import numpy as np
 
     from l2m_jax.eval.heldout import confidence_groups
 
-    mine, theirs = evaluation.get("token_nll"), teacher.get("token_nll")
-    if mine is None or theirs is None or len(mine) != len(theirs) or not len(theirs):
+    mine, theirs, entropy = evaluation.get("token_nll"), teacher.get("token_nll"), teacher.get("token_entropy")
+    if mine is None or theirs is None or entropy is None or not len(theirs) \
+            or not len(mine) == len(theirs) == len(entropy):
         return None
     mine, theirs = np.asarray(mine, np.float64), np.asarray(theirs, np.float64)
-    return {g: math.exp(mine[m].mean() - theirs[m].mean()) for g, m in confidence_groups(theirs).items() if m.any()}
+    return {g: math.exp(mine[m].mean() - theirs[m].mean()) for g, m in confidence_groups(entropy).items() if m.any()}
 
 
 def confidence_shares(teacher: dict) -> dict[str, float]:
     """{teacher-confidence group: share of the text's scored tokens in it}."""
     from l2m_jax.eval.heldout import confidence_groups
 
-    nll = teacher.get("token_nll")
-    if not nll:
+    entropy = teacher.get("token_entropy")
+    if not entropy:
         return {}
-    return {g: float(m.mean()) for g, m in confidence_groups(nll).items()}
+    return {g: float(m.mean()) for g, m in confidence_groups(entropy).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,14 +223,16 @@ def context_table(rows: Sequence[ReportRow]) -> str:
 
 def confidence_table(rows: Sequence[ReportRow]) -> str:
     """A markdown section: each model's perplexity ratio to the teacher on the tokens grouped by the teacher's
-    NLL of them (`eval.heldout.CONFIDENCE_EDGES`), per held-out text; "" when no evaluation recorded it."""
+    predictive entropy at their position (`eval.heldout.CONFIDENCE_EDGES`), per held-out text; "" when no
+    evaluation recorded it."""
     evals = rows[0].evals
     groups = {t: {g: f"{g} ({100 * share:.0f}%)" for g, share in confidence_shares(e).items()}
-              for t, e in evals.items() if e.get("token_nll")}
+              for t, e in evals.items() if e.get("token_entropy")}
     return _grouped_table(rows, "Perplexity ratio by the teacher's confidence",
-                          "The held-out tokens grouped by the teacher's NLL of them, in nats (the share of each "
-                          "text's tokens in brackets); a ratio that is highest where the teacher is near certain "
-                          "means the model loses most on what the teacher knows by heart.",
+                          "The held-out tokens grouped by the entropy of the teacher's prediction of them, in nats "
+                          "(the share of each text's tokens in brackets): how sure the teacher was before the token "
+                          "came, which favours neither model. A ratio that is highest where the teacher is near "
+                          "certain means the model loses most on what the teacher knows by heart.",
                           groups, "confidence_ratio")
 
 
@@ -244,6 +247,7 @@ def report_json(rows: Sequence[ReportRow], **extra) -> dict:
         d["confidence_ratio"] = {t: r.confidence_ratio(t, teacher) for t in r.evals}
         for e in d["evals"].values():          # per-token numbers stay in the run's eval/*.json
             e.pop("token_nll", None)
+            e.pop("token_entropy", None)
         models.append(d)
     return {"models": models, **extra}
 

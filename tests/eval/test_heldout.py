@@ -66,7 +66,7 @@ def test_context_nll_groups_every_scored_token_by_its_context_length(model):
         np.testing.assert_allclose(got[label], np.mean(values), rtol=1e-5)
 
 
-def test_token_nll_is_every_scored_token_in_text_order_and_groups_by_confidence(model):
+def test_token_nll_and_entropy_are_every_scored_token_in_text_order_and_group_by_confidence(model):
     from l2m_jax.eval.heldout import confidence_groups
     from l2m_jax.train.report import confidence_ratio, confidence_shares
 
@@ -79,15 +79,28 @@ def test_token_nll_is_every_scored_token_in_text_order_and_groups_by_confidence(
     assert r["token_nll"].shape == (r["tokens"],) == want.shape
     np.testing.assert_allclose(r["token_nll"], want, rtol=1e-5)
     np.testing.assert_allclose(np.exp(r["token_nll"].astype(np.float64).mean()), r["perplexity"], rtol=1e-5)
-    teacher = np.array([0.05, 0.5, 2.0, 5.0, 0.01, 3.0])
-    groups = confidence_groups(teacher)
+    # the entropy of each of those predictions, from the full distribution in float64
+    want_ent = []
+    for s in range(0, ids.size - 1, w - 1):
+        window = ids[s:s + w]
+        logits = np.asarray(l2m_jax.forward(cfg, params, window[None])[0][0, :window.size - 1], np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        want_ent.append(-(np.exp(logp) * logp).sum(-1))
+    np.testing.assert_allclose(r["token_entropy"], np.concatenate(want_ent), rtol=1e-4)
+    assert r["token_entropy"].shape == r["token_nll"].shape and (r["token_entropy"] > 0).all()
+
+    entropy = np.array([0.05, 0.5, 2.0, 5.0, 0.01, 3.0])                 # the teacher's, at six positions
+    groups = confidence_groups(entropy)
     assert list(groups) == ["<0.1", "0.1-1", "1-3", ">=3"]
     assert [m.tolist() for m in groups.values()] == [[1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
                                                      [0, 0, 0, 1, 0, 1]]
-    student = teacher + np.array([1.0, 0.0, 0.5, 0.0, 0.0, 0.2])
-    ratio = confidence_ratio({"token_nll": student.tolist()}, {"token_nll": teacher.tolist()})
+    teacher_nll = np.array([4.0, 0.3, 1.0, 6.0, 0.0, 2.0])               # the groups follow the entropy, not these
+    teacher = {"token_nll": teacher_nll.tolist(), "token_entropy": entropy.tolist()}
+    student = teacher_nll + np.array([1.0, 0.0, 0.5, 0.0, 0.0, 0.2])
+    ratio = confidence_ratio({"token_nll": student.tolist()}, teacher)
     assert ratio == pytest.approx({"<0.1": np.exp(0.5), "0.1-1": 1.0, "1-3": np.exp(0.5), ">=3": np.exp(0.1)})
-    assert confidence_shares({"token_nll": teacher.tolist()}) == pytest.approx(
-        {"<0.1": 2 / 6, "0.1-1": 1 / 6, "1-3": 1 / 6, ">=3": 2 / 6})
-    assert confidence_ratio({"token_nll": student[:3].tolist()}, {"token_nll": teacher.tolist()}) is None
-    assert confidence_ratio({}, {"token_nll": teacher.tolist()}) is None
+    assert confidence_shares(teacher) == pytest.approx({"<0.1": 2 / 6, "0.1-1": 1 / 6, "1-3": 1 / 6, ">=3": 2 / 6})
+    assert confidence_ratio({"token_nll": student[:3].tolist()}, teacher) is None
+    assert confidence_ratio({}, teacher) is None
+    assert confidence_ratio({"token_nll": student.tolist()}, {"token_nll": teacher_nll.tolist()}) is None
