@@ -45,7 +45,7 @@ from l2m_jax.recipe.config import ALIGNED_ORDERS, use_kernels
 from l2m_jax.recipe.run import (Run, copy_nll, evaluate, keep_induction, stage1_trains, stage_settings,
                                 use_compilation_cache, with_teacher_hidden)
 from l2m_jax.train.align import LAYER_SCORES, align_stage, conversion_order, take_mixers
-from l2m_jax.train.report import confidence_ratio, context_ratio
+from l2m_jax.train.report import confidence_ratio, context_ratio, drop_per_token
 from l2m_jax.train.stages import distill_stage
 
 
@@ -78,8 +78,7 @@ def score(run: Run, model, teacher_eval) -> dict:
         e["context_ratio"] = context_ratio(e, teacher_eval[name])
         e["confidence_ratio"] = confidence_ratio(e, teacher_eval[name])
     for e in scores.values():
-        e.pop("token_nll", None)       # kept only until the ratios are taken (the teacher's stay)
-        e.pop("token_entropy", None)
+        drop_per_token(e)              # kept only until the ratios are taken (the teacher's stay)
     return scores
 
 

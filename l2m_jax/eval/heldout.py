@@ -12,9 +12,9 @@ of one per window. Padding sits after each window's real tokens, so causality ke
 "context_nll" is the mean NLL of the scored tokens grouped by how many tokens of their window precede them
 (`CONTEXT_EDGES`): a student's per-group NLL minus its teacher's tells whether it loses most where the context is
 short (modelling the text itself) or long (using what came before). "token_nll" (float32 [tokens]) is every
-scored token's NLL in text order; grouped by the teacher's NLL of the same tokens (`confidence_groups`), a
-student's excess tells whether it loses most where the teacher is near certain (text it knows by heart) or
-where it is unsure.
+scored token's NLL in text order, "token_entropy" the entropy of the model's prediction there; grouped by the
+teacher's entropy (`confidence_groups`), a student's excess NLL tells whether it loses most where the teacher is
+near certain (text it knows by heart) or where it is unsure.
 """
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ CONFIDENCE_EDGES = (0.1, 1.0, 3.0)
 
 def confidence_groups(teacher_entropy: np.ndarray) -> dict[str, np.ndarray]:
     """{label: bool mask} of the positions in each `CONFIDENCE_EDGES` group of the teacher's entropy there."""
-    nll = np.asarray(teacher_entropy, np.float64)
+    entropy = np.asarray(teacher_entropy, np.float64)
     edges = [-np.inf, *CONFIDENCE_EDGES, np.inf]
     labels = [f"<{CONFIDENCE_EDGES[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:])] \
         + [f">={CONFIDENCE_EDGES[-1]:g}"]
-    return {label: (nll >= a) & (nll < b) for label, a, b in zip(labels, edges, edges[1:])}
+    return {label: (entropy >= a) & (entropy < b) for label, a, b in zip(labels, edges, edges[1:])}
 
 
 def context_groups(window: int) -> list[tuple[str, int, int]]:

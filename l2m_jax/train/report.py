@@ -113,6 +113,16 @@ def context_ratio(evaluation: dict, teacher: dict) -> dict[str, float] | None:
     return {g: math.exp(mine[g] - theirs[g]) for g in theirs if g in mine}
 
 
+PER_TOKEN = ("token_nll", "token_entropy")   # an evaluation's per-token lists: kept in eval/*.json, not in summaries
+
+
+def drop_per_token(evaluation: dict) -> dict:
+    """`evaluation` without its `PER_TOKEN` lists (in place), once the grouped ratios are taken from them."""
+    for key in PER_TOKEN:
+        evaluation.pop(key, None)
+    return evaluation
+
+
 def confidence_ratio(evaluation: dict, teacher: dict) -> dict[str, float] | None:
     """{teacher-confidence group: perplexity over the teacher's on those tokens} from two evaluations of one text
     with "token_nll", the teacher's with "token_entropy" too (`eval.heldout.confidence_groups`: the positions
@@ -246,8 +256,7 @@ def report_json(rows: Sequence[ReportRow], **extra) -> dict:
         d["context_ratio"] = {t: r.context_ratio(t, teacher) for t in r.evals}
         d["confidence_ratio"] = {t: r.confidence_ratio(t, teacher) for t in r.evals}
         for e in d["evals"].values():          # per-token numbers stay in the run's eval/*.json
-            e.pop("token_nll", None)
-            e.pop("token_entropy", None)
+            drop_per_token(e)
         models.append(d)
     return {"models": models, **extra}
 
